@@ -1,0 +1,1 @@
+"""Built-in recipes (YAML), installed as ``sqdeploy.recipes``."""

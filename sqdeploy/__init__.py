@@ -1,0 +1,3 @@
+"""sq-deploy: smooth, quantize, export, build, serve and benchmark Hugging Face causal LMs."""
+
+__version__ = "0.1.0"

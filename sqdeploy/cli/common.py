@@ -1,0 +1,57 @@
+"""What every sq-* command shares: error reporting, calibration options, thread setup."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from ..errors import SqDeployError
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run ``main``; a user error becomes one line on stderr and exit code 2."""
+    prog = os.path.basename(sys.argv[0]) if argv is None else "sq"
+    try:
+        code = main(argv)
+        return 0 if code is None else int(code)
+    except SqDeployError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def add_calibration_arguments(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("calibration")
+    g.add_argument("--calib", default=None, help="humaneval | pile | c4 | wikitext | a .txt/.jsonl(.gz) file (default: the recipe's)")
+    g.add_argument("--calib-samples", type=int, default=None, help="number of calibration sequences (default: recipe, 128)")
+    g.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration sequence (default: recipe, 512)")
+
+
+def add_runtime_arguments(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("runtime")
+    g.add_argument("--device", default="cpu", help="device each layer is brought to for calibration (cpu, cuda, cuda:1)")
+    g.add_argument("--batch", type=int, default=8, help="calibration sequences per forward pass")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def calibration_from(args: argparse.Namespace):
+    from ..exporter.pipeline import Calibration
+
+    return Calibration(args.calib, args.calib_samples, args.calib_seq_len)
+
+
+def runtime_from(args: argparse.Namespace):
+    import torch
+
+    from ..exporter.pipeline import Runtime
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SqDeployError(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
+    return Runtime(device=args.device, batch=args.batch, progress=not args.quiet and sys.stderr.isatty())

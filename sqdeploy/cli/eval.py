@@ -1,0 +1,108 @@
+"""sq-eval: perplexity (and optionally HumanEval pass@1, lm-eval tasks) of a model and its quantized variants."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..report import markdown_table
+from .common import add_calibration_arguments, add_runtime_arguments, calibration_from, run_cli, runtime_from
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="sq-eval",
+        description="Perplexity of a model and of each --recipe applied to it (fake-quantized with the scheme's exact "
+        "arithmetic, float32), or of an already quantized or exported directory.",
+    )
+    ap.add_argument("model", help="HF model directory, quantized directory, or an export (onnx, trtllm) directory")
+    ap.add_argument("--recipe", action="append", default=[], help="recipe to apply and score (repeatable)")
+    ap.add_argument("--text", required=True, help="held-out text, .txt or .txt.gz")
+    ap.add_argument("--windows", type=int, default=24, help="number of evaluation windows (default 24)")
+    ap.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    ap.add_argument("--json", default=None, help="write the results as JSON here")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the unquantized model when recipes are given")
+    ap.add_argument("--humaneval", action="store_true", help="also greedy HumanEval pass@1 (runs generated code!)")
+    ap.add_argument("--humaneval-limit", type=int, default=None, help="only the first N problems")
+    ap.add_argument("--lm-eval", default=None, metavar="TASKS", help="comma-separated lm-eval harness tasks")
+    add_calibration_arguments(ap)
+    add_runtime_arguments(ap)
+    return ap
+
+
+def _score(name, opened_model, logits_fn, tokenizer, windows, args, extra) -> dict:
+    from ..exporter.evaluate import perplexity
+
+    t0 = time.perf_counter()
+    ppl = perplexity(logits_fn, windows)
+    row = {"name": name, "perplexity": ppl.ppl, "nll": ppl.nll, "tokens": ppl.tokens, "eval_seconds": time.perf_counter() - t0, **extra}
+    if args.humaneval:
+        if opened_model is None:
+            row["humaneval"] = "not available for this directory kind"
+        else:
+            from ..exporter.humaneval import humaneval_pass_at_1
+
+            row["humaneval"] = humaneval_pass_at_1(opened_model, tokenizer, args.humaneval_limit)
+    if args.lm_eval:
+        from ..exporter.lm_eval_adapter import run_lm_eval
+
+        row["lm_eval"] = run_lm_eval(logits_fn, tokenizer, args.lm_eval.split(","), args.seq_len)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..errors import SqDeployError
+    from ..exporter.evaluate import eval_windows, read_text, model_logits_fn
+    from ..exporter.pipeline import load_tokenizer, quantize_in_memory
+    from ..readers import open_model
+    from ..report import write_json_atomic
+
+    args = build_parser().parse_args(argv)
+    runtime = runtime_from(args)
+    rows: list[dict] = []
+    if args.recipe:
+        from ..model.checkpoint import HFCheckpoint
+        from ..model.loading import load_model
+
+        ck = HFCheckpoint(args.model)
+        tokenizer = load_tokenizer(ck.path)
+        windows = eval_windows(tokenizer, read_text(args.text), args.windows, args.seq_len)
+        if not args.no_baseline:
+            model = load_model(ck, device=runtime.device)
+            rows.append(_score("float32 (unquantized)", model, model_logits_fn(model), tokenizer, windows, args, {}))
+            del model
+        for recipe in args.recipe:
+            t0 = time.perf_counter()
+            model, result = quantize_in_memory(ck, recipe, calibration_from(args), runtime)
+            extra = {"recipe": result.recipe.to_dict(), "quantize_seconds": time.perf_counter() - t0}
+            rows.append(_score(result.recipe.name, model, model_logits_fn(model), tokenizer, windows, args, extra))
+            del model
+    else:
+        opened = open_model(args.model, runtime.device)
+        tokenizer = load_tokenizer(opened.tokenizer_path)
+        windows = eval_windows(tokenizer, read_text(args.text), args.windows, args.seq_len)
+        rows.append(_score(f"{opened.kind}: {args.model}", opened.model, opened.logits_fn, tokenizer, windows, args, {}))
+    if not rows:
+        raise SqDeployError("nothing to evaluate")
+    base = rows[0]["perplexity"]
+    table = []
+    for r in rows:
+        r["delta_vs_first"] = r["perplexity"] / base - 1
+        he = r.get("humaneval")
+        table.append([r["name"], round(r["perplexity"], 4), f"{100 * r['delta_vs_first']:+.2f}%",
+                      "" if not isinstance(he, dict) else f"{100 * he['pass@1']:.1f}%",
+                      round(r.get("quantize_seconds", 0.0), 1), round(r["eval_seconds"], 1)])
+    print(f"\nperplexity on {args.text}: {args.windows} windows x {args.seq_len} tokens")
+    print(markdown_table(["model", "perplexity", "vs first", "HumanEval pass@1", "quantize s", "eval s"], table))
+    if args.json:
+        write_json_atomic(args.json, {"text": args.text, "windows": args.windows, "seq_len": args.seq_len, "results": rows})
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry()

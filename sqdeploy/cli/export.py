@@ -1,0 +1,102 @@
+"""sq-export: quantize a Hugging Face model with a recipe and write it for deployment."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..report import markdown_table
+from .common import add_calibration_arguments, add_runtime_arguments, calibration_from, run_cli, runtime_from
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..exporter.targets import load_targets
+
+    targets = load_targets()
+    ap = argparse.ArgumentParser(
+        prog="sq-export",
+        description="Calibrate, smooth and quantize a local Hugging Face causal LM, then write it as a "
+        "quantized model directory (compressed-tensors) or an export target.",
+    )
+    ap.add_argument("model", help="local HF model directory (or hub id when online), or an existing quantized directory")
+    ap.add_argument("--recipe", default="w8a8-sq", help="built-in recipe name or YAML path (see --list-recipes)")
+    ap.add_argument("--out", help="output directory (refused if it exists, unless --force)")
+    ap.add_argument("--target", default="quantized", choices=["quantized", *sorted(targets)], help="what to write")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out")
+    ap.add_argument("--json", default=None, help="also write the export report as JSON here")
+    ap.add_argument("--list-recipes", action="store_true", help="list the built-in recipes and exit")
+    add_calibration_arguments(ap)
+    add_runtime_arguments(ap)
+    for t in targets.values():
+        t.add_arguments(ap.add_argument_group(f"--target {t.name}"))
+    return ap
+
+
+def list_recipes() -> None:
+    from ..exporter.recipes import builtin_recipes, load_recipe
+
+    rows = []
+    for name in builtin_recipes():
+        r = load_recipe(name)
+        rows.append([name, r.scheme.describe(), r.algorithm, " ".join(r.description.split())[:80]])
+    print(markdown_table(["recipe", "scheme", "algorithm", "description"], rows))
+
+
+def summary(result, out: Path, seconds: float) -> str:
+    rows = []
+    for layer in result.manifest["layers"]:
+        info = layer["info"]
+        alpha = info.get("alpha", "")
+        acc = layer["accumulated_error"]
+        rows.append([layer["index"], alpha, f"{layer['error']:.2e}", "" if acc is None else f"{acc:.2e}", layer["seconds"]])
+    table = markdown_table(["layer", "alpha", "layer rel. error", "accumulated rel. error", "seconds"], rows)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    head = f"\n{result.recipe.name}: {result.recipe.scheme.describe()}, {result.config.num_layers} layers"
+    if result.search:
+        head += f", SmoothQuant+ alpha {result.search['alpha']} (searched in {result.search['seconds']:.1f} s)"
+    return f"{head}\n{table}\nwrote {out} ({size / 2**20:.1f} MiB) in {seconds:.1f} s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..errors import SqDeployError
+    from ..exporter.pipeline import quantize_to_dir
+    from ..output import check_output_dir
+    from ..report import write_json_atomic
+
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.list_recipes:
+        list_recipes()
+        return 0
+    if not args.out:
+        ap.error("--out is required")
+    check_output_dir(args.out, args.force)
+    t0 = time.perf_counter()
+    if args.target != "quantized":
+        from ..exporter.export_target import export_target
+
+        report = export_target(args)
+        print(report.get("summary", ""))
+    else:
+        from ..exporter.qmodel import is_quantized_dir
+
+        if is_quantized_dir(args.model):
+            raise SqDeployError(f"{args.model} is already quantized; pick an export --target to convert it")
+        out, result = quantize_to_dir(
+            args.model, args.recipe, args.out, calibration_from(args), runtime_from(args), force=args.force
+        )
+        report = result.manifest
+        print(summary(result, out, time.perf_counter() - t0))
+    if args.json:
+        write_json_atomic(args.json, report)
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,1 @@
+"""The exporter: load, calibrate, smooth, quantize, write."""

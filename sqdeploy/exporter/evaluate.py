@@ -1,0 +1,78 @@
+"""Perplexity on held-out text, computed the same way for every model and target.
+
+Windows: the whole file is tokenized as one sequence of ``T`` tokens (no special
+tokens); with window length ``L`` and ``N`` windows, ``step = max(L, (T - L) // N)``
+and window ``i`` is tokens ``[i * step, i * step + L)``. Each window is scored on its
+own (no context carried over): mean negative log-likelihood of tokens 2..L.
+
+Anything that maps token ids [1, L] to logits [1, L, V] can be scored, so the
+reference model, ONNX Runtime sessions and checkpoint readers share this code.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import SqDeployError
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise SqDeployError(f"text file {path} does not exist")
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return f.read()
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        raise SqDeployError(f"text file {path} is unreadable ({exc})") from None
+
+
+def eval_windows(tokenizer, text: str, windows: int = 24, seq_len: int = 512) -> torch.Tensor:
+    """The evaluation windows [N, L] of ``text``."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    t = ids.numel()
+    if t < seq_len:
+        raise SqDeployError(f"the text has {t} tokens, fewer than one window of {seq_len}")
+    step = max(seq_len, (t - seq_len) // windows)
+    starts = [i * step for i in range(windows) if i * step + seq_len <= t]
+    if len(starts) < windows:
+        raise SqDeployError(f"the text has {t} tokens: room for {len(starts)} windows of {seq_len}, not {windows}")
+    return torch.stack([ids[s : s + seq_len] for s in starts])
+
+
+@dataclass
+class Perplexity:
+    ppl: float
+    nll: float
+    tokens: int
+    per_window: list[float]
+
+
+def perplexity(logits_fn: LogitsFn, windows: torch.Tensor, progress=None) -> Perplexity:
+    total, count, per_window = 0.0, 0, []
+    with torch.no_grad():
+        for w in windows:
+            logits = logits_fn(w[None]).float()
+            logp = torch.log_softmax(logits[0, :-1], dim=-1)
+            nll = -logp.gather(1, w[1:, None]).sum().item()
+            total += nll
+            count += w.numel() - 1
+            per_window.append(math.exp(nll / (w.numel() - 1)))
+            if progress is not None:
+                progress.advance()
+    return Perplexity(math.exp(total / count), total / count, count, per_window)
+
+
+def model_logits_fn(model: torch.nn.Module) -> LogitsFn:
+    device = next(model.parameters()).device
+    return lambda ids: model(ids.to(device)).float().cpu()

@@ -1,0 +1,123 @@
+"""GPTQ rounding (Frantar et al. 2023): quantize column by column, feeding each
+column's rounding error forward into the columns not yet quantized, weighted by the
+inverse Hessian ``H = 2 X^T X / n`` of the layer's inputs.
+
+This is an alternative to round-to-nearest for the last step of any recipe
+(``rounding: gptq``): smoothing (SmoothQuant, SmoothQuant+, AWQ scales) decides *what*
+is quantized, GPTQ decides *how each weight rounds*. The integer grid, scales and
+zero points are exactly those of :mod:`qmath` (computed per group as the columns are
+reached), so every export target reads the result like any other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import qmath
+from .schemes import WeightScheme
+
+BLOCK = 128
+
+
+class HessianCollector:
+    """Accumulates ``X^T X`` of the inputs of a block's linears through forward pre-hooks."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.h: dict[str, torch.Tensor] = {}
+        self.n: dict[str, int] = {}
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(_m, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            h = (x.t() @ x).double()
+            if name in self.h:
+                self.h[name] += h
+                self.n[name] += x.shape[0]
+            else:
+                self.h[name], self.n[name] = h, x.shape[0]
+
+        return hook
+
+    def hessian(self, name: str) -> torch.Tensor:
+        return (2.0 * self.h[name] / self.n[name]).float()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    scheme: WeightScheme,
+    damp: float = 0.01,
+    clip: torch.Tensor | None = None,
+) -> qmath.QWeight:
+    """GPTQ of ``w`` [out, in] with Hessian ``h`` [in, in]; ``clip`` [out, groups] shrinks group ranges."""
+    w = w.detach().float().clone()
+    out_f, in_f = w.shape
+    h = h.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(in_f, device=h.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    col_scheme = WeightScheme(scheme.bits, "channel", None, scheme.symmetric)
+    group = scheme.group_size if scheme.granularity == "group" else None
+    n_groups = qmath.num_groups(scheme, in_f)
+    scales = torch.empty(out_f if scheme.granularity != "tensor" else 1, n_groups)
+    zeros = None if scheme.symmetric else torch.empty_like(scales)
+    q_all = torch.empty(out_f, in_f, dtype=torch.int8)
+    if group is None:  # one scale per row (or per tensor), fixed before the columns move
+        s, z = qmath.weight_qparams(w, scheme, clip)
+        scales[:] = s
+        cur_s = s.expand(out_f, 1)[:, 0]
+        cur_z = None
+        if z is not None:
+            zeros[:] = z
+            cur_z = z.expand(out_f, 1)[:, 0]
+    for b0 in range(0, in_f, BLOCK):
+        b1 = min(b0 + BLOCK, in_f)
+        w1 = w[:, b0:b1].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = b0 + j
+            if group is not None and col % group == 0:
+                g = col // group
+                s, z = qmath.weight_qparams(w1[:, j : j + group], col_scheme, None if clip is None else clip[:, g : g + 1])
+                scales[:, g], cur_s = s[:, 0], s[:, 0]
+                cur_z = None
+                if z is not None:
+                    zeros[:, g], cur_z = z[:, 0], z[:, 0]
+            x = w1[:, j]
+            q = torch.round(x / cur_s) + (0 if cur_z is None else cur_z)
+            q = q.clamp(scheme.qmin, scheme.qmax)
+            q_all[:, col] = q.to(torch.int8)
+            deq = (q - (0 if cur_z is None else cur_z)) * cur_s
+            e = (x - deq) / hinv1[j, j]
+            w1[:, j:] -= e[:, None] * hinv1[j, j:][None, :]
+            err1[:, j] = e
+        w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
+    return qmath.QWeight(q=q_all, scale=scales, zero=None if zeros is None else zeros.to(torch.int8))
+
+
+def input_sharing(linears: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Linears of the reference block that read the same tensor (one Hessian each)."""
+    groups = [tuple(n for n in ("q", "k", "v") if n in linears), ("o",)]
+    groups.append(tuple(n for n in ("gate", "up") if n in linears))
+    groups.append(("down",))
+    return [g for g in groups if g]
+
+
+def collect_hessians(block, linears: tuple[str, ...], run) -> dict[str, torch.Tensor]:
+    """Hessian of every linear's input, from one pass ``run(block)`` over calibration data."""
+    sharing = input_sharing(linears)
+    collector = HessianCollector({g[0]: block.linear(g[0]) for g in sharing})
+    try:
+        run(block)
+    finally:
+        collector.close()
+    return {name: collector.hessian(g[0]) for g in sharing for name in g}

@@ -1,0 +1,288 @@
+"""The export pipeline: model + recipe + calibration -> QuantizedModel (on disk or in memory).
+
+This is the short Python API behind ``sq-export`` and ``sq-eval``::
+
+    from sqdeploy.exporter.pipeline import quantize_to_dir, Calibration
+    quantize_to_dir("models/llama", "w4a16-sqplus", "out/llama-w4", Calibration("humaneval"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import __version__
+from ..errors import SqDeployError
+from ..families import Family, ModelConfig
+from ..model.checkpoint import HFCheckpoint
+from ..model.loading import load_model
+from ..model.transformer import Block, Transformer
+from ..output import atomic_output_dir
+from .awq import AWQ
+from .calibration import CalibrationSet, build_calibration
+from .progress import Progress
+from .qmodel import DTYPES, QuantizedModelWriter, round_block_floats
+from .recipes import Recipe, load_recipe
+from .rtn import RTN, Rounding
+from .smoothing import usable_groups
+from .smoothquant import SmoothQuant
+from .smoothquant_plus import SmoothQuantPlus, search_alpha
+from .streaming import LayerAlgorithm, LayerRecord, stream_layers
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration options; ``None`` fields take the recipe's defaults."""
+
+    source: str | None = None
+    samples: int | None = None
+    seq_len: int | None = None
+
+    def resolve(self, recipe: Recipe) -> dict[str, Any]:
+        c = recipe.calibration
+        return {
+            "source": self.source or c["source"],
+            "samples": self.samples or c["samples"],
+            "seq_len": self.seq_len or c["seq_len"],
+        }
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str = "cpu"
+    batch: int = 8
+    progress: bool = True
+
+
+@dataclass
+class QuantizeResult:
+    recipe: Recipe
+    config: ModelConfig
+    family: Family
+    layers: list[LayerRecord]
+    calibration: dict | None
+    search: dict | None
+    seconds: float
+    manifest: dict = field(default_factory=dict)
+
+
+def validate_recipe(recipe: Recipe, cfg: ModelConfig, family: Family) -> None:
+    """Refuse a recipe that cannot apply to this model before any work starts."""
+    ws = recipe.scheme.weight
+    if ws is not None:
+        for name in cfg.linears:
+            out_f, in_f = cfg.linear_shape(name)
+            ws.check_shape(name, out_f, in_f)
+    if recipe.smoothing_groups is not None:
+        known = {g.name for g in family.smoothing_groups}
+        unknown = set(recipe.smoothing_groups) - known
+        if unknown:
+            raise SqDeployError(f"recipe smoothing_groups: unknown {sorted(unknown)}; {family.name} has {sorted(known)}")
+
+
+def smoothing_groups(recipe: Recipe, family: Family, cfg: ModelConfig):
+    groups = usable_groups(family.smoothing_groups, cfg)
+    if recipe.smoothing_groups is not None:
+        groups = tuple(g for g in groups if g.name in recipe.smoothing_groups)
+    return groups
+
+
+def make_algorithm(recipe: Recipe, family: Family, cfg: ModelConfig, alpha: float | None = None) -> LayerAlgorithm:
+    groups = smoothing_groups(recipe, family, cfg)
+    p = dict(recipe.params)
+    rounding = Rounding(p.pop("rounding"), p.pop("gptq_damp"), act_scale_search=p.pop("act_scale_search"))
+    if recipe.algorithm == "rtn":
+        return RTN(recipe.scheme, cfg.linears, rounding)
+    if recipe.algorithm == "smoothquant":
+        kw = {"grid": tuple(p["grid"])} if p.get("grid") else {}
+        return SmoothQuant(recipe.scheme, cfg, groups, p["alpha"], search_samples=p["search_samples"], rounding=rounding, **kw)
+    if recipe.algorithm == "smoothquant_plus":
+        a = float(alpha if alpha is not None else p["alpha"])
+        return SmoothQuantPlus(recipe.scheme, cfg, groups, alpha=a, rounding=rounding)
+    if recipe.algorithm == "awq":
+        return AWQ(recipe.scheme, cfg, groups, rounding=rounding, **p)
+    raise SqDeployError(f"algorithm '{recipe.algorithm}' does not quantize layers")
+
+
+class _FloatLayers:
+    """The 'none' algorithm: layers pass through unchanged (fp16/fp32 exports)."""
+
+    name = "float"
+    needs_quant_stream = False
+
+    def quantize_layer(self, block, data):
+        from .streaming import LayerResult
+
+        return LayerResult()
+
+
+def storage_dtype(recipe: Recipe, cfg: ModelConfig) -> torch.dtype:
+    if recipe.dtype != "auto":
+        return DTYPES[recipe.dtype]
+    return DTYPES.get(cfg.dtype, torch.float16) if cfg.dtype != "float32" else torch.float32
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise SqDeployError(f"{path}: the tokenizer could not be loaded ({type(exc).__name__}); calibration needs the model's tokenizer files") from None
+
+
+def calibration_set(ck: HFCheckpoint, recipe: Recipe, calib: Calibration) -> CalibrationSet:
+    c = calib.resolve(recipe)
+    return build_calibration(load_tokenizer(ck.path), c["source"], c["samples"], c["seq_len"])
+
+
+def quantize(
+    model: str | Path | HFCheckpoint,
+    recipe: str | Path | Recipe,
+    calib: Calibration = Calibration(),
+    runtime: Runtime = Runtime(),
+    on_layer: Callable[[LayerRecord], None] | None = None,
+) -> QuantizeResult:
+    """Run the recipe layer by layer; ``on_layer`` receives each quantized layer (then it is freed)."""
+    t0 = time.perf_counter()
+    ck = model if isinstance(model, HFCheckpoint) else HFCheckpoint(model)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    cfg, family = ck.config, ck.family
+    validate_recipe(recipe, cfg, family)
+    dtype = storage_dtype(recipe, cfg)
+    cal = calibration_set(ck, recipe, calib) if recipe.algorithm != "none" else None
+    search = None
+    alpha = None
+    if recipe.algorithm == "smoothquant_plus" and recipe.params["alpha"] == "auto":
+        p = recipe.params
+        kw = {"grid": tuple(p["grid"])} if p.get("grid") else {}
+        search = search_alpha(
+            ck, cal.ids[: p["search_samples"]], recipe.scheme, smoothing_groups(recipe, family, cfg),
+            device=runtime.device, batch=runtime.batch, progress=runtime.progress,
+            rounding=Rounding(p["rounding"], p["gptq_damp"], act_scale_search=p["act_scale_search"]), **kw,
+        )
+        alpha = search["alpha"]
+    algorithm = _FloatLayers() if recipe.algorithm == "none" else make_algorithm(recipe, family, cfg, alpha)
+    ids = cal.ids if cal is not None else torch.zeros(1, 2, dtype=torch.long)
+    layers = []
+    with Progress(cfg.num_layers, f"quantizing ({recipe.name})", runtime.progress) as bar:
+        for record in stream_layers(ck, ids, algorithm, runtime.device, runtime.batch, bar):
+            round_block_floats(record.block, cfg, dtype, quantized=not recipe.scheme.is_float)
+            if on_layer is not None:
+                on_layer(record)
+            layers.append(record)
+            record.block = None  # free the layer: memory stays near one layer
+    if alpha is not None:
+        recipe = Recipe(**{**recipe.__dict__, "params": {**recipe.params, "alpha": alpha}})
+    result = QuantizeResult(recipe, cfg, family, layers, cal.describe() if cal else None, search, time.perf_counter() - t0)
+    result.manifest = build_manifest(ck, result, dtype)
+    return result
+
+
+def build_manifest(ck: HFCheckpoint, result: QuantizeResult, dtype: torch.dtype) -> dict[str, Any]:
+    config_sha = hashlib.sha256((ck.path / "config.json").read_bytes()).hexdigest()
+    return {
+        "producer": {"name": "sq-deploy", "version": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "source_model": {"path": str(ck.path.resolve()), "architecture": ck.config.architecture, "config_sha256": config_sha},
+        "family": result.family.name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "recipe": result.recipe.to_dict(),
+        "calibration": result.calibration,
+        "alpha_search": _search_summary(result.search),
+        "layers": [
+            {
+                "index": r.index,
+                "error": r.error,
+                "accumulated_error": r.accumulated_error,
+                "kv_amax": [float(v) for v in r.kv_amax],
+                "info": _plain(r.result.info),
+                "seconds": round(r.seconds, 3),
+            }
+            for r in result.layers
+        ],
+        "seconds": round(result.seconds, 2),
+    }
+
+
+def _search_summary(search: dict | None) -> dict | None:
+    if search is None:
+        return None
+    return {k: _plain(v) for k, v in search.items() if k != "per_layer_error"}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    return v
+
+
+def global_tensors(ck: HFCheckpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    cfg = ck.config
+    names = ["embed.weight", "final_norm.weight"]
+    if cfg.norm_has_bias:
+        names.append("final_norm.bias")
+    if cfg.position == "learned":
+        names.append("pos_embed.weight")
+    if not cfg.tie_embeddings:
+        names.append("lm_head.weight")
+    return {n: ck.get(n, dtype) for n in names}
+
+
+def quantize_to_dir(
+    model: str | Path,
+    recipe: str | Path | Recipe,
+    out: str | Path,
+    calib: Calibration = Calibration(),
+    runtime: Runtime = Runtime(),
+    force: bool = False,
+) -> tuple[Path, QuantizeResult]:
+    """Quantize and write a QuantizedModel directory atomically."""
+    ck = HFCheckpoint(model)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    validate_recipe(recipe, ck.config, ck.family)
+    dtype = storage_dtype(recipe, ck.config)
+    with atomic_output_dir(out, force) as tmp:
+        writer = QuantizedModelWriter(tmp, ck.family, ck.config, recipe.scheme, dtype)
+        result = quantize(ck, recipe, calib, runtime, lambda r: writer.add_layer(r.block, r.result.qweights, r.result.smoothing))
+        writer.add_globals(global_tensors(ck, dtype))
+        writer.finish(ck.hf_config, result.manifest, ck.tokenizer_files())
+    return Path(out), result
+
+
+def quantize_in_memory(
+    model: str | Path | HFCheckpoint,
+    recipe: str | Path | Recipe,
+    calib: Calibration = Calibration(),
+    runtime: Runtime = Runtime(),
+) -> tuple[Transformer, QuantizeResult]:
+    """The fake-quantized reference model (float32), for evaluation without writing files."""
+    ck = model if isinstance(model, HFCheckpoint) else HFCheckpoint(model)
+    blocks: list[Block] = []
+    result = quantize(ck, recipe, calib, runtime, lambda r: blocks.append(r.block))
+    dtype = storage_dtype(result.recipe, ck.config)
+    full = load_model(_RoundedGlobals(ck, dtype), with_layers=False)
+    full.layers.extend(blocks)
+    return full.eval(), result
+
+
+class _RoundedGlobals:
+    """Globals rounded through the storage dtype, exactly as the directory stores them."""
+
+    def __init__(self, ck: HFCheckpoint, dtype: torch.dtype):
+        self.ck, self.dtype, self.config = ck, dtype, ck.config
+
+    def has(self, name: str) -> bool:
+        return self.ck.has(name)
+
+    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.ck.get(name, self.dtype).to(dtype)

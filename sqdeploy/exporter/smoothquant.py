@@ -1,0 +1,71 @@
+"""SmoothQuant (Xiao et al. 2023) for W8A8.
+
+Per layer: collect max|X| per input channel, smooth every group of the family with
+``s = max|X|^a / max|W|^(1-a)``, then quantize weights per channel (or per tensor) and
+activations per tensor (static, calibrated on the smoothed inputs) or per token.
+
+``alpha: auto`` searches ``a`` on a grid for each layer, keeping the value that
+minimises the layer's output error under the recipe's W8A8 scheme (the fixed-alpha
+paper setting is 0.5; the right value moves with the layer's outliers).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from ..families.base import ModelConfig, SmoothGroup
+from ..model.transformer import Block
+from .rtn import Rounding, quantize_block
+from .schemes import QuantScheme
+from .smoothing import smooth_block, smoothquant_scale
+from .streaming import LayerData, LayerResult, relative_error, run_block
+
+DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(2, 19))  # 0.10 ... 0.90
+
+
+class SmoothQuant:
+    name = "smoothquant"
+    needs_quant_stream = False
+
+    def __init__(
+        self,
+        scheme: QuantScheme,
+        cfg: ModelConfig,
+        groups: tuple[SmoothGroup, ...],
+        alpha: float | str = 0.5,
+        grid: tuple[float, ...] = DEFAULT_GRID,
+        search_samples: int = 16,
+        rounding: Rounding = Rounding(),
+    ):
+        self.scheme, self.cfg, self.groups = scheme, cfg, groups
+        self.alpha, self.grid, self.search_samples = alpha, grid, search_samples
+        self.rounding = rounding
+        self.needs_hessian = rounding.needs_hessian
+
+    def _apply(self, block: Block, data: LayerData, alpha: float, final: bool = False):
+        """Smooth with ``alpha`` and quantize; search trials round to nearest, the final pass as configured."""
+        scale_fn = lambda g, x, _mean, w: smoothquant_scale(x, w, alpha)  # noqa: E731
+        scales, stats = smooth_block(block, self.cfg, self.groups, data.stats, scale_fn)
+        if final:
+            return scales, self.rounding(block, self.cfg.linears, self.scheme, data, stats)
+        return scales, quantize_block(block, self.cfg.linears, self.scheme, stats)
+
+    def search(self, block: Block, data: LayerData) -> tuple[float, dict[float, float]]:
+        x = data.subset(self.search_samples)
+        y = run_block(block, x, data.ctx, data.device)
+        errors = {}
+        for a in self.grid:
+            trial = copy.deepcopy(block)
+            self._apply(trial, data, a)
+            errors[a] = relative_error(run_block(trial, x, data.ctx, data.device), y)
+        return min(errors, key=errors.get), errors
+
+    def quantize_layer(self, block: Block, data: LayerData) -> LayerResult:
+        info: dict = {}
+        alpha = self.alpha
+        if alpha == "auto":
+            alpha, errors = self.search(block, data)
+            info["alpha_errors"] = errors
+        scales, qweights = self._apply(block, data, float(alpha), final=True)
+        info["alpha"] = float(alpha)
+        return LayerResult(qweights=qweights, smoothing=scales, info=info)

@@ -1,0 +1,108 @@
+"""SmoothQuant+ (Pan et al. 2023) for W4A16: smooth, then group-wise INT4.
+
+One alpha for the whole model, searched on a 0.05 grid over [0, 1]. The loss of an
+alpha is the whole model's quantization loss on the calibration set: every candidate
+is propagated through the model with the quantization of earlier layers in effect
+(one activation stream per alpha), and the relative output error of each layer
+against the float model is summed over the layers, so error accumulation counts.
+
+The search reads each layer's weights once for all alphas (layer-outer, alpha-inner),
+keeping memory at one layer plus one activation stream per candidate.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from ..families.base import ModelConfig, SmoothGroup
+from ..model.loading import TensorSource, load_block, load_model
+from ..model.transformer import Block
+from .progress import Progress
+from .rtn import Rounding
+from .schemes import QuantScheme
+from .smoothing import smooth_block, smoothquant_scale
+from .streaming import LayerData, LayerResult, StatsCollector, embed_chunks, relative_error, run_block
+
+DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.00 ... 1.00
+
+
+def smooth_and_quantize(block: Block, cfg: ModelConfig, groups, scheme: QuantScheme, data: LayerData, alpha: float, rounding):
+    scale_fn = lambda g, x, _mean, w: smoothquant_scale(x, w, alpha)  # noqa: E731
+    scales, smoothed = smooth_block(block, cfg, groups, data.stats, scale_fn)
+    return scales, rounding(block, cfg.linears, scheme, data, smoothed)
+
+
+def search_alpha(
+    src: TensorSource,
+    ids: torch.Tensor,
+    scheme: QuantScheme,
+    groups: tuple[SmoothGroup, ...],
+    grid: tuple[float, ...] = DEFAULT_GRID,
+    device: str | torch.device = "cpu",
+    batch: int = 8,
+    progress: bool = True,
+    rounding: Rounding = Rounding(),
+) -> dict:
+    """Whole-model loss of every alpha in ``grid``; returns the losses and the best alpha.
+
+    Candidates are quantized with the same rounding as the final pass, so the search
+    scores the model that will be written.
+    """
+    device = torch.device(device)
+    cfg = src.config
+    head = load_model(src, with_layers=False)
+    x, ctx = embed_chunks(head, ids, batch)
+    ctx.mask = ctx.mask.to(device)
+    if ctx.cos is not None:
+        ctx.cos, ctx.sin = ctx.cos.to(device), ctx.sin.to(device)
+    streams = {a: list(x) for a in grid}
+    per_layer = {a: [] for a in grid}
+    t0 = time.perf_counter()
+    with Progress(cfg.num_layers, "SmoothQuant+ alpha search", progress) as bar:
+        for i in range(cfg.num_layers):
+            bar.update(f"layer {i + 1}/{cfg.num_layers}")
+            block = load_block(src, i, torch.float32, device)
+            with StatsCollector(block, cfg.linears, rounding.needs_hessian) as collector:
+                y = run_block(block, x, ctx, device)
+            data = LayerData(i, x, y, collector.stats, collector.kv_amax, ctx, device)
+            for a in grid:
+                trial = copy.deepcopy(block)
+                smooth_and_quantize(trial, cfg, groups, scheme, data, a, rounding)
+                streams[a] = run_block(trial, streams[a], ctx, device)
+                per_layer[a].append(relative_error(streams[a], y))
+            x = y
+            bar.advance()
+    with torch.no_grad():
+        norm = head.final_norm
+        ref = [norm(t) for t in x]
+        final = {a: relative_error([norm(t) for t in streams[a]], ref) for a in grid}
+    loss = {a: sum(per_layer[a]) for a in grid}
+    best = min(loss, key=loss.get)
+    return {
+        "alpha": best,
+        "loss": loss,
+        "final_output_error": final,
+        "per_layer_error": per_layer,
+        "seconds": time.perf_counter() - t0,
+        "grid": list(grid),
+    }
+
+
+class SmoothQuantPlus:
+    """The main pass: smooth every layer with the searched (or given) alpha, then quantize."""
+
+    name = "smoothquant+"
+    needs_quant_stream = True
+
+    def __init__(
+        self, scheme: QuantScheme, cfg: ModelConfig, groups: tuple[SmoothGroup, ...], alpha: float, rounding: Rounding = Rounding()
+    ):
+        self.scheme, self.cfg, self.groups, self.alpha, self.rounding = scheme, cfg, groups, alpha, rounding
+        self.needs_hessian = rounding.needs_hessian
+
+    def quantize_layer(self, block: Block, data: LayerData) -> LayerResult:
+        scales, qweights = smooth_and_quantize(block, self.cfg, self.groups, self.scheme, data, self.alpha, self.rounding)
+        return LayerResult(qweights=qweights, smoothing=scales, info={"alpha": self.alpha})

@@ -1,0 +1,83 @@
+"""Materialise the reference model (or one decoder layer of it) from a tensor source.
+
+A *tensor source* is anything with ``get(canonical_name, dtype)`` and ``has(name)``:
+an :class:`~sqdeploy.model.checkpoint.HFCheckpoint`, a quantized model directory, a
+TensorRT-LLM checkpoint reader. Sources that carry quantization also implement
+``configure_block(block)`` to set the activation schemes and static scales.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..families.base import ATTN_LINEARS, ModelConfig
+from .checkpoint import layer_tensor_names
+from .transformer import Block, Transformer
+
+
+class TensorSource(Protocol):
+    config: ModelConfig
+
+    def get(self, canonical: str, dtype: torch.dtype = torch.float32) -> torch.Tensor: ...
+
+    def has(self, canonical: str) -> bool: ...
+
+
+def block_path(local: str) -> str:
+    """Canonical layer-local name (``q.weight``) -> parameter path inside :class:`Block`."""
+    head = local.split(".", 1)[0]
+    if head in ATTN_LINEARS:
+        return "attn." + local
+    if head in ("gate", "up", "down"):
+        return "mlp." + local
+    return local
+
+
+def load_block(src: TensorSource, i: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Block:
+    cfg = src.config
+    with torch.device("meta"):
+        block = Block(cfg, i)
+    prefix = f"layers.{i}."
+    state = {block_path(n[len(prefix):]): src.get(n, dtype).to(device) for n in layer_tensor_names(cfg, i)}
+    block.load_state_dict(state, strict=True, assign=True)
+    for p in block.parameters():
+        p.requires_grad_(False)
+    configure = getattr(src, "configure_block", None)
+    if configure is not None:
+        configure(block)
+    return block.to(device)
+
+
+def load_model(
+    src: TensorSource,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    with_layers: bool = True,
+) -> Transformer:
+    """The whole reference model; ``with_layers=False`` gives embeddings and head only (streaming)."""
+    cfg = src.config
+    with torch.device("meta"):
+        model = Transformer(cfg, layers=0)
+    glob = {"embed.weight": src.get("embed.weight", dtype), "final_norm.weight": src.get("final_norm.weight", dtype)}
+    if cfg.norm_has_bias:
+        glob["final_norm.bias"] = src.get("final_norm.bias", dtype)
+    if cfg.position == "learned":
+        glob["pos_embed.weight"] = src.get("pos_embed.weight", dtype)
+    glob["lm_head.weight"] = glob["embed.weight"] if not src.has("lm_head.weight") else src.get("lm_head.weight", dtype)
+    # rotary buffers are not in the checkpoint: rebuild them off the meta device
+    rotary = None
+    if model.rotary is not None:
+        from .layers import Rotary
+
+        rotary = Rotary(cfg)
+    model.load_state_dict(glob, strict=False, assign=True)
+    if rotary is not None:
+        model.rotary = rotary
+    model.to(device)
+    if with_layers:
+        model.layers.extend(load_block(src, i, dtype, device) for i in range(cfg.num_layers))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

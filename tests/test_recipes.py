@@ -1,0 +1,41 @@
+"""Recipes: every built-in parses; typos are errors that list the allowed keys."""
+
+import pytest
+
+from sqdeploy.errors import SqDeployError
+from sqdeploy.exporter.recipes import builtin_recipes, load_recipe, parse_recipe
+
+REQUIRED = {"fp16", "w8a8-sq", "w8a8-sq-pertoken", "w8a16-rtn", "w4a16-rtn", "w4a16-awq", "w4a16-sqplus"}
+
+
+def test_required_recipes_ship():
+    assert REQUIRED <= set(builtin_recipes())
+
+
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_builtin_recipe_parses_and_round_trips(name):
+    r = load_recipe(name)
+    assert r.name == name
+    again = parse_recipe(r.to_dict(), origin=name)
+    assert again.scheme == r.scheme and again.algorithm == r.algorithm and again.params == r.params
+
+
+def test_recipe_schemes():
+    assert load_recipe("w8a8-sq").scheme.act.kind == "static_tensor"
+    assert load_recipe("w8a8-sq-pertoken").scheme.act.kind == "dynamic_token"
+    w4 = load_recipe("w4a16-sqplus").scheme.weight
+    assert (w4.bits, w4.group_size, w4.symmetric) == (4, 128, False)
+
+
+def test_unknown_recipe_lists_builtins():
+    with pytest.raises(SqDeployError, match="w4a16-awq"):
+        load_recipe("w4a16-nope")
+
+
+def test_unknown_keys_rejected_with_allowed_ones():
+    with pytest.raises(SqDeployError, match="allowed: .*alpha"):
+        parse_recipe({"scheme": "O3", "algorithm": {"name": "smoothquant", "alfa": 0.5}})
+    with pytest.raises(SqDeployError, match="unknown key"):
+        parse_recipe({"scheme": "O3", "algorithm": "rtn", "extra": 1})
+    with pytest.raises(SqDeployError, match="group_size"):
+        parse_recipe({"scheme": {"weight": {"bits": 4, "granularity": "group", "group_size": 100}}, "algorithm": "rtn"})
