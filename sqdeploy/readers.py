@@ -83,4 +83,4 @@ def _load_builtin_readers() -> None:
 
 
 # export targets whose directories can be read back; each registers its Reader on import
-TARGET_READER_MODULES: list[str] = []
+TARGET_READER_MODULES: list[str] = ["sqdeploy.exporter.onnx.reader", "sqdeploy.exporter.trtllm.reader"]

@@ -49,6 +49,7 @@ def summary(result, out: Path, seconds: float) -> str:
     for layer in result.manifest["layers"]:
         info = layer["info"]
         alpha = info.get("alpha", "")
+        alpha = "off" if alpha is None else alpha
         acc = layer["accumulated_error"]
         rows.append([layer["index"], alpha, f"{layer['error']:.2e}", "" if acc is None else f"{acc:.2e}", layer["seconds"]])
     table = markdown_table(["layer", "alpha", "layer rel. error", "accumulated rel. error", "seconds"], rows)

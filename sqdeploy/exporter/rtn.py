@@ -100,6 +100,10 @@ class Rounding:
                 block.linear(name).input_scale = s.to(block.linear(name).weight.device)
         return qweights
 
+    def for_search(self) -> "Rounding":
+        """Round to nearest with abs-max activation scales: the cheap stand-in used to rank search candidates."""
+        return Rounding("rtn", self.damp, self.samples, act_scale_search=False)
+
     @property
     def needs_hessian(self) -> bool:
         return self.method == "gptq"

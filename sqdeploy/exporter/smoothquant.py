@@ -6,7 +6,11 @@ activations per tensor (static, calibrated on the smoothed inputs) or per token.
 
 ``alpha: auto`` searches ``a`` on a grid for each layer, keeping the value that
 minimises the layer's output error under the recipe's W8A8 scheme (the fixed-alpha
-paper setting is 0.5; the right value moves with the layer's outliers).
+paper setting is 0.5; the right value moves with the layer's outliers). The grid also
+holds "no smoothing" (reported as alpha ``null``): with per-token activations a layer
+without outliers often quantizes best untouched, since smoothing moves difficulty into
+the weights. Candidates are rounded to nearest (cheap); the chosen alpha is then
+rounded as the recipe says (e.g. GPTQ).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import copy
 
 from ..families.base import ModelConfig, SmoothGroup
 from ..model.transformer import Block
-from .rtn import Rounding, quantize_block
+from .rtn import Rounding
 from .schemes import QuantScheme
 from .smoothing import smooth_block, smoothquant_scale
 from .streaming import LayerData, LayerResult, relative_error, run_block
@@ -42,19 +46,19 @@ class SmoothQuant:
         self.rounding = rounding
         self.needs_hessian = rounding.needs_hessian
 
-    def _apply(self, block: Block, data: LayerData, alpha: float, final: bool = False):
-        """Smooth with ``alpha`` and quantize; search trials round to nearest, the final pass as configured."""
+    def _apply(self, block: Block, data: LayerData, alpha: float | None, final: bool = False):
+        """Smooth with ``alpha`` (None: no smoothing) and quantize as the final weights will be."""
+        groups = self.groups if alpha is not None else ()
         scale_fn = lambda g, x, _mean, w: smoothquant_scale(x, w, alpha)  # noqa: E731
-        scales, stats = smooth_block(block, self.cfg, self.groups, data.stats, scale_fn)
-        if final:
-            return scales, self.rounding(block, self.cfg.linears, self.scheme, data, stats)
-        return scales, quantize_block(block, self.cfg.linears, self.scheme, stats)
+        scales, stats = smooth_block(block, self.cfg, groups, data.stats, scale_fn)
+        rounding = self.rounding if final else self.rounding.for_search()
+        return scales, rounding(block, self.cfg.linears, self.scheme, data, stats)
 
-    def search(self, block: Block, data: LayerData) -> tuple[float, dict[float, float]]:
+    def search(self, block: Block, data: LayerData) -> tuple[float | None, dict]:
         x = data.subset(self.search_samples)
         y = run_block(block, x, data.ctx, data.device)
         errors = {}
-        for a in self.grid:
+        for a in (None, *self.grid):
             trial = copy.deepcopy(block)
             self._apply(trial, data, a)
             errors[a] = relative_error(run_block(trial, x, data.ctx, data.device), y)
@@ -66,6 +70,7 @@ class SmoothQuant:
         if alpha == "auto":
             alpha, errors = self.search(block, data)
             info["alpha_errors"] = errors
-        scales, qweights = self._apply(block, data, float(alpha), final=True)
-        info["alpha"] = float(alpha)
+        alpha = None if alpha is None else float(alpha)
+        scales, qweights = self._apply(block, data, alpha, final=True)
+        info["alpha"] = alpha
         return LayerResult(qweights=qweights, smoothing=scales, info=info)

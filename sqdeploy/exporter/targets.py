@@ -30,7 +30,7 @@ class Target:
 TARGETS: dict[str, Target] = {}
 
 # modules that register targets on import (kept explicit: a broken target must fail loudly)
-TARGET_MODULES: list[str] = []
+TARGET_MODULES: list[str] = ["sqdeploy.exporter.onnx", "sqdeploy.exporter.trtllm"]
 
 
 def register_target(target: Target) -> None:

@@ -35,12 +35,58 @@ SMOOTHING_GROUPS = (
     SmoothGroup("v", ("o",), "gqa"),
 )
 
-# TensorRT-LLM: per-layer tensor names of the fused modules (see sqdeploy/exporter/trtllm)
+# TensorRT-LLM checkpoint layout (read by sqdeploy/exporter/trtllm). Per layer, under
+# "transformer.layers.{i}.": each TensorRT-LLM linear module, the canonical linears whose
+# rows it concatenates (in order) and its tensor-parallel kind ("column": output rows are
+# split over the ranks, "row": input columns are split and the output is all-reduced);
+# q/k/v rows are split by heads (K/V heads duplicated when tp > KV heads). Note the
+# inverted MLP naming: TensorRT-LLM's GatedMLP computes proj(act(fc(x)) * gate(x)), so
+# "fc" holds HF gate_proj and "gate" holds up_proj.
+TRTLLM_LINEARS = {
+    "attention.qkv": {"fuse": ("q", "k", "v"), "tp": "column"},
+    "attention.dense": {"fuse": ("o",), "tp": "row"},
+    "mlp.fc": {"fuse": ("gate",), "tp": "column"},
+    "mlp.gate": {"fuse": ("up",), "tp": "column"},
+    "mlp.proj": {"fuse": ("down",), "tp": "row"},
+}
+# config.json key -> (ModelConfig field it is written from, HF config key it reads back into)
+TRTLLM_CONFIG_FIELDS = {
+    "num_hidden_layers": ("num_layers", "num_hidden_layers"),
+    "num_attention_heads": ("num_heads", "num_attention_heads"),
+    "num_key_value_heads": ("num_kv_heads", "num_key_value_heads"),
+    "hidden_size": ("hidden_size", "hidden_size"),
+    "intermediate_size": ("intermediate_size", "intermediate_size"),
+    "head_size": ("head_dim", "head_dim"),
+    "norm_epsilon": ("norm_eps", "rms_norm_eps"),
+    "vocab_size": ("vocab_size", "vocab_size"),
+    "max_position_embeddings": ("max_positions", "max_position_embeddings"),
+    "hidden_act": ("act", "hidden_act"),
+    "rotary_base": ("rope_theta", "rope_theta"),
+    "rotary_scaling": ("rope_scaling", "rope_scaling"),
+    "attn_bias": ("qkv_bias", "attention_bias"),
+    "mlp_bias": ("mlp_bias", "mlp_bias"),
+    "tie_word_embeddings": ("tie_embeddings", "tie_word_embeddings"),
+}
 TRTLLM_LAYOUT = {
     "decoder": "llama",
-    "modules": {"qkv": ("q", "k", "v"), "dense": ("o",), "fc": ("gate",), "gate": ("up",), "proj": ("down",)},
+    "linears": TRTLLM_LINEARS,
+    # TensorRT-LLM norm module (per layer) -> canonical norm
     "norms": {"input_layernorm": "attn_norm", "post_layernorm": "mlp_norm"},
-    "position_embedding_type": "rope_gpt_neox",
+    # global tensor -> (canonical tensor, split): "vocab" = rows split over the ranks
+    # (zero-padded to a multiple of tp), "embedding" = the same when the config's
+    # use_parallel_embedding is set, else whole on every rank, "replicated" = whole on every rank
+    "globals": {
+        "transformer.vocab_embedding.weight": ("embed.weight", "embedding"),
+        "transformer.ln_f.weight": ("final_norm.weight", "replicated"),
+        "lm_head.weight": ("lm_head.weight", "vocab"),
+    },
+    "config_fields": TRTLLM_CONFIG_FIELDS,
+    # written verbatim into config.json
+    "config": {"position_embedding_type": "rope_gpt_neox", "rotary_pct": 1.0},
+    # ModelOpt's unified HF checkpoint (TensorRT-LLM's PyTorch backend): the linears it
+    # loads unfused, which carry their own pre_quant_scale (q/k/v and gate/up are fused
+    # and take theirs from the norm)
+    "hf_unified": {"pre_quant_scale": ("o", "down")},
 }
 
 
@@ -111,5 +157,11 @@ MISTRAL = Family(
     config_from_hf=lambda cfg: llama_like_config(cfg, "mistral"),
     hf_names=HF_NAMES,
     smoothing_groups=SMOOTHING_GROUPS,
-    trtllm={**TRTLLM_LAYOUT, "architecture": "MistralForCausalLM"},
+    trtllm={
+        **TRTLLM_LAYOUT,
+        "architecture": "MistralForCausalLM",
+        # not read by TensorRT-LLM (the window is the runtime's max_attention_window_size);
+        # kept so the checkpoint still says what the model needs
+        "config_fields": {**TRTLLM_CONFIG_FIELDS, "sliding_window": ("sliding_window", "sliding_window")},
+    },
 )

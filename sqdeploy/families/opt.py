@@ -84,11 +84,38 @@ OPT = Family(
         SmoothGroup("up", ("down",), "linear"),
         SmoothGroup("v", ("o",), "gqa"),
     ),
+    # TensorRT-LLM layout, after its OPT converter (examples/models/contrib/opt/convert_checkpoint.py);
+    # field meanings as in llama.py
     trtllm={
         "architecture": "OPTForCausalLM",
         "decoder": "opt",
-        "modules": {"qkv": ("q", "k", "v"), "dense": ("o",), "fc": ("up",), "proj": ("down",)},
+        "linears": {
+            "attention.qkv": {"fuse": ("q", "k", "v"), "tp": "column"},
+            "attention.dense": {"fuse": ("o",), "tp": "row"},
+            "mlp.fc": {"fuse": ("up",), "tp": "column"},
+            "mlp.proj": {"fuse": ("down",), "tp": "row"},
+        },
         "norms": {"input_layernorm": "attn_norm", "post_layernorm": "mlp_norm"},
-        "position_embedding_type": "learned_absolute",
+        "globals": {
+            "transformer.vocab_embedding.weight": ("embed.weight", "embedding"),
+            # HF keeps 2 unused rows before position 0 (pos_offset); TensorRT-LLM does not
+            "transformer.position_embedding.weight": ("pos_embed.weight", "embedding"),
+            "transformer.ln_f.weight": ("final_norm.weight", "replicated"),
+            "transformer.ln_f.bias": ("final_norm.bias", "replicated"),
+            "lm_head.weight": ("lm_head.weight", "vocab"),
+        },
+        "config_fields": {
+            "num_hidden_layers": ("num_layers", "num_hidden_layers"),
+            "num_attention_heads": ("num_heads", "num_attention_heads"),
+            "hidden_size": ("hidden_size", "hidden_size"),
+            # OPTDecoderLayer falls back to 4 * hidden_size without it
+            "intermediate_size": ("intermediate_size", "ffn_dim"),
+            "vocab_size": ("vocab_size", "vocab_size"),
+            "max_position_embeddings": ("max_positions", "max_position_embeddings"),
+            "hidden_act": ("act", "activation_function"),
+            "tie_word_embeddings": ("tie_embeddings", "tie_word_embeddings"),
+        },
+        # OPTForCausalLM.check_config defaults do_layer_norm_before to False (post-norm)
+        "config": {"position_embedding_type": "learned_absolute", "do_layer_norm_before": True},
     },
 )

@@ -19,5 +19,11 @@ QWEN2 = Family(
     config_from_hf=_config,
     hf_names=HF_NAMES,
     smoothing_groups=SMOOTHING_GROUPS,
-    trtllm={**TRTLLM_LAYOUT, "architecture": "Qwen2ForCausalLM", "qwen_type": "qwen2"},
+    trtllm={
+        **TRTLLM_LAYOUT,
+        "architecture": "Qwen2ForCausalLM",
+        "decoder": "qwen",
+        # QWenForCausalLM builds the Qwen2 layout only when qwen_type says so
+        "config": {**TRTLLM_LAYOUT["config"], "qwen_type": "qwen2"},
+    },
 )

@@ -1,0 +1,32 @@
+"""Perplexity of an export next to the quantized model it came from, on the same windows.
+
+When the export re-quantizes (symmetric INT4 from an asymmetric recipe, weight-only
+layouts trtllm-build quantizes itself), the two numbers differ and both are reported;
+otherwise they agree to float rounding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..evaluate import eval_windows, model_logits_fn, perplexity, read_text
+from ..pipeline import load_tokenizer
+from ..qmodel import QuantizedModel
+
+
+def compare_perplexity(qdir: Path, export: Path, text: str, windows: int = 24, seq_len: int = 512) -> dict:
+    from ...model.loading import load_model
+    from .reader import TrtllmCheckpoint
+
+    qm = QuantizedModel(qdir)
+    tokenizer = load_tokenizer(qdir)
+    ids = eval_windows(tokenizer, read_text(text), windows, seq_len)
+    values = {}
+    for name, src in (("quantized model (sq-eval)", qm), ("TensorRT-LLM checkpoint (reader)", TrtllmCheckpoint(export))):
+        model = load_model(src, torch.float32)
+        values[name] = perplexity(model_logits_fn(model), ids).ppl
+        del model
+    a, b = values.values()
+    return {"text": str(text), "windows": windows, "seq_len": seq_len, "values": values, "relative_difference": b / a - 1}

@@ -1,0 +1,61 @@
+"""Per-shape choice of launch configurations, made once by timing the candidates.
+
+Triton's own autotuner is not used because the choice must be visible (the GPU
+benchmark reports it), must never run inside a CUDA-graph capture, and must be
+forceable in tests (the Triton interpreter on the CPU cannot time anything).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class Tuner:
+    """Chooses among ``candidates`` (dicts of kernel meta-parameters) per problem ``key``."""
+
+    registry: dict[str, "Tuner"] = {}
+
+    def __init__(self, name: str):
+        self.name = name
+        self.best: dict[tuple, dict] = {}
+        self.timings: dict[tuple, list[tuple[dict, float]]] = {}
+        self.forced: dict | None = None
+        Tuner.registry[name] = self
+
+    def run(self, key: tuple, candidates: list[dict], launch: Callable[[dict], None]) -> None:
+        if self.forced is not None:
+            return launch(self.forced)
+        cfg = self.best.get(key)
+        if cfg is None:
+            cfg = self._choose(key, candidates, launch)
+        launch(cfg)
+
+    def _choose(self, key: tuple, candidates: list[dict], launch) -> dict:
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if len(candidates) == 1 or INTERPRET or capturing:
+            # never time inside a graph capture: take the first candidate, do not remember it
+            return candidates[0]
+        from triton.testing import do_bench
+
+        results = []
+        for cfg in candidates:
+            try:
+                ms = do_bench(lambda: launch(cfg), warmup=2, rep=8)
+            except Exception as e:  # a configuration the compiler rejects (resources) is skipped
+                if "out of resource" not in str(e).lower() and "OutOfResources" not in type(e).__name__:
+                    raise
+                ms = float("inf")
+            results.append((cfg, float(ms)))
+        best = min(results, key=lambda r: r[1])[0]
+        self.best[key], self.timings[key] = best, results
+        return best
+
+
+def chosen() -> dict[str, dict[str, dict]]:
+    """Every choice made so far, ``{tuner: {key: config}}`` (for reports)."""
+    return {name: {str(k): v for k, v in t.best.items()} for name, t in Tuner.registry.items()}

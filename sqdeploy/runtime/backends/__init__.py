@@ -1,0 +1,1 @@
+"""Backends of the generation engine: ``onnxruntime`` (default for ONNX directories), ``torch``, ``trtllm``."""

@@ -1,0 +1,108 @@
+"""What serving costs: the same engine offline and behind ``sq-serve``, at the same batch size, alternating.
+
+The offline side is the offline benchmark's measurement (one batch of ``batch`` prompts
+submitted together); the served side is a closed loop of ``batch`` streaming clients
+against an ``sq-serve`` process started here. Rounds alternate between the two, so
+that a change in the machine's load hits both alike; the ratio of the medians is the
+share of offline throughput that survives HTTP, streaming and continuous batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from ...errors import SqDeployError
+from ...exporter.progress import Progress
+
+
+@dataclass(frozen=True)
+class OverheadConfig:
+    batch: int = 8
+    input_len: int = 128
+    output_len: int = 128
+    rounds: int = 5
+    requests_per_round: int = 16
+    threads: int | None = None
+    seed: int = 0
+
+
+def _start_server(path: str, backend: str, cfg: OverheadConfig, port: int) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "sqdeploy.cli.serve",
+        path,
+        "--port",
+        str(port),
+        "--backend",
+        backend,
+        "--model-name",
+        "bench",
+        "--max-concurrent-requests",
+        str(cfg.batch),
+        "--log-level",
+        "warning",
+    ]
+    if cfg.threads:
+        cmd += ["--threads", str(cfg.threads)]
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SqDeployError(f"sq-serve {path} exited with code {proc.returncode}; see its error above")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SqDeployError(f"sq-serve {path} did not become ready in 300 s")
+
+
+def measure_overhead(path: str, backend: str = "auto", cfg: OverheadConfig = OverheadConfig(), progress: bool = True) -> dict:
+    from .. import BatchConfig, open_engine
+    from ..server.run import free_port
+    from .offline import _measure, prompts_for
+    from .online import LoadPoint, RequestSpec, run_point
+
+    engine = open_engine(path, backend, threads=cfg.threads, batch=BatchConfig(cfg.batch, max(4096, cfg.batch * cfg.input_len)))
+    port = free_port()
+    server = _start_server(path, backend, cfg, port)
+    offline, served = [], []
+    try:
+        prompts = prompts_for(cfg.batch, cfg.input_len, engine.info.vocab_size, cfg.seed)
+        specs = [RequestSpec(prompts[i % cfg.batch], cfg.output_len) for i in range(cfg.requests_per_round)]
+        _measure(engine, prompts, 4)  # warm both sides up
+        asyncio.run(run_point(f"http://127.0.0.1:{port}", "bench", specs[: cfg.batch], LoadPoint("concurrency", cfg.batch)))
+        with Progress(cfg.rounds, "offline vs served", progress) as bar:
+            for _ in range(cfg.rounds):
+                offline.append(_measure(engine, prompts, cfg.output_len)["tokens_per_s"])
+                point = asyncio.run(run_point(f"http://127.0.0.1:{port}", "bench", specs, LoadPoint("concurrency", cfg.batch)))
+                if point["failed"]:
+                    raise SqDeployError(f"{point['failed']} served request(s) failed: {point['first_errors'][0]}")
+                served.append(point["output_throughput"])
+                bar.advance()
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+        engine.shutdown(drain=False)
+    off, on = statistics.median(offline), statistics.median(served)
+    return {
+        "path": path,
+        "backend": engine.info.backend,
+        "config": cfg.__dict__,
+        "offline_tokens_per_s": offline,
+        "served_tokens_per_s": served,
+        "offline_median": off,
+        "served_median": on,
+        "served_vs_offline": on / off,
+        "per_round_ratio": [s / o for s, o in zip(served, offline)],
+    }

@@ -1,0 +1,140 @@
+"""The hop between the engine's worker thread and the server's event loop.
+
+The engine hands over each step's events in one call; that becomes one
+``call_soon_threadsafe`` onto the loop, which routes them to the asyncio queue of the
+HTTP request that owns them. Handlers only ever ``await`` a queue, so inference never
+blocks the loop, and leaving a :class:`Generation` for any reason (done, error,
+timeout, client gone) cancels whatever it still had running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from starlette.responses import StreamingResponse
+
+from ..engine import Engine, GenerationRequest, InvalidRequestError, TokenEvent
+from .limits import RequestError, ServeLimits, draining, overloaded, timed_out
+from .metrics import Metrics
+
+_TIMEOUT = object()
+
+
+class Bridge:
+    def __init__(self, engine: Engine, limits: ServeLimits, loop: asyncio.AbstractEventLoop):
+        self.engine, self.limits, self.loop = engine, limits, loop
+        self.queues: dict[int, asyncio.Queue] = {}
+        self.inflight = 0
+        self.draining = False
+        self.metrics = Metrics(engine, lambda: self.inflight)
+
+    def sink(self, events: list[TokenEvent]) -> None:
+        """Called by the engine's thread once per step (events for a server that has stopped are dropped)."""
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._dispatch, events)
+
+    def _dispatch(self, events: list[TokenEvent]) -> None:
+        for e in events:
+            q = self.queues.get(e.request_id)
+            if q is not None:
+                q.put_nowait(e)
+
+    def open(self, requests: list[GenerationRequest]) -> Generation:
+        """Admit and submit ``requests`` (429 beyond capacity, 503 while draining); close the result when done."""
+        if self.draining:
+            raise draining()
+        if self.inflight + len(requests) > self.limits.capacity:
+            raise overloaded(self.limits)
+        return Generation(self, requests)
+
+
+class Generation:
+    """Requests of one HTTP call: their events in order; :meth:`close` cancels leftovers and frees their slots."""
+
+    def __init__(self, bridge: Bridge, requests: list[GenerationRequest]):
+        self.bridge, self.requests = bridge, requests
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.pending = {r.request_id for r in requests}
+        self._last: dict[int, float] = {}
+        for r in requests:
+            bridge.queues[r.request_id] = self.queue
+        bridge.inflight += len(requests)
+        self._open = True
+        self._timer = bridge.loop.call_later(bridge.limits.request_timeout_s, self.queue.put_nowait, _TIMEOUT)
+        try:
+            self.handles = bridge.engine.submit(requests, bridge.sink)
+        except InvalidRequestError as exc:
+            self.close()
+            raise RequestError(503, str(exc), kind="server_shutting_down") from None
+        bridge.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in requests))
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Idempotent: cancel what is still running and give the capacity back."""
+        if not self._open:
+            return
+        self._open = False
+        for h in getattr(self, "handles", []):
+            if h.request_id in self.pending:
+                h.cancel()
+        self._timer.cancel()
+        b = self.bridge
+        for r in self.requests:
+            b.queues.pop(r.request_id, None)
+        b.inflight -= len(self.requests)
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        """Events of all requests until each has finished; raises a 504 :class:`RequestError` at the timeout."""
+        m = self.bridge.metrics
+        while self.pending:
+            e = await self.queue.get()
+            if e is _TIMEOUT:
+                raise timed_out(self.bridge.limits)
+            now = time.perf_counter()
+            if e.token_id is not None:
+                m.generation_tokens.inc()
+                if e.request_id in self._last:
+                    m.itl.observe(now - self._last[e.request_id])
+                self._last[e.request_id] = now
+            if e.finish_reason is not None:
+                self.pending.discard(e.request_id)
+                self._observe(e)
+            yield e
+
+    def _observe(self, e: TokenEvent) -> None:
+        m, t = self.bridge.metrics, e.completion.timings
+        m.finished.labels(e.finish_reason).inc()
+        for hist, value in (
+            (m.ttft, t.ttft),
+            (m.e2e, t.e2e),
+            (m.queue_time, None if t.scheduled is None else t.scheduled - t.arrival),
+        ):
+            if value is not None:
+                hist.observe(value)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events of a :class:`Generation`, which is closed however the response ends.
+
+    Closing in the response (not in the generator) also covers a client that leaves
+    before the first byte, when the generator never starts and its ``finally`` never runs.
+    """
+
+    def __init__(self, gen: Generation, content):
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        self.gen = gen
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gen.close()

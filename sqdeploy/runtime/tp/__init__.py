@@ -1,0 +1,13 @@
+"""Tensor-parallel execution of TensorRT-LLM checkpoints on the GPU kernels (NCCL) or on CPUs (gloo).
+
+``TPEngine(dir, device)`` starts one process per rank of a checkpoint written by
+``sq-export --target trtllm --tp N``; ``build_rank_model(ckpt, rank, device, dtype, comm)``
+is one rank's model, for callers that manage their own processes.
+"""
+
+from .engine import TPEngine
+from .parallel import Comm
+from .shards import build_rank_model, spec_from_rank
+from .worker import open_rank_source
+
+__all__ = ["Comm", "TPEngine", "build_rank_model", "open_rank_source", "spec_from_rank"]

@@ -1,0 +1,94 @@
+"""The process of one tensor-parallel rank: join the group, build the rank's model, serve commands.
+
+Every rank receives the same commands in the same order (so their collectives match
+up); rank 0 returns the results. The logits are gathered over the vocabulary on every
+rank, so every rank picks the same greedy token without further communication.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+
+# NVLink multicast (NVLS) stays off: on shared multi-GPU hosts a program using it can take the GPUs down
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def open_rank_source(path: str):
+    """The checkpoint's per-rank reader (TensorRT-LLM checkpoint directories)."""
+    from pathlib import Path
+
+    from ...errors import SqDeployError
+    from ...exporter.trtllm.reader import TrtllmCheckpoint, is_trtllm_dir
+
+    if not is_trtllm_dir(Path(path)):
+        raise SqDeployError(
+            f"{path} is not a TensorRT-LLM checkpoint (config.json with a mapping + rank0.safetensors); "
+            "export one with: sq-export MODEL --target trtllm --tp N --out DIR"
+        )
+    return TrtllmCheckpoint(path)
+
+
+def _setup(rank: int, world: int, device_kind: str, backend: str, port: int):
+    import torch.distributed as dist
+
+    from .parallel import Comm
+
+    os.environ.update(NO_MULTICAST)
+    init = f"tcp://127.0.0.1:{port}"
+    if device_kind == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        extra = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, **extra)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    return device, Comm(dist.group.WORLD, world, stage_on_cpu=device_kind == "cuda" and backend == "gloo")
+
+
+def _serve(model, cmd, device):
+    from ...kernels.decode import greedy_generate
+
+    kind = cmd[0]
+    if kind == "logits":
+        with torch.no_grad():
+            return model(cmd[1].to(device)).cpu()
+    if kind == "generate":
+        _, prompts, n, use_graph = cmd
+        return greedy_generate(model, prompts, n, use_graph=use_graph)
+    raise ValueError(f"unknown command {kind!r}")
+
+
+def worker_main(rank: int, world: int, path: str, device_kind: str, backend: str, dtype_name: str, port: int,
+                commands, results) -> None:
+    import torch.distributed as dist
+
+    try:
+        from ...kernels.device import check_cuda
+        from .shards import build_rank_model
+
+        device, comm = _setup(rank, world, device_kind, backend, port)
+        if device_kind == "cuda":
+            check_cuda(device)
+        ckpt = open_rank_source(path)
+        model = build_rank_model(ckpt, rank, device, getattr(torch, dtype_name), comm)
+        results.put(("ready", rank, None))
+    except Exception:  # noqa: BLE001 - reported to the launcher, which stops every rank
+        results.put(("error", rank, traceback.format_exc()))
+        return
+    while True:
+        cmd = commands.get()
+        if cmd[0] == "stop":
+            break
+        try:
+            out = _serve(model, cmd, device)
+            if rank == 0:
+                results.put(("ok", rank, out))
+        except Exception:  # noqa: BLE001
+            results.put(("error", rank, traceback.format_exc()))
+            break
+    dist.destroy_process_group()

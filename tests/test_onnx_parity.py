@@ -1,0 +1,137 @@
+"""ONNX export parity: ONNX Runtime (CPU) against the PyTorch reference of the same quantized directory.
+
+Every family's tiny random config, every graph form. Forms whose arithmetic is the
+reference's (float32, weight-only N-bit) must match to float32 rounding; forms with
+INT8 activations match up to rounding flips at quantization boundaries (a 1-ulp
+difference upstream moves a value across a .5 boundary), so they are held to top-1
+agreement (on positions whose top-1 lead is above numerical noise: random weights make
+near-ties) and a tight bound on the median difference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sqdeploy.exporter.onnx.options import OnnxOptions
+from sqdeploy.exporter.onnx.session import OnnxDecoder, SessionConfig
+from sqdeploy.exporter.onnx.writer import write_onnx
+from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
+from sqdeploy.exporter.qmodel import QuantizedModel
+from sqdeploy.model import load_model
+
+# form -> (recipe, variant, int4 format, exact arithmetic)
+FORMS = {
+    "fp32": ("fp16", "tensorrt", None, True),
+    "fp32-ort": ("fp16", "onnxruntime", None, True),
+    "w8a8-qdq": ("w8a8-sq", "tensorrt", None, False),
+    "w4-qdq": ("w4a16-rtn", "tensorrt", "qdq", True),
+    "w4-matmulnbits": ("w4a16-rtn", "onnxruntime", "matmulnbits", True),
+    "w8a8-pertoken-ort": ("w8a8-sq-pertoken", "onnxruntime", None, False),
+}
+# the SmoothQuant recipes with a fixed alpha: the graph form is the same, without the alpha search's cost
+FAST_RECIPES = {
+    "w8a8-sq": "scheme: w8a8-channel-static\nalgorithm: {name: smoothquant, alpha: 0.5}\n",
+    "w8a8-sq-pertoken": "scheme: w8a8-channel-token\nalgorithm: {name: smoothquant, alpha: 0.5}\n",
+}
+SEQ = 80  # longer than the tiny Mistral's sliding window (64)
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_models, calib_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx-q")
+    cache: dict[tuple[str, str], QuantizedModel] = {}
+
+    def get(family: str, recipe: str) -> QuantizedModel:
+        if (family, recipe) not in cache:
+            spec = recipe
+            if recipe in FAST_RECIPES:
+                spec = root / f"{recipe}.yaml"
+                spec.write_text(f"name: {recipe}\n" + FAST_RECIPES[recipe])
+            out, _ = quantize_to_dir(tiny_models[family], spec, root / f"{family}-{recipe}",
+                                     Calibration(str(calib_file), 4, 64), Runtime(progress=False))
+            cache[family, recipe] = QuantizedModel(out)
+        return cache[family, recipe]
+
+    return get
+
+
+def export(qm: QuantizedModel, out, variant="tensorrt", int4_format=None, dtype="float32", **kw):
+    out.mkdir(parents=True)
+    opts = OnnxOptions(variant=variant, dtype=dtype, int4_format=int4_format, **kw)
+    write_onnx(qm.path, out, opts, str(qm.path), progress=False)
+    return OnnxDecoder(out, SessionConfig(threads=2))
+
+
+def batch(vocab: int = 8000):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (2, SEQ), generator=g)
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    mask[1, :9] = 0  # left padding
+    return ids, mask
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_onnxruntime_matches_reference(tiny_model, quantized, tmp_path, form):
+    recipe, variant, fmt, exact = FORMS[form]
+    qm = quantized(tiny_model.name, recipe)
+    dec = export(qm, tmp_path / "onnx", variant, fmt)
+    ref = load_model(qm)
+    ids, mask = batch()
+    with torch.no_grad():
+        r = ref(ids, attention_mask=mask)
+    o = torch.from_numpy(dec.forward(ids.numpy(), mask.numpy())[0])
+    real = mask.bool()
+    scale = r.abs().max()
+    rel = ((o - r).abs()[real] / scale)
+    # random weights give near-ties: count top-1 where the reference's lead exceeds 1% of the logit scale
+    top2 = r.topk(2, dim=-1).values
+    decisive = real & (top2[..., 0] - top2[..., 1] > 0.01 * scale)
+    top1 = (o.argmax(-1) == r.argmax(-1))[decisive].float().mean()
+    if exact:
+        assert rel.max() < 1e-5, f"{form}: max rel diff {rel.max():.2e}"
+    else:
+        assert rel.median() < 1e-5 and rel.max() < 2e-2, f"{form}: rel diff median {rel.median():.2e} max {rel.max():.2e}"
+        assert top1 >= 0.99, f"{form}: top-1 agreement {top1:.4f}"
+    if variant == "tensorrt":  # standard attention also reproduces the reference at padded query positions
+        assert ((o - r).abs() / scale).max() < (1e-5 if exact else 2e-2)
+
+
+@pytest.mark.parametrize("form", ["fp32", "fp32-ort", "w4-matmulnbits", "w8a8-qdq"])
+def test_kv_cache_decode_equals_full_pass(tiny_model, quantized, tmp_path, form):
+    recipe, variant, fmt, _ = FORMS[form]
+    dec = export(quantized(tiny_model.name, recipe), tmp_path / "onnx", variant, fmt)
+    ids, mask = batch()
+    full, _ = dec.forward(ids.numpy(), mask.numpy())
+    logits, past = dec.forward(ids[:, :50].numpy(), mask[:, :50].numpy())
+    steps = [logits]
+    for t in range(50, SEQ):
+        logits, past = dec.forward(ids[:, t:t + 1].numpy(), mask[:, :t + 1].numpy(), None, past)
+        steps.append(logits)
+        assert past["past_key_values.0.key"].shape == (2, dec.kv_heads, t + 1, dec.head_dim)
+    inc = np.concatenate(steps, axis=1)
+    real = mask.bool().numpy()
+    assert np.abs(inc - full)[real].max() / np.abs(full).max() < 1e-3
+
+
+@pytest.mark.parametrize("variant", ["tensorrt", "onnxruntime"])
+def test_left_padding_gives_the_unpadded_logits(tiny_models, quantized, tmp_path, variant):
+    dec = export(quantized("llama", "fp16"), tmp_path / "onnx", variant)
+    ids, mask = batch()
+    padded, _ = dec.forward(ids.numpy(), mask.numpy())
+    alone, _ = dec.forward(ids[1:, 9:].numpy())
+    assert np.abs(padded[1, 9:] - alone[0]).max() / np.abs(alone).max() < 1e-5
+
+
+def test_float16_graph(tiny_models, quantized, tmp_path):
+    qm = quantized("qwen2", "w4a16-rtn")
+    dec = export(qm, tmp_path / "onnx", "onnxruntime", "matmulnbits", dtype="float16")
+    assert dec.meta["dtype"] == "float16"
+    ids, _ = batch()
+    o, past = dec.forward(ids.numpy())
+    assert o.dtype == np.float16 and past["past_key_values.1.value"].dtype == np.float16
+    with torch.no_grad():
+        r = load_model(qm)(ids)
+    top1 = (torch.from_numpy(o.astype(np.float32)).argmax(-1) == r.argmax(-1)).float().mean()
+    assert top1 >= 0.99 and np.abs(o - r.numpy()).max() / r.abs().max() < 5e-3

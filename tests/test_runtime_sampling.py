@@ -1,0 +1,82 @@
+"""Sampling filters, incremental detokenization and stop strings: the per-request logic every backend shares."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sqdeploy.runtime.backends.trtllm import request_kwargs
+from sqdeploy.runtime.engine import GenerationRequest, SamplingParams
+from sqdeploy.runtime.sampling import sample, sample_row
+from sqdeploy.runtime.sequence import IncrementalDetokenizer, Sequence
+
+
+@pytest.fixture(scope="module")
+def tokenizer(shared_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(shared_model))
+
+
+def test_filters_restrict_the_support():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
+    rng = np.random.default_rng(0)
+    draw = lambda **kw: {sample_row(logits, SamplingParams(temperature=1.0, **kw), rng) for _ in range(400)}
+    assert draw() == {0, 1, 2, 3}
+    assert draw(top_k=2) == {0, 1}
+    assert draw(top_p=0.79) == {0, 1}  # 0.5 + 0.3 reaches 0.79
+    assert draw(top_p=0.5) == {0}
+    assert draw(top_k=3, top_p=0.99) == {0, 1, 2}
+    counts = np.bincount([sample_row(logits, SamplingParams(temperature=1.0), rng) for _ in range(4000)], minlength=4) / 4000
+    assert np.allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    sharp = [sample_row(logits, SamplingParams(temperature=0.05), rng) for _ in range(100)]
+    assert set(sharp) == {0}
+
+
+def test_greedy_rows_and_seeded_rows_in_one_batch():
+    logits = np.random.default_rng(1).normal(size=(3, 50)).astype(np.float32)
+    params = [SamplingParams(), SamplingParams(temperature=1.0, seed=5), SamplingParams(top_k=1, temperature=2.0)]
+    a = sample(logits, params, [np.random.default_rng(p.seed) for p in params])
+    b = sample(logits, params, [np.random.default_rng(p.seed) for p in params])
+    assert a == b and a[0] == int(logits[0].argmax()) and a[2] == int(logits[2].argmax())
+
+
+def test_detokenizer_never_splits_a_character(tokenizer):
+    text = "def héllo():  # wörld, 日本語 ✓\n    return '€'"
+    ids = tokenizer(text).input_ids
+    detok = IncrementalDetokenizer(tokenizer, [])
+    pieces = [detok.push(t) for t in ids] + [detok.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stop_strings_cut_the_text_and_are_held_back_while_streaming(tokenizer):
+    ids = tokenizer("alpha beta gamma delta").input_ids
+    seq = Sequence(
+        GenerationRequest([1], SamplingParams(max_new_tokens=20, stop=("gamma d", "zeta"))), None, tokenizer, frozenset({2})
+    )
+    events = [seq.append(t) for t in ids]
+    final = next(e for e in events if e.finish_reason)
+    assert final.finish_reason == "stop" and final.completion.text == "alpha beta "
+    streamed = "".join(e.text for e in events[: events.index(final) + 1])
+    assert streamed == "alpha beta "
+    seq = Sequence(GenerationRequest([1], SamplingParams(max_new_tokens=20)), None, tokenizer, frozenset({2}))
+    assert seq.append(ids[0]).finish_reason is None and seq.append(2).finish_reason == "stop"
+    assert seq.finish_reason == "stop" and seq.tokens == [ids[0]]
+    seq = Sequence(GenerationRequest([1], SamplingParams(max_new_tokens=2, ignore_eos=True)), None, tokenizer, frozenset({2}))
+    assert seq.append(2).finish_reason is None and seq.append(2).finish_reason == "length"
+
+
+def test_trtllm_request_translation():
+    greedy = request_kwargs([5, 6], SamplingParams(max_new_tokens=7), eos_id=2, pad_id=3)
+    assert greedy == {
+        "input_token_ids": [5, 6],
+        "max_tokens": 7,
+        "streaming": True,
+        "end_id": 2,
+        "pad_id": 3,
+        "sampling_config": {"beam_width": 1, "top_k": 1},
+    }
+    sampled = request_kwargs([5], SamplingParams(temperature=0.7, top_k=40, top_p=0.9, seed=11, ignore_eos=True), 2, 3)
+    assert sampled["end_id"] == -1
+    assert sampled["sampling_config"] == {"beam_width": 1, "temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 11}

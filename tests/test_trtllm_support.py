@@ -1,0 +1,89 @@
+"""Helpers of the TensorRT-LLM tests (no tests here): exporting, and a tensor-parallel forward pass
+built only from TrtllmCheckpoint.rank_linear / rank_globals (what a multi-GPU engine sees)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sqdeploy.exporter import qmath
+from sqdeploy.exporter.trtllm.reader import TrtllmCheckpoint
+from sqdeploy.exporter.trtllm.writer import write
+from sqdeploy.model.layers import ACTIVATIONS, Norm, Rotary, apply_rotary, build_mask, sdpa
+
+
+def export(qdir: Path, out: Path, tp: int = 1, **kw) -> dict:
+    out.mkdir(parents=True)
+    args = argparse.Namespace(tp=tp, pp=1, kv_cache=kw.pop("kv_cache", None), int4_zero_point=kw.pop("zero_point", False), quiet=True, **kw)
+    return write(qdir, out, args)
+
+
+def apply_linear(lin, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+    """TensorRT-LLM's semantics of one rank's linear: act_quant(x * pqs) @ dequant(w)^T (+ bias)."""
+    if lin.pre_quant_scale is not None:
+        x = x * lin.pre_quant_scale
+    x = qmath.fake_quant_act(x, lin.scheme.act, lin.act_scale)
+    return F.linear(x, lin.dequantized(), lin.bias if with_bias else None)
+
+
+def _vocab_lookup(table: torch.Tensor, ids: torch.Tensor, rank: int) -> torch.Tensor:
+    """A vocab-parallel embedding shard: rows it owns, zeros elsewhere (summed by the all-reduce)."""
+    n = table.shape[0]
+    local = ids - rank * n
+    own = (local >= 0) & (local < n)
+    return table[local.clamp(0, n - 1)] * own[..., None]
+
+
+def _norm(cfg, g: dict, name: str) -> Norm:
+    norm = Norm(cfg)
+    norm.weight.data = g[f"{name}.weight"]
+    if norm.bias is not None:
+        norm.bias.data = g[f"{name}.bias"]
+    return norm
+
+
+def tp_forward(ck: TrtllmCheckpoint, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of ``ids`` [B, T] computed rank by rank, summing row-parallel partial outputs."""
+    cfg, tp = ck.config, ck.tp
+    g = [ck.rank_globals(r) for r in range(tp)]
+    b, t = ids.shape
+    pos = torch.arange(t).expand(b, t)
+    if ck.spec.parallel_embedding:
+        x = sum(_vocab_lookup(g[r]["embed.weight"], ids, r) for r in range(tp))
+        if cfg.position == "learned":
+            x = x + sum(_vocab_lookup(g[r]["pos_embed.weight"], pos, r) for r in range(tp))
+    else:
+        x = g[0]["embed.weight"][ids]
+        if cfg.position == "learned":
+            x = x + g[0]["pos_embed.weight"][pos]
+    mask = build_mask(None, pos, pos, cfg.sliding_window)
+    cos = sin = None
+    if cfg.position == "rope":
+        cos, sin = Rotary(cfg)(pos)
+    hd, act = cfg.head_dim, ACTIVATIONS[cfg.act]
+    for i in range(cfg.num_layers):
+        h = _norm(cfg, g[0], f"layers.{i}.attn_norm")(x)
+        attn = 0
+        for r in range(tp):
+            q, k, v = (apply_linear(ck.rank_linear(r, i, n), h) for n in ("q", "k", "v"))
+            q, k, v = (z.view(b, t, -1, hd).transpose(1, 2) for z in (q, k, v))
+            if cos is not None:
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            o = sdpa(q, k, v, mask).transpose(1, 2).reshape(b, t, -1)
+            attn = attn + apply_linear(ck.rank_linear(r, i, "o"), o, with_bias=False)
+        o_bias = ck.rank_linear(0, i, "o").bias
+        x = x + attn + (0 if o_bias is None else o_bias)
+        h = _norm(cfg, g[0], f"layers.{i}.mlp_norm")(x)
+        mlp = 0
+        for r in range(tp):
+            up = apply_linear(ck.rank_linear(r, i, "up"), h)
+            inner = act(apply_linear(ck.rank_linear(r, i, "gate"), h)) * up if cfg.gated_mlp else act(up)
+            mlp = mlp + apply_linear(ck.rank_linear(r, i, "down"), inner, with_bias=False)
+        d_bias = ck.rank_linear(0, i, "down").bias
+        x = x + mlp + (0 if d_bias is None else d_bias)
+    h = _norm(cfg, g[0], "final_norm")(x)
+    logits = torch.cat([F.linear(h, g[r]["lm_head.weight"]) for r in range(tp)], dim=-1)
+    return logits[..., : cfg.vocab_size]
