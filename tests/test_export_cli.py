@@ -13,7 +13,7 @@ from sqdeploy.cli.eval import main as eval_main
 from sqdeploy.cli.export import main as export_main
 from sqdeploy.errors import SqDeployError
 from sqdeploy.exporter.qmodel import QuantizedModel
-from sqdeploy.model import HFCheckpoint, load_model
+from sqdeploy.model import load_model
 
 
 def _export(model, out, recipe, calib, *extra):

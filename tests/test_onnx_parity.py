@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from sqdeploy.exporter.onnx.check import KV_QUANT_REL_MAX, graph_rows
+from sqdeploy.exporter.onnx.meta import read_meta
 from sqdeploy.exporter.onnx.options import OnnxOptions
 from sqdeploy.exporter.onnx.session import OnnxDecoder, SessionConfig
 from sqdeploy.exporter.onnx.writer import write_onnx
@@ -58,9 +60,12 @@ def quantized(tiny_models, calib_file, tmp_path_factory):
 
 
 def export(qm: QuantizedModel, out, variant="tensorrt", int4_format=None, dtype="float32", **kw):
+    """Write the graph, hold it to sq-check's graph rows (full onnx.checker, signature, op counts), open it."""
     out.mkdir(parents=True)
     opts = OnnxOptions(variant=variant, dtype=dtype, int4_format=int4_format, **kw)
     write_onnx(qm.path, out, opts, str(qm.path), progress=False)
+    failed = [(r.check, r.detail) for r in graph_rows(out, read_meta(out)) if not r.ok]
+    assert not failed, failed
     return OnnxDecoder(out, SessionConfig(threads=2))
 
 
@@ -98,7 +103,7 @@ def test_onnxruntime_matches_reference(tiny_model, quantized, tmp_path, form):
         assert ((o - r).abs() / scale).max() < (1e-5 if exact else 2e-2)
 
 
-@pytest.mark.parametrize("form", ["fp32", "fp32-ort", "w4-matmulnbits", "w8a8-qdq"])
+@pytest.mark.parametrize("form", ["fp32", "fp32-ort", "w4-matmulnbits", "w8a8-qdq", "w8a8-pertoken-ort"])
 def test_kv_cache_decode_equals_full_pass(tiny_model, quantized, tmp_path, form):
     recipe, variant, fmt, _ = FORMS[form]
     dec = export(quantized(tiny_model.name, recipe), tmp_path / "onnx", variant, fmt)
@@ -112,7 +117,11 @@ def test_kv_cache_decode_equals_full_pass(tiny_model, quantized, tmp_path, form)
         assert past["past_key_values.0.key"].shape == (2, dec.kv_heads, t + 1, dec.head_dim)
     inc = np.concatenate(steps, axis=1)
     real = mask.bool().numpy()
-    assert np.abs(inc - full)[real].max() / np.abs(full).max() < 1e-3
+    rel = np.abs(inc - full)[real].max() / np.abs(full).max()
+    if FORMS[form][0] == "w8a8-sq-pertoken":  # decode and prefill kernels differ in the last bit: INT8 rounding flips
+        assert rel < KV_QUANT_REL_MAX and (inc.argmax(-1) == full.argmax(-1))[real].mean() >= 0.99
+    else:
+        assert rel < 1e-3
 
 
 @pytest.mark.parametrize("variant", ["tensorrt", "onnxruntime"])
@@ -135,3 +144,48 @@ def test_float16_graph(tiny_models, quantized, tmp_path):
         r = load_model(qm)(ids)
     top1 = (torch.from_numpy(o.astype(np.float32)).argmax(-1) == r.argmax(-1)).float().mean()
     assert top1 >= 0.99 and np.abs(o - r.numpy()).max() / r.abs().max() < 5e-3
+
+
+def test_int8_lm_head(tiny_models, quantized, tmp_path):
+    qm = quantized("llama", "w4a16-rtn")
+    dec = export(qm, tmp_path / "onnx", "onnxruntime", "matmulnbits", lm_head="int8")
+    assert dec.meta["lm_head"] == "int8"
+    assert sum(n.op_type == "MatMulNBits" for n in _graph(dec).node) == dec.meta["quantization"]["quantized_matmuls"] + 1
+    ids, _ = batch()
+    with torch.no_grad():
+        r = load_model(qm)(ids)
+    o = torch.from_numpy(dec.forward(ids.numpy())[0])
+    assert (o - r).abs().max() / r.abs().max() < 2e-2 and (o.argmax(-1) == r.argmax(-1)).float().mean() >= 0.95
+
+
+def _graph(dec):
+    import onnx
+
+    return onnx.load(str(dec.path / "model.onnx")).graph
+
+
+def test_gqa_shared_past_present_buffer(tiny_models, quantized, tmp_path):
+    """The onnxruntime variant can update a fixed-capacity cache in place (past and present bound to one buffer)."""
+    import onnxruntime as ort
+
+    dec = export(quantized("mistral", "fp16"), tmp_path / "onnx", "onnxruntime")
+    ids, _ = batch()
+    full, _ = dec.forward(ids[:1].numpy())
+    cap = SEQ + 4
+    buffers = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, dec.kv_heads, cap, dec.head_dim), np.float32))
+               for n in dec.meta["inputs"][3:]}
+    io, steps = dec.session.io_binding(), []
+    for t in [slice(0, 40)] + [slice(k, k + 1) for k in range(40, SEQ)]:
+        io.bind_cpu_input("input_ids", ids[:1, t].numpy())
+        io.bind_cpu_input("attention_mask", np.ones((1, t.stop), np.int64))
+        io.bind_cpu_input("position_ids", np.arange(t.start, t.stop, dtype=np.int64)[None])
+        io.bind_output("logits", "cpu")
+        for name, buf in buffers.items():
+            io.bind_ortvalue_input(name, buf)
+            io.bind_ortvalue_output(name.replace("past_key_values.", "present."), buf)
+        dec.session.run_with_iobinding(io)
+        steps.append(io.get_outputs()[0].numpy())
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+    inc = np.concatenate(steps, axis=1)
+    assert np.abs(inc - full).max() / np.abs(full).max() < 1e-5

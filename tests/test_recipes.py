@@ -39,3 +39,16 @@ def test_unknown_keys_rejected_with_allowed_ones():
         parse_recipe({"scheme": "O3", "algorithm": "rtn", "extra": 1})
     with pytest.raises(SqDeployError, match="group_size"):
         parse_recipe({"scheme": {"weight": {"bits": 4, "granularity": "group", "group_size": 100}}, "algorithm": "rtn"})
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_norms_selects_the_norm_groups_of_any_family(family, tiny_models):
+    from sqdeploy.exporter.pipeline import smoothing_groups
+    from sqdeploy.model import HFCheckpoint
+
+    ck = HFCheckpoint(tiny_models[family])
+    fam, cfg = ck.family, ck.config
+    groups = smoothing_groups(load_recipe("w8a8-sq-pertoken"), fam, cfg)
+    assert [g.name for g in groups] == [g.name for g in fam.smoothing_groups if g.kind == "norm"]
+    assert len(groups) == 2 and all(g.kind == "norm" for g in groups)
+    assert len(smoothing_groups(load_recipe("w8a8-sq"), fam, cfg)) == 4

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sqdeploy.exporter.smoothing import fold, smooth_block, smoothquant_scale, usable_groups
-from sqdeploy.exporter.streaming import StatsCollector, embed_chunks, run_block
+from sqdeploy.exporter.streaming import StatsCollector
 from sqdeploy.model import HFCheckpoint, load_model
 
 

@@ -19,7 +19,7 @@ from sqdeploy.exporter.trtllm.check import check_dir
 from sqdeploy.exporter.trtllm.config import QuantSpec, check_split
 from sqdeploy.exporter.trtllm.reader import TrtllmCheckpoint
 from sqdeploy.model.checkpoint import HFCheckpoint
-from tests.test_trtllm_support import export
+from tests.test_trtllm_support import SQ_STATIC, export, recipe
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def good(tmp_path_factory, tiny_models, calib_file):
     """A valid W8A8 SmoothQuant checkpoint of the tiny Llama at tp 4 (KV heads duplicated), INT8 KV cache."""
     root = tmp_path_factory.mktemp("trtllm-check")
     q = root / "q"
-    quantize_to_dir(tiny_models["llama"], "w8a8-sq", q, Calibration(str(calib_file), 4, 64), Runtime(progress=False))
+    quantize_to_dir(tiny_models["llama"], recipe(SQ_STATIC), q, Calibration(str(calib_file), 4, 64), Runtime(progress=False))
     export(q, root / "ckpt", 4, kv_cache="int8")
     return root / "ckpt"
 

@@ -16,15 +16,14 @@ from safetensors.torch import load_file
 
 from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
 from sqdeploy.exporter.qmodel import QuantizedModel
-from sqdeploy.exporter.recipes import load_recipe, parse_recipe
 from sqdeploy.exporter.trtllm.check import check_dir
 from sqdeploy.exporter.trtllm.linear import trtllm_weight_only
 from sqdeploy.exporter.trtllm.pack import pack_int4_rows, unpack_int4_rows
 from sqdeploy.exporter.trtllm.reader import TrtllmCheckpoint
-from sqdeploy.exporter.trtllm.requant import SmoothedWeights
 from sqdeploy.model.loading import load_model
 from sqdeploy.random_model import TINY_CONFIGS, make_random_model
-from tests.test_trtllm_support import export, tp_forward
+from tests.conftest import SHARED_MODEL
+from tests.test_trtllm_support import SQ_STATIC, SQ_TOKEN, export, int4_recipe, per_rank_token_reference, recipe, tp_forward
 
 TPS = (1, 2, 4, 8)
 IDS = torch.randint(0, 8000, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -35,12 +34,12 @@ def quantized(tmp_path_factory, tiny_models, calib_file):
     """(family or model dir, recipe) -> quantized directory, made once."""
     root, made = tmp_path_factory.mktemp("trtllm-q"), {}
 
-    def get(model, recipe, name=None):
-        key = (str(model), name or str(recipe))
+    def get(model, spec):
+        key = (str(model), spec if isinstance(spec, str) else spec["name"] + str(spec["scheme"]))
         if key not in made:
             src = tiny_models[model] if model in tiny_models else model
             out = root / f"q{len(made)}"
-            quantize_to_dir(src, recipe, out, Calibration(str(calib_file), 4, 64), Runtime(progress=False))
+            quantize_to_dir(src, recipe(spec), out, Calibration(str(calib_file), 4, 64), Runtime(progress=False))
             made[key] = out
         return made[key]
 
@@ -52,25 +51,74 @@ def _logits(src) -> torch.Tensor:
         return load_model(src)(IDS)
 
 
-@pytest.mark.parametrize("recipe", ["fp16", "w8a8-sq", "w8a8-sq-pertoken"])
+# Llama (GQA: KV heads split at tp 2, duplicated at tp 4 and 8) and OPT (biases, learned
+# positions) go through every tp; Mistral and Qwen2 (q/k/v biases) share Llama's layout and
+# are checked at tp 2.
+FULL_TPS = {"llama": TPS, "opt": TPS, "mistral": (2,), "qwen2": (2,)}
+MATRIX = {  # recipe -> tensor-parallel sizes per family
+    "w8a8-static": (SQ_STATIC, FULL_TPS),
+    "w8a8-per-token": (SQ_TOKEN, {"llama": (1, 2, 8), "opt": (1, 2, 8), "mistral": (2,), "qwen2": (2,)}),
+    "fp16": ("fp16", {"llama": (8,), "opt": (8,), "mistral": (2,), "qwen2": (2,)}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MATRIX))
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
-def test_export_reads_back_exactly_at_every_tp(family, recipe, quantized, tmp_path):
-    qdir = quantized(family, recipe)
-    ref = _logits(QuantizedModel(qdir))
-    for tp in TPS:
+def test_export_reads_back_exactly_at_every_tp(family, name, quantized, tmp_path):
+    spec, tps = MATRIX[name][0], MATRIX[name][1][family]
+    qdir = quantized(family, spec)
+    for tp in tps:
         out = tmp_path / f"tp{tp}"
         export(qdir, out, tp)
         assert check_dir(out).ok, check_dir(out).table()
         ck = TrtllmCheckpoint(out)
-        torch.testing.assert_close(_logits(ck), ref, rtol=0, atol=1e-5)
+        merged = _logits(ck)
         with torch.no_grad():
-            torch.testing.assert_close(tp_forward(ck, IDS), ref, rtol=1e-5, atol=1e-5)
+            # per-token recipes: each rank quantizes its own slice of the o/down inputs
+            ref = per_rank_token_reference(load_model(QuantizedModel(qdir)), tp)(IDS)
+            ranks = tp_forward(ck, IDS)
+        torch.testing.assert_close(merged, ref, rtol=0, atol=1e-5)
+        if spec == "fp16":
+            torch.testing.assert_close(ranks, merged, rtol=1e-5, atol=1e-5)
+        else:
+            # Rank by rank, as a tensor-parallel engine runs it: summing partial outputs rounds
+            # differently in float32, which can flip an INT8 activation by one step.
+            _close_quantized(ranks, merged)
+
+
+def _close_quantized(a: torch.Tensor, b: torch.Tensor, mean: float = 2e-3) -> None:
+    """Equal up to a few one-step flips of quantized activations (a wrong head or scale is O(1) off)."""
+    rel = float((a - b).abs().mean() / b.abs().mean())
+    assert rel < mean, f"mean relative difference {rel:.2e} >= {mean:.0e}"
+
+
+def test_per_token_scales_are_per_rank(quantized, tmp_path):
+    """The per-rank reference is not the whole-row one: the test above would see a reader that
+    quantized the o/down inputs over whole rows."""
+    qdir = quantized("llama", SQ_TOKEN)
+    export(qdir, tmp_path / "tp2", 2)
+    with torch.no_grad():
+        merged = _logits(TrtllmCheckpoint(tmp_path / "tp2"))
+        whole = _logits(QuantizedModel(qdir))
+    assert float((merged - whole).abs().max()) > 1e-3
+
+
+def test_sq_eval_opens_a_checkpoint(quantized, tmp_path):
+    """sq-eval's reader registry recognizes the directory and runs the merged reader."""
+    from sqdeploy.readers import open_model
+
+    qdir = quantized("llama", SQ_STATIC)
+    export(qdir, tmp_path / "ckpt", 2)
+    opened = open_model(tmp_path / "ckpt")
+    assert opened.kind == "trtllm" and "W8A8_SQ_PER_CHANNEL" in opened.description
+    with torch.no_grad():
+        torch.testing.assert_close(opened.logits_fn(IDS), _logits(QuantizedModel(qdir)), rtol=0, atol=1e-5)
 
 
 def test_config_and_layout_follow_tensorrt_llm(quantized, tmp_path):
     """Llama/GQA at tp 4: fused qkv rows per rank, KV heads split, padded lm_head, plugin names."""
     out = tmp_path / "ckpt"
-    export(quantized("llama", "w8a8-sq-pertoken"), out, 4, kv_cache="int8")
+    export(quantized("llama", SQ_TOKEN), out, 4, kv_cache="int8")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architecture"] == "LlamaForCausalLM" and cfg["mapping"] == {"world_size": 4, "tp_size": 4, "pp_size": 1}
     assert cfg["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
@@ -86,7 +134,7 @@ def test_config_and_layout_follow_tensorrt_llm(quantized, tmp_path):
     assert r1[p + "input_layernorm.scale_to_int"].shape == (1,)
     assert r1[p + "attention.kv_cache_scaling_factor"].dtype == torch.float32
     assert r1["lm_head.weight"].shape == (2048, 128) and r1["transformer.vocab_embedding.weight"].shape == (2048, 128)
-    qm = QuantizedModel(quantized("llama", "w8a8-sq-pertoken"))
+    qm = QuantizedModel(quantized("llama", SQ_TOKEN))
     k_amax, v_amax = qm.kv_amax()[0]
     assert float(r1[p + "attention.kv_cache_scaling_factor"]) == pytest.approx(max(k_amax, v_amax) / 127, rel=1e-6)
     # rank 1 holds KV head 0 (ranks 0, 1 share it): q heads 2, 3 read KV head 0
@@ -108,7 +156,7 @@ def test_mlp_fc_holds_gate_proj(quantized, tmp_path):
 
 
 def test_opt_drops_position_offset_and_keeps_biases(quantized, tmp_path):
-    qdir = quantized("opt", "w8a8-sq")
+    qdir = quantized("opt", SQ_STATIC)
     out = tmp_path / "ckpt"
     export(qdir, out, 2)
     cfg = json.loads((out / "config.json").read_text())
@@ -130,40 +178,18 @@ INT4_SPEC = dict(TINY_CONFIGS["llama"], hidden_size=512, intermediate_size=1024,
 @pytest.fixture(scope="module")
 def int4_model(tmp_path_factory):
     """Hidden 512, group 64: INT4 splits TensorRT-LLM can load at tp 8 (multiples of 64 * 8)."""
-    return make_random_model(INT4_SPEC, tmp_path_factory.mktemp("int4") / "m", tokenizer_from=None)
+    return make_random_model(INT4_SPEC, tmp_path_factory.mktemp("int4") / "m", tokenizer_from=SHARED_MODEL)
 
 
-def _g64(name: str):
-    d = load_recipe(name).to_dict()
-    d["scheme"]["weight"]["group_size"] = 64
-    d["algorithm"] = {k: v for k, v in d["algorithm"].items() if k != "name"} | {"name": d["algorithm"]["name"]}
-    return parse_recipe({k: d[k] for k in ("name", "scheme", "algorithm", "calibration")}, origin=name)
-
-
-def _symmetric_reference(qdir):
-    """Independent re-derivation: source weights, recorded smoothing folded, symmetric INT4 g64."""
-    from sqdeploy.exporter import qmath
-    from sqdeploy.exporter.schemes import WeightScheme
-
-    qm = QuantizedModel(qdir)
-    sm = SmoothedWeights(qm)
-    assert sm.available, sm.reason
-    model = load_model(qm)
-    ws = WeightScheme(4, "group", 64, symmetric=True)
-    for i, block in enumerate(model.layers):
-        for name, w in sm.layer(i).items():
-            block.linear(name).weight.data = qmath.fake_quant_weight(w, ws)
-    return model
-
-
-def test_int4_awq_symmetric_requant_every_tp(int4_model, quantized, tmp_path):
-    qdir = quantized(int4_model, _g64("w4a16-awq"), "awq-g64")
-    with torch.no_grad():
-        ref = _symmetric_reference(qdir)(IDS)
+def test_int4_symmetric_requant_every_tp(int4_model, quantized, tmp_path):
+    """An asymmetric recipe is re-quantized symmetric from its smoothed float weights: exactly
+    what the same recipe with a symmetric scheme produces (same smoothing, same rounding)."""
+    qdir = quantized(int4_model, int4_recipe(64))
+    ref = _logits(QuantizedModel(quantized(int4_model, int4_recipe(64, symmetric=True))))
     for tp in TPS:
         out = tmp_path / f"tp{tp}"
         report = export(qdir, out, tp)
-        assert report["requantized_from"] == "smoothed float weights"
+        assert report["requantized_from"] == "smoothed float weights" and report["requant_rounding"] == "rtn"
         cfg = json.loads((out / "config.json").read_text())["quantization"]
         assert cfg == {"quant_algo": "W4A16_AWQ", "kv_cache_quant_algo": None, "group_size": 64, "has_zero_point": False,
                        "pre_quant_scale": True, "exclude_modules": ["lm_head", "*vocab_embedding", "*position_embedding"]}
@@ -181,8 +207,51 @@ def test_int4_awq_symmetric_requant_every_tp(int4_model, quantized, tmp_path):
     assert r0[p + "dense.weight"].shape == (256, 64) and r0[p + "dense.weights_scaling_factor"].shape == (512, 1)
 
 
+def test_int4_gptq_recipe_is_requantized_with_gptq(quantized, tmp_path):
+    """A GPTQ recipe's re-quantization re-runs GPTQ on the recorded calibration set with the
+    recorded smoothing: the same integers as the recipe with a symmetric scheme. (Tiny Llama at
+    tp 1, where group 64 fits: GPTQ happens before the split, which the test above covers.)"""
+    qdir = quantized("llama", int4_recipe(64, rounding="gptq"))
+    sym = QuantizedModel(quantized("llama", int4_recipe(64, symmetric=True, rounding="gptq")))
+    report = export(qdir, tmp_path / "ckpt", 1, int4_requant_clip="none")
+    assert report["requant_rounding"] == "gptq" and not report["requant_clip_search"] and not report["notes"]
+    ck = TrtllmCheckpoint(tmp_path / "ckpt")
+    for i in range(sym.config.num_layers):
+        for name in sym.config.linears:
+            assert torch.equal(ck.rank_linear(0, i, name).q, sym.qweight(i, name).q), (i, name)
+    torch.testing.assert_close(_logits(ck), _logits(sym), rtol=0, atol=1e-5)
+    # the default also searches clipping for the symmetric grid: other integers, closer to the smoothed float model
+    clipped = export(qdir, tmp_path / "clipped", 1)
+    assert clipped["requant_clip_search"]
+    ckc = TrtllmCheckpoint(tmp_path / "clipped")
+    assert not torch.equal(ckc.rank_linear(0, 0, "down").q, sym.qweight(0, "down").q)
+    ref = _logits(QuantizedModel(quantized("llama", "fp16")))
+    assert (_logits(ckc) - ref).norm() < (_logits(ck) - ref).norm()
+
+
+def test_int4_requant_without_the_source_model_says_so(tiny_models, calib_file, tmp_path):
+    """When the source model is gone the export still works, from the dequantized weights, and says so."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["llama"], src)
+    qdir = tmp_path / "q"
+    quantize_to_dir(src, recipe(int4_recipe(64)), qdir, Calibration(str(calib_file), 2, 32), Runtime(progress=False))
+    shutil.rmtree(src)
+    report = export(qdir, tmp_path / "ckpt", 1)
+    assert report["requantized_from"] == "dequantized weights"
+    assert any("rounded twice" in n for n in report["notes"])
+
+
+def test_int4_symmetric_recipe_keeps_its_integers(int4_model, quantized, tmp_path):
+    qdir = quantized(int4_model, int4_recipe(64, symmetric=True))
+    out = tmp_path / "sym"
+    assert export(qdir, out, 2)["requantized_from"] is None
+    torch.testing.assert_close(_logits(TrtllmCheckpoint(out)), _logits(QuantizedModel(qdir)), rtol=0, atol=1e-5)
+
+
 def test_int4_zero_point_is_exact_and_experimental(int4_model, quantized, tmp_path):
-    qdir = quantized(int4_model, _g64("w4a16-awq"), "awq-g64")
+    qdir = quantized(int4_model, int4_recipe(64))
     ref = _logits(QuantizedModel(qdir))
     out = tmp_path / "zp"
     export(qdir, out, 2, zero_point=True)
@@ -224,3 +293,46 @@ def test_w8a16_writes_float_weights_trtllm_quantizes(quantized, tmp_path):
     assert lin.q.dtype == torch.int8 and lin.scale.shape == (128,)
     # the read-back model is close to the recipe's own INT8 (different rounding, same grid size)
     torch.testing.assert_close(_logits(ck), _logits(QuantizedModel(qdir)), rtol=0, atol=0.05)
+
+
+# ----------------------------------------------------------------------------- unified HF
+def _export_hf(qdir, out):
+    import argparse
+
+    from sqdeploy.exporter.trtllm.hf_unified import write as write_hf
+
+    out.mkdir()
+    return write_hf(qdir, out, argparse.Namespace(tp=1, pp=1, kv_cache=None, int4_zero_point=False, quiet=True))
+
+
+def test_hf_unified_int4_reads_back_like_the_engine_checkpoint(int4_model, quantized, tmp_path):
+    from sqdeploy.readers import open_model
+
+    qdir = quantized(int4_model, int4_recipe(64))
+    _export_hf(qdir, tmp_path / "hf")
+    export(qdir, tmp_path / "ckpt", 1)
+    hq = json.loads((tmp_path / "hf" / "hf_quant_config.json").read_text())["quantization"]
+    assert hq == {"quant_algo": "W4A16_AWQ", "kv_cache_quant_algo": None, "group_size": 64, "has_zero_point": False,
+                  "pre_quant_scale": True, "exclude_modules": ["lm_head", "model.embed_tokens"]}
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "modelopt" and cfg["quant_algo"] == "W4A16_AWQ"
+    t = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    p = "model.layers.0."
+    assert t[p + "self_attn.q_proj.weight"].dtype == torch.uint8 and t[p + "self_attn.q_proj.weight"].shape == (256, 512)
+    assert t[p + "mlp.down_proj.weight_scale"].shape == (512, 16) and p + "mlp.down_proj.pre_quant_scale" in t
+    assert p + "self_attn.q_proj.pre_quant_scale" not in t  # fused q/k/v: their smoothing is in the norm
+    opened = open_model(tmp_path / "hf")
+    assert opened.kind == "trtllm-hf"
+    with torch.no_grad():
+        torch.testing.assert_close(opened.logits_fn(IDS), _logits(TrtllmCheckpoint(tmp_path / "ckpt")), rtol=0, atol=1e-5)
+
+
+def test_hf_unified_fp16_is_a_plain_hf_checkpoint(quantized, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    qdir = quantized("llama", "fp16")
+    _export_hf(qdir, tmp_path / "hf")
+    assert not (tmp_path / "hf" / "hf_quant_config.json").exists()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(IDS).logits, _logits(QuantizedModel(qdir)), rtol=1e-5, atol=1e-5)

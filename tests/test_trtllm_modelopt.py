@@ -19,14 +19,15 @@ from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
 from sqdeploy.exporter.trtllm.config import QuantSpec, build_config, parse_config
 from sqdeploy.exporter.trtllm.names import expected_tensors
 from sqdeploy.model.checkpoint import HFCheckpoint
-from tests.test_trtllm_support import export
+from tests.test_trtllm_support import SQ_STATIC, export, int4_recipe, recipe
 
 DATA = Path(__file__).parent / "data"
 ST = {"float16": "F16", "float32": "F32", "bfloat16": "BF16", "int8": "I8"}
-CASES = {  # manifest -> (recipe, quant spec, tp)
-    "modelopt_int8_sq_tp1.json": ("w8a8-sq", QuantSpec("W8A8_SQ_PER_CHANNEL"), 1),
-    "modelopt_int8_sq_tp2.json": ("w8a8-sq", QuantSpec("W8A8_SQ_PER_CHANNEL"), 2),
-    "modelopt_int4_awq_tp1.json": ("w4a16-awq", QuantSpec("W4A16_AWQ", None, 128, False, True), 1),
+# manifest -> (recipe, quant spec, tp); fixed-alpha recipes give the layouts of w8a8-sq / w4a16-* without their searches
+CASES = {
+    "modelopt_int8_sq_tp1.json": (SQ_STATIC, QuantSpec("W8A8_SQ_PER_CHANNEL"), 1),
+    "modelopt_int8_sq_tp2.json": (SQ_STATIC, QuantSpec("W8A8_SQ_PER_CHANNEL"), 2),
+    "modelopt_int4_awq_tp1.json": (int4_recipe(128), QuantSpec("W4A16_AWQ", None, 128, False, True), 1),
 }
 SAME_CONFIG = ("architecture", "dtype", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                "head_size", "intermediate_size", "norm_epsilon", "vocab_size", "hidden_act", "position_embedding_type",
@@ -80,13 +81,37 @@ def two_layer_shared(tmp_path_factory, shared_model):
 @pytest.mark.parametrize("manifest", sorted(CASES))
 def test_exported_files_equal_modelopt_manifest(manifest, two_layer_shared, calib_file, tmp_path):
     """A real export of the shared architecture: its files carry ModelOpt's names, shapes and dtypes (layers 0-1)."""
-    recipe, _, tp = CASES[manifest]
+    spec, _, tp = CASES[manifest]
     q = tmp_path / "q"
-    quantize_to_dir(two_layer_shared, recipe, q, Calibration(str(calib_file), 2, 64), Runtime(progress=False))
+    quantize_to_dir(two_layer_shared, recipe(spec), q, Calibration(str(calib_file), 2, 64), Runtime(progress=False))
     export(q, tmp_path / "ckpt", tp)
     for rank, theirs in _manifest(manifest)["ranks"].items():
         kept = {k: list(v) for k, v in theirs.items() if not k.startswith("transformer.layers.") or k.split(".")[2] in ("0", "1")}
         assert _headers(tmp_path / "ckpt" / f"rank{rank}.safetensors") == kept
+
+
+def test_unified_hf_equals_modelopt_manifest(two_layer_shared, calib_file, tmp_path):
+    """--target trtllm-hf against ModelOpt's export_hf_checkpoint (INT4 AWQ) of the shared model."""
+    import argparse
+
+    from sqdeploy.exporter.trtllm.hf_unified import write as write_hf
+
+    man = _manifest("modelopt_int4_awq_hf.json")
+    q = tmp_path / "q"
+    quantize_to_dir(two_layer_shared, recipe(int4_recipe(128)), q, Calibration(str(calib_file), 2, 64), Runtime(progress=False))
+    out = tmp_path / "hf"
+    out.mkdir()
+    write_hf(q, out, argparse.Namespace(tp=1, pp=1, kv_cache=None, int4_zero_point=False, quiet=True))
+    ours = _headers(out / "model.safetensors")
+    theirs = {k: v for k, v in man["tensors"].items() if ".layers." not in k or k.split(".")[2] in ("0", "1")}
+    assert {k: v[0] for k, v in ours.items()} == {k: v[0] for k, v in theirs.items()}
+    # packed weights and scales as ModelOpt stores them; float tensors in the model's dtype (ModelOpt's run was float32)
+    assert {k: v[1] for k, v in ours.items() if v[1] in ("U8",) or k.endswith("weight_scale")} == {
+        k: v[1] for k, v in theirs.items() if v[1] in ("U8",) or k.endswith("weight_scale")}
+    hq = json.loads((out / "hf_quant_config.json").read_text())
+    assert hq["quantization"] == man["hf_quant_config"]["quantization"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert {k: v for k, v in qc.items() if k != "producer"} == {k: v for k, v in man["quantization_config"].items() if k != "producer"}
 
 
 # ------------------------------------------------------------------ live ModelOpt
@@ -104,12 +129,12 @@ def _modelopt_export(model_dir: Path, cfg_name: str, tp: int, out: Path, ids: to
 @pytest.mark.parametrize("manifest", ["modelopt_int8_sq_tp2.json", "modelopt_int4_awq_tp1.json"])
 def test_same_layout_as_live_modelopt(manifest, two_layer_shared, calib_file, tmp_path):
     pytest.importorskip("modelopt.torch.export", reason="ModelOpt is not installed (pip install nvidia-modelopt requests)")
-    recipe, _, tp = CASES[manifest]
+    spec, _, tp = CASES[manifest]
     cfg_name = "INT8_SMOOTHQUANT_CFG" if "int8" in manifest else "INT4_AWQ_CFG"
     ids = torch.randint(0, 8000, (2, 64), generator=torch.Generator().manual_seed(0))
     theirs = _modelopt_export(two_layer_shared, cfg_name, tp, tmp_path / "modelopt", ids)
     q = tmp_path / "q"
-    quantize_to_dir(two_layer_shared, recipe, q, Calibration(str(calib_file), 2, 64), Runtime(progress=False))
+    quantize_to_dir(two_layer_shared, recipe(spec), q, Calibration(str(calib_file), 2, 64), Runtime(progress=False))
     export(q, tmp_path / "ours", tp)
     for r in range(tp):
         assert _headers(tmp_path / "ours" / f"rank{r}.safetensors") == _headers(theirs / f"rank{r}.safetensors")

@@ -14,11 +14,55 @@ from sqdeploy.exporter.trtllm.reader import TrtllmCheckpoint
 from sqdeploy.exporter.trtllm.writer import write
 from sqdeploy.model.layers import ACTIVATIONS, Norm, Rotary, apply_rotary, build_mask, sdpa
 
+# fixed-alpha recipes: the same smoothing and layouts as the built-in ones, without their searches
+SQ_STATIC = {"name": "sq-static", "scheme": "w8a8-channel-static", "algorithm": {"name": "smoothquant", "alpha": 0.5}}
+SQ_TOKEN = {"name": "sq-token", "scheme": "w8a8-channel-token", "algorithm": {"name": "smoothquant", "alpha": 0.5}}
+
+
+def int4_recipe(group: int = 64, symmetric: bool = False, rounding: str = "rtn") -> dict:
+    """SmoothQuant+ INT4 with a fixed alpha (smoothing folded like the w4a16 recipes)."""
+    weight = {"bits": 4, "granularity": "group", "group_size": group, "symmetric": symmetric}
+    algorithm = {"name": "smoothquant_plus", "alpha": 0.5, "rounding": rounding}
+    return {"name": f"sqplus-g{group}-{'sym' if symmetric else 'asym'}-{rounding}", "scheme": {"weight": weight}, "algorithm": algorithm}
+
+
+def recipe(spec):
+    from sqdeploy.exporter.recipes import load_recipe, parse_recipe
+
+    return parse_recipe(spec, origin=spec["name"]) if isinstance(spec, dict) else load_recipe(spec)
+
 
 def export(qdir: Path, out: Path, tp: int = 1, **kw) -> dict:
     out.mkdir(parents=True)
     args = argparse.Namespace(tp=tp, pp=1, kv_cache=kw.pop("kv_cache", None), int4_zero_point=kw.pop("zero_point", False), quiet=True, **kw)
     return write(qdir, out, args)
+
+
+class RankSplitTokenQuant(torch.nn.Module):
+    """A row-parallel linear of the reference whose input ``tp`` ranks each quantize per token
+    over their own columns, as TensorRT-LLM's per-token plugin does (written independently of
+    the reader, so the two can disagree)."""
+
+    def __init__(self, lin, tp: int):
+        super().__init__()
+        self.lin, self.tp = lin, tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [qmath.fake_quant_act(c, self.lin.act) for c in x.chunk(self.tp, dim=-1)]
+        return F.linear(torch.cat(parts, dim=-1).to(x.dtype), self.lin.weight, self.lin.bias)
+
+
+def per_rank_token_reference(model, tp: int):
+    """The PyTorch reference of a per-token recipe as a ``tp``-rank engine quantizes it: the o and
+    down inputs (row-parallel) get one scale per token *and rank*; every other input is whole."""
+    if tp == 1:
+        return model
+    for block in model.layers:
+        if block.attn.o.act.kind != "dynamic_token":
+            continue
+        block.attn.o = RankSplitTokenQuant(block.attn.o, tp)
+        block.mlp.down = RankSplitTokenQuant(block.mlp.down, tp)
+    return model
 
 
 def apply_linear(lin, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:

@@ -15,8 +15,9 @@ under ``--out``::
    FP16 (cuBLAS), W8A8 (Triton INT8 + dequant epilogue; with and without the one-pass
    per-token quantization of its input), W4A16 (Triton INT4), and PyTorch's built-ins
    ``torch._int_mm`` and ``torch._weight_int4pack_mm``; each next to its roofline;
-5. a 7B-shaped model with random weights per variant: weight memory, prefill of 2048
-   tokens, decode tokens/s at batch 1/8/32 (CUDA graphs), and a kernel-time profile.
+5. a 7B-shaped model with random weights per variant, all variants resident so that trials
+   interleave: weight memory, prefill of 2048 tokens (eager and replayed from a CUDA graph),
+   decode tokens/s at batch 1/8/32 (CUDA graphs), and a kernel-time profile.
 
 Random weights are drawn in each format on the GPU; speed does not depend on values.
 """
@@ -37,8 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from gpu_bench_sections import SECTIONS, Bench  # noqa: E402
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA GPU visible; this benchmark runs on a GPU machine", file=sys.stderr)
         return 2
+    try:
+        import triton  # noqa: F401 - the kernels under test are Triton's
+    except ImportError:
+        print("gpu_bench: the triton package is missing: pip install -e .[gpu]", file=sys.stderr)
+        return 2
+    from gpu_bench_sections import SECTIONS, Bench  # needs triton: imported only on a GPU machine
+
     torch.backends.cuda.matmul.allow_tf32 = False
     bench = Bench(Path(args.out), args.model, time.time() + args.budget, args.quick)
     wanted = set(args.only.split(",")) if args.only else None

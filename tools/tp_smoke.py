@@ -60,7 +60,7 @@ def run(model_dir: str, out_dir) -> dict:
     for name in ("w8a8", "w4"):
         try:
             res[name] = _one(name)
-        except Exception as e:  # noqa: BLE001 - reported
+        except Exception:  # noqa: BLE001 - reported
             import traceback
 
             res[name] = {"error": traceback.format_exc()[-1500:]}

@@ -69,39 +69,36 @@ def _need_out(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error("--out is required")
 
 
-def _trtllm(args: argparse.Namespace) -> dict:
-    from ..engines.gpus import get_gpu
-    from ..engines.trtllm import TrtllmOptions, plan_build, run_build
+def _plan_then_build(plan, build, args: argparse.Namespace) -> dict:
+    """Print the plan; with --dry-run stop there, else build into a temporary dir renamed at the end."""
     from ..output import atomic_output_dir, check_output_dir
 
-    opts = TrtllmOptions(gpu=get_gpu(args.gpu), max_batch_size=args.max_batch_size or 64, max_input_len=args.max_input_len,
-                         max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
-                         kv_cache_fraction=args.kv_cache_fraction, workers=args.workers, tokenizer=args.tokenizer)
-    plan = plan_build(args.source, args.out, opts)
     print(plan.summary())
     if args.dry_run:
         return {"plan": plan.to_dict()}
     check_output_dir(args.out, args.force)
     with atomic_output_dir(args.out, args.force) as tmp:
-        result = run_build(plan, tmp)
+        result = build(plan, tmp)
     return {"plan": plan.to_dict(), "build": result}
+
+
+def _trtllm(args: argparse.Namespace) -> dict:
+    from ..engines.gpus import get_gpu
+    from ..engines.trtllm import TrtllmOptions, plan_build, run_build
+
+    opts = TrtllmOptions(gpu=get_gpu(args.gpu), max_batch_size=args.max_batch_size or 64, max_input_len=args.max_input_len,
+                         max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
+                         kv_cache_fraction=args.kv_cache_fraction, workers=args.workers, tokenizer=args.tokenizer)
+    return _plan_then_build(plan_build(args.source, args.out, opts), run_build, args)
 
 
 def _tensorrt(args: argparse.Namespace) -> dict:
     from ..engines.gpus import get_gpu
     from ..engines.tensorrt import TrtOptions, build_trt, plan_trt
-    from ..output import atomic_output_dir, check_output_dir
 
     opts = TrtOptions(gpu=get_gpu(args.gpu), max_batch_size=args.max_batch_size or 8, max_seq_len=args.max_seq_len,
                       max_input_len=args.max_input_len, precision=args.precision, workspace_gib=args.workspace_gib)
-    plan = plan_trt(args.source, args.out, opts)
-    print(plan.summary())
-    if args.dry_run:
-        return {"plan": plan.to_dict()}
-    check_output_dir(args.out, args.force)
-    with atomic_output_dir(args.out, args.force) as tmp:
-        result = build_trt(plan, tmp)
-    return {"plan": plan.to_dict(), "build": result}
+    return _plan_then_build(plan_trt(args.source, args.out, opts), build_trt, args)
 
 
 def _onnxruntime(args: argparse.Namespace) -> dict:

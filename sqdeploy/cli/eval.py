@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--humaneval", action="store_true", help="also greedy HumanEval pass@1 (runs generated code!)")
     ap.add_argument("--humaneval-limit", type=int, default=None, help="only the first N problems")
     ap.add_argument("--lm-eval", default=None, metavar="TASKS", help="comma-separated lm-eval harness tasks")
+    ap.add_argument("--lm-eval-include", default=None, metavar="DIR", help="directory of extra lm-eval task YAMLs (local data)")
+    ap.add_argument("--lm-eval-limit", type=int, default=None, metavar="N", help="only the first N documents per task")
     add_calibration_arguments(ap)
     add_runtime_arguments(ap)
     return ap
@@ -47,7 +49,8 @@ def _score(name, opened_model, logits_fn, tokenizer, windows, args, extra) -> di
     if args.lm_eval:
         from ..exporter.lm_eval_adapter import run_lm_eval
 
-        row["lm_eval"] = run_lm_eval(logits_fn, tokenizer, args.lm_eval.split(","), args.seq_len)
+        row["lm_eval"] = run_lm_eval(logits_fn, tokenizer, args.lm_eval.split(","), args.seq_len,
+                                     args.lm_eval_limit, args.lm_eval_include)
     return row
 
 

@@ -102,20 +102,20 @@ class AWQ:
         return best, {"ratio": min(errors, key=errors.get), "errors": errors}
 
     # ------------------------------------------------------------ clip search
-    def _search_clip(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def search_clip(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Per (row, group) range-shrink ratio minimising the group's output error (AutoAWQ auto_clip)."""
         ws = self.scheme.weight
         out_f, in_f = w.shape
         g = ws.group_size if ws.granularity == "group" else in_f
         step = max(1, x.shape[0] // self.clip_tokens)
         xs = x[::step][: self.clip_tokens].t().reshape(in_f // g, g, -1)  # [G, g, n]
-        best_ratio = torch.ones(out_f, in_f // g)
+        best_ratio = torch.ones(out_f, in_f // g, device=w.device)
         batch = 256
         for o0 in range(0, out_f, batch):
             wb = w[o0 : o0 + batch]
             wg = wb.view(wb.shape[0], in_f // g, g)  # [ob, G, g]
             ref = torch.einsum("ogk,gkn->ogn", wg, xs)
-            best_err = torch.full(wg.shape[:2], float("inf"))
+            best_err = torch.full(wg.shape[:2], float("inf"), device=w.device)
             for i in range(int(self.max_shrink * self.clip_grid)):
                 ratio = 1 - i / self.clip_grid
                 q = qmath.fake_quant_weight(wb, ws, clip=ratio).view_as(wg)
@@ -144,6 +144,6 @@ class AWQ:
             inputs = data.capture(block, names, self.search_samples)
             with torch.no_grad():
                 for n in names:
-                    clip[n] = self._search_clip(block.linear(n).weight, inputs[n])
+                    clip[n] = self.search_clip(block.linear(n).weight, inputs[n])
         qweights = self.rounding(block, cfg.linears, self.scheme, data, stats, clip)
         return LayerResult(qweights=qweights, smoothing=scales, info=info)

@@ -57,7 +57,7 @@ def gptq_quantize(
     """GPTQ of ``w`` [out, in] with Hessian ``h`` [in, in]; ``clip`` [out, groups] shrinks group ranges."""
     w = w.detach().float().clone()
     out_f, in_f = w.shape
-    h = h.clone()
+    h = h.to(w.device, torch.float32).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -67,9 +67,9 @@ def gptq_quantize(
     col_scheme = WeightScheme(scheme.bits, "channel", None, scheme.symmetric)
     group = scheme.group_size if scheme.granularity == "group" else None
     n_groups = qmath.num_groups(scheme, in_f)
-    scales = torch.empty(out_f if scheme.granularity != "tensor" else 1, n_groups)
+    scales = torch.empty(out_f if scheme.granularity != "tensor" else 1, n_groups, device=w.device)
     zeros = None if scheme.symmetric else torch.empty_like(scales)
-    q_all = torch.empty(out_f, in_f, dtype=torch.int8)
+    q_all = torch.empty(out_f, in_f, dtype=torch.int8, device=w.device)
     if group is None:  # one scale per row (or per tensor), fixed before the columns move
         s, z = qmath.weight_qparams(w, scheme, clip)
         scales[:] = s

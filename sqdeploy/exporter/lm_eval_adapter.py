@@ -80,13 +80,23 @@ def _adapter_class():
     return SqDeployLM
 
 
-def run_lm_eval(logits_fn: LogitsFn, tokenizer, tasks: list[str], max_length: int, limit: int | None = None) -> dict:
-    """Run lm-eval ``tasks``; returns the harness's per-task metrics."""
+def run_lm_eval(
+    logits_fn: LogitsFn, tokenizer, tasks: list[str], max_length: int, limit: int | None = None, include: str | None = None
+) -> dict:
+    """Run lm-eval ``tasks``; returns the harness's per-task metrics.
+
+    ``include`` is a directory of task YAML files (lm-eval's ``--include_path``): the way to
+    run tasks whose data are local files when the hub is out of reach.
+    """
     adapter = _adapter_class()(logits_fn, tokenizer, max_length)
     import lm_eval
+    from lm_eval.tasks import TaskManager
 
     try:
-        results = lm_eval.simple_evaluate(model=adapter, tasks=tasks, limit=limit)
+        manager = TaskManager(include_path=include) if include else None
+        results = lm_eval.simple_evaluate(model=adapter, tasks=tasks, limit=limit, task_manager=manager,
+                                          bootstrap_iters=0, log_samples=False)
     except Exception as exc:  # task lookup or dataset download failures
-        raise SqDeployError(f"lm-eval could not run {tasks} ({type(exc).__name__}: {exc}); offline, task data must be cached locally") from None
+        raise SqDeployError(f"lm-eval could not run {tasks} ({type(exc).__name__}: {exc}); offline, task data must be cached "
+                            "locally or given as local files through --lm-eval-include") from None
     return results["results"]

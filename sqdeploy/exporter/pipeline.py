@@ -79,7 +79,7 @@ def validate_recipe(recipe: Recipe, cfg: ModelConfig, family: Family) -> None:
         for name in cfg.linears:
             out_f, in_f = cfg.linear_shape(name)
             ws.check_shape(name, out_f, in_f)
-    if recipe.smoothing_groups is not None:
+    if recipe.smoothing_groups not in (None, "norms"):
         known = {g.name for g in family.smoothing_groups}
         unknown = set(recipe.smoothing_groups) - known
         if unknown:
@@ -88,6 +88,8 @@ def validate_recipe(recipe: Recipe, cfg: ModelConfig, family: Family) -> None:
 
 def smoothing_groups(recipe: Recipe, family: Family, cfg: ModelConfig):
     groups = usable_groups(family.smoothing_groups, cfg)
+    if recipe.smoothing_groups == "norms":  # family-independent: every norm -> linear group
+        return tuple(g for g in groups if g.kind == "norm")
     if recipe.smoothing_groups is not None:
         groups = tuple(g for g in groups if g.name in recipe.smoothing_groups)
     return groups
@@ -177,12 +179,24 @@ def quantize(
             if on_layer is not None:
                 on_layer(record)
             layers.append(record)
-            record.block = None  # free the layer: memory stays near one layer
+            record.block, record.result.qweights = None, {}  # free the layer: memory stays near one layer
+            _return_freed_memory()
     if alpha is not None:
         recipe = Recipe(**{**recipe.__dict__, "params": {**recipe.params, "alpha": alpha}})
     result = QuantizeResult(recipe, cfg, family, layers, cal.describe() if cal else None, search, time.perf_counter() - t0)
     result.manifest = build_manifest(ck, result, dtype)
     return result
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so that a
+    layer-sized peak does not ratchet up layer after layer."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def build_manifest(ck: HFCheckpoint, result: QuantizeResult, dtype: torch.dtype) -> dict[str, Any]:
@@ -227,15 +241,7 @@ def _plain(v: Any) -> Any:
 
 
 def global_tensors(ck: HFCheckpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    cfg = ck.config
-    names = ["embed.weight", "final_norm.weight"]
-    if cfg.norm_has_bias:
-        names.append("final_norm.bias")
-    if cfg.position == "learned":
-        names.append("pos_embed.weight")
-    if not cfg.tie_embeddings:
-        names.append("lm_head.weight")
-    return {n: ck.get(n, dtype) for n in names}
+    return {n: ck.get(n, dtype) for n in ck.config.global_names}
 
 
 def quantize_to_dir(

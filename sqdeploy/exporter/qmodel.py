@@ -155,9 +155,13 @@ def round_block_floats(block: Block, cfg: ModelConfig, dtype: torch.dtype, quant
 
 
 class QuantizedModelWriter:
-    """Writes a QuantizedModel directory incrementally (one layer at a time) into ``out``."""
+    """Writes a QuantizedModel directory incrementally (one layer at a time) into ``out``.
 
-    def __init__(self, out: Path, family: Family, cfg: ModelConfig, scheme: QuantScheme, dtype: torch.dtype, shard_bytes: int = 2 << 30):
+    Layers wait in memory only until a shard fills (256 MiB), so the export's peak memory
+    stays near one decoder layer plus one shard whatever the model's size.
+    """
+
+    def __init__(self, out: Path, family: Family, cfg: ModelConfig, scheme: QuantScheme, dtype: torch.dtype, shard_bytes: int = 256 << 20):
         self.out, self.family, self.cfg, self.scheme, self.dtype = Path(out), family, cfg, scheme, dtype
         self.shard_bytes = shard_bytes
         self.out.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ class Recipe:
     scheme: QuantScheme
     algorithm: str
     params: dict[str, Any] = field(default_factory=dict, hash=False)
-    smoothing_groups: tuple[str, ...] | None = None  # None: every group the family declares
+    smoothing_groups: tuple[str, ...] | str | None = None  # None: every group the family declares; "norms": norm -> linear groups
     calibration: dict[str, Any] = field(default_factory=lambda: dict(CALIB_KEYS), hash=False)
     dtype: str = "auto"  # storage dtype of float tensors: auto (the model's), float16, bfloat16, float32
     description: str = ""
@@ -59,7 +59,8 @@ class Recipe:
             "description": self.description,
             "scheme": self.scheme.to_dict(),
             "algorithm": {"name": self.algorithm, **self.params},
-            "smoothing_groups": list(self.smoothing_groups) if self.smoothing_groups is not None else "all",
+            "smoothing_groups": "all" if self.smoothing_groups is None else (
+                self.smoothing_groups if isinstance(self.smoothing_groups, str) else list(self.smoothing_groups)),
             "calibration": dict(self.calibration),
             "dtype": self.dtype,
         }
@@ -115,7 +116,7 @@ def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
         scheme=scheme,
         algorithm=name,
         params=params,
-        smoothing_groups=None if groups in ("all", None) else tuple(groups),
+        smoothing_groups=None if groups in ("all", None) else groups if groups == "norms" else tuple(groups),
         calibration={**CALIB_KEYS, **calib},
         dtype=dtype,
     )

@@ -98,7 +98,8 @@ def smooth_block(
     for g in groups:
         x_stat = group_input_stats(g, stats[g.consumers[0]].absmax, cfg)
         mean_stat = group_input_stats(g, stats[g.consumers[0]].absmean, cfg)
-        s = scale_fn(g, x_stat, mean_stat, weight_absmax(block, g, cfg)).float()
+        # statistics live on the CPU; the layer may be on an accelerator
+        s = scale_fn(g, x_stat, mean_stat, weight_absmax(block, g, cfg).cpu()).float().cpu()
         fold(block, g, s, cfg)
         s_in = expand_to_consumer(g, s, cfg)
         for c in g.consumers:

@@ -46,6 +46,7 @@ class ChannelStats:
 
     def scaled(self, s_in: torch.Tensor) -> "ChannelStats":
         """Statistics of the input divided by ``s_in`` per channel (after smoothing)."""
+        s_in = s_in.to(self.absmax.device)
         xtx = None if self.xtx is None else self.xtx / torch.outer(s_in, s_in).double()
         return ChannelStats(self.absmax / s_in, self.abssum / s_in, self.tokens, xtx)
 

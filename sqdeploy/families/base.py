@@ -97,6 +97,18 @@ class ModelConfig:
     def norm_has_bias(self) -> bool:
         return self.norm == "layernorm"
 
+    @property
+    def global_names(self) -> list[str]:
+        """Canonical names of the tensors outside the decoder layers (lm_head only when untied)."""
+        names = ["embed.weight", "final_norm.weight"]
+        if self.norm_has_bias:
+            names.append("final_norm.bias")
+        if self.position == "learned":
+            names.append("pos_embed.weight")
+        if not self.tie_embeddings:
+            names.append("lm_head.weight")
+        return names
+
     def num_parameters(self) -> int:
         per_layer = sum(o * i + (o if self.linear_has_bias(n) else 0) for n in self.linears for o, i in [self.linear_shape(n)])
         norms = (2 if self.norm_has_bias else 1) * self.hidden_size

@@ -7,13 +7,13 @@ the same modules run the exact PyTorch arithmetic of :mod:`.reference`, which is
 the CPU test suite holds the whole path to the reference.
 """
 
-from .decode import GraphDecoder, greedy_generate
+from .decode import GraphDecoder, GraphedForward, greedy_generate
 from .device import check_cuda, check_gpus_for_tp, resolve_device
 from .model import KernelTransformer, StaticKVCache
 from .spec import LinearSpec
 from .swap import build_block, load_for_device, prepare_model
 
 __all__ = [
-    "GraphDecoder", "KernelTransformer", "LinearSpec", "StaticKVCache", "build_block", "check_cuda",
+    "GraphDecoder", "GraphedForward", "KernelTransformer", "LinearSpec", "StaticKVCache", "build_block", "check_cuda",
     "check_gpus_for_tp", "greedy_generate", "load_for_device", "prepare_model", "resolve_device",
 ]

@@ -38,7 +38,7 @@ def check_cuda(dev: torch.device, needs_int8: bool = False) -> None:
     if dev.index is not None and dev.index >= n:
         raise SqDeployError(f"{dev} does not exist: {n} CUDA GPU(s) visible")
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401 - the kernels are Triton's
     except ImportError as e:
         raise MissingDependencyError("triton", "the GPU kernels (INT8/INT4 GEMMs, fused norms)") from e
     cap = torch.cuda.get_device_capability(dev)

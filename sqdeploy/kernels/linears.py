@@ -98,6 +98,10 @@ class W4A16Linear(KernelLinear):
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         return ops.int4_linear(x, self.int4(), self.bias)
 
+    def forward_gated(self, gu: torch.Tensor, act: str) -> torch.Tensor:
+        """This linear applied to ``act(gate) * up`` of a 2-D fused gate|up output."""
+        return ops.int4_linear_act(gu, self.int4(), self.bias, act)
+
 
 def build_linear(spec: LinearSpec, device, dtype: torch.dtype) -> KernelLinear:
     """The module for ``spec``'s scheme (table in the module docstring)."""

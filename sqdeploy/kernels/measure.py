@@ -27,6 +27,21 @@ def l2_bytes() -> int:
 @torch.no_grad()
 def graph_ms(fns: list[Callable[[], object]], reps: int = 20, trials: int = 3) -> float:
     """Median over ``trials`` of the mean time (ms) of one call in ``fns``, all replayed from one CUDA graph."""
+    graph = _capture(fns)
+    times = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (reps * len(fns)))
+    del graph
+    return statistics.median(times)
+
+
+def _capture(fns: list[Callable[[], object]]) -> torch.cuda.CUDAGraph:
     for f in fns:  # eager first: kernel tuning and allocations stay out of the capture
         f()
     torch.cuda.synchronize()
@@ -42,17 +57,25 @@ def graph_ms(fns: list[Callable[[], object]], reps: int = 20, trials: int = 3) -
             f()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
+    return graph
+
+
+@torch.no_grad()
+def interleaved_ms(variants: dict[str, list[Callable[[], object]]], reps: int = 20, trials: int = 7) -> dict[str, float]:
+    """Like :func:`graph_ms` for several variants, trials taken in turn (A B C A B C ...), so that
+    clock and temperature drift during the run falls on every variant alike. Median per variant."""
+    graphs = {name: _capture(fns) for name, fns in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(trials):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / (reps * len(fns)))
-    del graph
-    return statistics.median(times)
+        for name, graph in graphs.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / (reps * len(variants[name])))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 @torch.no_grad()

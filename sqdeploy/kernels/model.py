@@ -25,13 +25,14 @@ from torch import nn
 from ..errors import SqDeployError
 from ..model.transformer import Context, KVCache, Transformer
 from . import ops
-from .linears import KernelLinear
+from .linears import KernelLinear, W4A16Linear
 from .reference import InputQuant
 
 
 @dataclass
 class KernelContext(Context):
     causal: bool = False  # mask is None: plain causal attention (no past), else attend to every key
+    length: torch.Tensor | None = None  # static cache: valid positions after this step (on the device)
 
 
 class StaticKVCache:
@@ -91,6 +92,11 @@ class KernelAttention(nn.Module):
         qkv = qkv.view(b, t, (h + 2 * hkv) * d)
         if isinstance(cache, StaticKVCache):
             q = ops.rope_cache(qkv, ctx.cos, ctx.sin, cache.k[layer], cache.v[layer], cache.pos, h, hkv, d)
+            if t == 1 and not ctx.causal:
+                out = ops.decode_attention(q.reshape(b, h, d), cache.k[layer], cache.v[layer], ctx.length,
+                                           self.cfg.sliding_window)
+                if out is not None:
+                    return self.o(out.reshape(b, h * d))
             q = q.transpose(1, 2)
             k, v = cache.k[layer], cache.v[layer]
             if ctx.causal:  # prefill from position 0: only the fresh keys
@@ -118,6 +124,8 @@ class KernelMLP(nn.Module):
     def forward(self, x_in) -> torch.Tensor:
         h = self.up(x_in) if self.fused else torch.cat([lin(x_in) for lin in self.up], dim=-1)
         down = self.down
+        if self.gated and isinstance(down, W4A16Linear) and down.pre_quant_scale is None and h.shape[0] == 1:
+            return down.forward_gated(h, self.act)  # decode: act*mul inside the GEMV
         lin = getattr(down, "linear", down)  # row-parallel wrappers keep the module as .linear
         iq = lin.input_quant if lin.accepts_quantized else InputQuant()
         return down(ops.act_mul(h, self.act, self.gated, iq))
@@ -162,12 +170,14 @@ class KernelTransformer(Transformer):
             x = self.embed(input_ids)
             if self.pos_embed is not None:
                 x = x + self.pos_embed(position_ids + self.cfg.pos_offset)
-            ctx = KernelContext(mask=mask, causal=fresh)
-            if self.rotary is not None:
-                ctx.cos, ctx.sin = self.rotary(position_ids)
+            ctx = KernelContext(mask=mask, causal=fresh, length=pos[-1:] + 1)
+            if self.rotary is not None:  # in the activation dtype once, not in every layer
+                ctx.cos, ctx.sin = (t.to(x.dtype).contiguous() for t in self.rotary(position_ids))
             return x, ctx
         past = 0 if cache is None else cache.length
         x, ctx = self.prepare(input_ids, position_ids, attention_mask, past)
+        if ctx.cos is not None:
+            ctx.cos, ctx.sin = ctx.cos.to(x.dtype).contiguous(), ctx.sin.to(x.dtype).contiguous()
         total = past + t
         plain = attention_mask is None and (window is None or total <= window)
         if plain and past == 0:

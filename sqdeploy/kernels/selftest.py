@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import ops, reference as ref, triton_gemm as tg, triton_fused as tf
+from . import ops, reference as ref, triton_fused as tf, triton_gemm as tg
 from .packing import Int4Weight, Int8Weight, dequantize_int4, pack_int4
 from .reference import InputQuant
+from .tuning import Tuner
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -118,10 +119,55 @@ def _splitk_cases():
                         F.linear(x.float(), dense))
 
     return [
-        (tg._INT8, tg._usable(tg._int8_candidates(8), 4096), run8),
+        (tg._INT8, tg._usable(tg._int8_candidates(8), 4096, max_split=32), run8),
         (tg._INT4_GEMV, tg._usable(tg._int4_candidates(1), 4096, 128), run4(x1)),
-        (tg._INT4, tg._usable(tg._int4_candidates(8), 4096, 128), run4(x8)),
+        (tg._INT4, tg._usable(tg._int4_candidates(8), 4096, 128, max_split=32), run4(x8)),
     ]
+
+
+def check_candidates(rows: list) -> None:
+    """Every one-row INT4 GEMV configuration (with and without the fused activation) and every
+    TMA-fed INT8 configuration (large- and mid-M tiles) against the reference; a configuration that
+    fails is disabled for the rest of the process, so the tuner can never pick it."""
+    w4 = _int4_case(1536, 4096, 128, True)
+    dense = dequantize_int4(w4, torch.float32)
+    x1 = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    gu = torch.randn(1, 8192, device="cuda", dtype=torch.float16) * 2
+    gated = F.linear(tf.act_mul(gu, "silu", True, InputQuant()).float(), dense)
+    cases = [(tg._INT4_GEMV, cfg, lambda: tg.int4_gemm(x1, w4.packed, w4.scales, w4.zeros, 128, None),
+              lambda: F.linear(x1.float(), dense), (1, 1536)) for cfg in tg.gemv_candidates(4096, 128)]
+    cases += [(tg._INT4_GEMV, cfg, lambda: tg.int4_gemm(gu, w4.packed, w4.scales, w4.zeros, 128, None, act="silu"),
+               lambda: gated, (1, 1536)) for cfg in tg.gemv_candidates(4096, 128)]
+    cases += _tma_cases(300) + _tma_cases(200)  # the large-M and the mid-M (65..256 rows) TMA tiles
+    for tuner, cfg, run, want, shape in cases:
+        tuner.forced = cfg
+        try:
+            _poison(shape, torch.float16)
+            first = run()
+            err = _rel(first, want()) if torch.equal(first, run()) else float("inf")  # a race shows as a difference
+        except Exception as e:  # noqa: BLE001 - a configuration that does not compile is disabled too
+            err = float("inf")
+            print(f"   {tuner.name} {cfg}: {type(e).__name__}: {e}"[:400], flush=True)
+        finally:
+            tuner.forced = None
+        limit = 1e-3 if tuner is tg._INT8 else 2e-3
+        rows.append(_row(f"candidate_{tuner.name}", _brief(cfg), err, limit))
+        if not err <= limit:
+            Tuner.disable(tuner.name, cfg)
+
+
+def _tma_cases(m: int) -> list:
+    """(tuner, config, run, reference, output shape) for every TMA-fed INT8 configuration offered at ``m`` rows."""
+    qa, w8, bias = _int8_case(m, 1536, 4096)
+    expect8 = ref.int8_linear(qa, w8, bias, torch.float32)
+    return [(tg._INT8, cfg, lambda: tg.int8_gemm(qa.q, qa.scale, w8.q, w8.scale, bias, torch.float16),
+             lambda: expect8, (m, 1536)) for cfg in tg.int8_candidates(m, 4096, qa.q.device)
+            if cfg.get("KIND", "").startswith("tma")]
+
+
+def _brief(cfg: dict) -> str:
+    keys = ("KIND", "BLOCK_M", "BLOCK_N", "BLOCK_K", "K_PER", "MATH", "STAGES", "GROUP_M", "num_warps", "num_stages")
+    return " ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
 
 
 def _q_mismatch(a: ref.QAct, b: ref.QAct) -> float:
@@ -153,7 +199,7 @@ def check_fused(rows: list, m: int = 64, hidden: int = 4096, inter: int = 11008)
         a, b = tf.act_mul(h, "silu", True, iq), ref.act_mul(h, "silu", True, iq)
         rows.append(_row("act_mul_silu", iq.kind, _q_mismatch(a, b) if iq.active else _rel(a, b), 1e-3))
     for iq in (InputQuant("token"), InputQuant("tensor")):
-        rows.append(_row("quantize", iq.kind, _q_mismatch(tf.quantize(x, iq), ref.quantize(x, iq)), 0.0))
+        rows.append(_row("quantize", iq.kind, _q_mismatch(tf.quantize(x, iq), ref.quantize(x, iq)), 1e-4))
     _check_rope(rows)
 
 
@@ -171,14 +217,59 @@ def _check_rope(rows: list) -> None:
     rows.append(_row("rope_cache", f"B={b} T={t} H={h} Hkv={hkv} D={dim}", err, 1e-3))
 
 
+def check_gated_gemv(rows: list) -> bool:
+    """Decode's act*mul fused into the down GEMV against the two separate kernels."""
+    ok = True
+    for asym in (True, False):
+        w = _int4_case(1536, 4096, 128, asym)
+        gu = torch.randn(1, 2 * 4096, device="cuda", dtype=torch.float16) * 2
+        expect = tg.int4_gemm(tf.act_mul(gu, "silu", True, InputQuant()), w.packed, w.scales, w.zeros, 128, None)
+        _poison((1, 1536), torch.float16)
+        got = tg.int4_gemm(gu, w.packed, w.scales, w.zeros, 128, None, act="silu")
+        err = _rel(got, expect)
+        rows.append(_row("int4_gemv_act_fused", f"N=1536 K=4096 {'asym' if asym else 'sym'}", err, 1e-3))
+        ok &= err <= 1e-3
+    return ok
+
+
+def check_decode_attention(rows: list) -> bool:
+    """The flash-decoding kernel against SDPA over the valid prefix (MHA and GQA, several lengths)."""
+    from . import triton_attention
+
+    ok = True
+    for b, h, hkv, d, tmax, length, win in ((1, 32, 32, 128, 264, 200, None), (8, 32, 32, 128, 264, 130, None),
+                                           (2, 64, 8, 128, 600, 577, None), (2, 8, 2, 64, 256, 256, 64)):
+        q = torch.randn(b, h, d, device="cuda", dtype=torch.float16)
+        k = torch.randn(b, hkv, tmax, d, device="cuda", dtype=torch.float16)
+        v = torch.randn(b, hkv, tmax, d, device="cuda", dtype=torch.float16)
+        rep = h // hkv
+        kk, vv = k.repeat_interleave(rep, 1)[:, :, :length].float(), v.repeat_interleave(rep, 1)[:, :, :length].float()
+        mask = None
+        if win:
+            mask = ((length - 1 - torch.arange(length, device="cuda")) < win)[None, None, None, :]
+        expect = F.scaled_dot_product_attention(q.float()[:, :, None], kk, vv, attn_mask=mask)[:, :, 0]
+        _poison((b, h, d), torch.float16)
+        got = triton_attention.decode_attention(q, k, v, torch.tensor([length], device="cuda"), win)
+        err = _rel(got, expect)
+        rows.append(_row("decode_attention", f"B={b} H={h} Hkv={hkv} D={d} len={length}/{tmax} win={win}", err, 2e-3))
+        ok &= err <= 2e-3
+    return ok
+
+
 def run_all() -> tuple[list[dict], bool]:
-    """All checks; returns the rows and whether the split-K reduction can be trusted (it is disabled if not)."""
+    """All checks; returns the rows and whether the split-K reduction can be trusted. A fused path that
+    fails its check (split-K, act*mul in the GEMV, decode attention) is switched off for the rest of the run."""
     rows: list[dict] = []
     splitk_ok = _guarded(rows, "splitk", check_splitk) is True
     if not splitk_ok:
         tg.SPLITK_ENABLED = False
-    for name, fn in (("int8_gemm", check_int8), ("int4_gemm", check_int4), ("fused", check_fused)):
+    for name, fn in (("candidates", check_candidates), ("int8_gemm", check_int8), ("int4_gemm", check_int4),
+                     ("fused", check_fused)):
         _guarded(rows, name, fn)
+    if _guarded(rows, "int4_gemv_act_fused", check_gated_gemv) is not True:
+        ops.FUSE_ACT_INTO_GEMV = False  # the model falls back to the separate kernels
+    if _guarded(rows, "decode_attention", check_decode_attention) is not True:
+        ops.DECODE_ATTENTION = False  # the model falls back to SDPA
     return rows, splitk_ok
 
 

@@ -25,7 +25,8 @@ from .reference import InputQuant, QAct
 QUANT_CODES = {"none": 0, "static": 1, "token": 2}
 ACT_CODES = {"identity": -1, "silu": 0, "relu": 1, "gelu": 2, "gelu_new": 3, "gelu_pytorch_tanh": 3}
 EPS = 1e-8  # qmath.EPS
-SINGLE_PASS_MAX = 16384  # rows up to this many columns are held in registers whole
+CHUNK = 2048  # columns per program (or per pass) of the activation / quantization kernel
+WHOLE_ROW_MAX = 16384  # per-token quantization keeps rows up to this wide in registers (one pass)
 
 
 @triton.jit
@@ -107,48 +108,50 @@ def _act_mul_chunk(h_ptr, base, c, N, GATED: tl.constexpr, ACT: tl.constexpr, BL
 @triton.jit
 def _act_mul_kernel(h_ptr, y_ptr, q_ptr, qs_ptr, scale_ptr, N, stride_h,
                     GATED: tl.constexpr, ACT: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr,
-                    SINGLE: tl.constexpr):
+                    ROW_PASSES: tl.constexpr):
+    """ROW_PASSES 0: grid (rows, chunks), one chunk per program (no row-wide value needed).
+    Per-token scales need the row's abs-max first: 2 holds the whole row in the registers of
+    16 warps (one read); 1 makes an abs-max pass then a quantizing pass over chunks (the second
+    pass reads from cache), for rows too wide for registers."""
     row = tl.program_id(0)
     base = row.to(tl.int64) * stride_h
     out = row.to(tl.int64) * N
-    if SINGLE:  # the whole row in registers: one read
-        y, cols, mask = _act_mul_chunk(h_ptr, base, 0, N, GATED, ACT, BLOCK)
+    if ROW_PASSES == 0:
+        y, cols, mask = _act_mul_chunk(h_ptr, base, tl.program_id(1) * BLOCK, N, GATED, ACT, BLOCK)
         if QUANT == 0:
             tl.store(y_ptr + out + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
         else:
-            s = _scale_of_row(tl.max(tl.abs(y), 0), scale_ptr, qs_ptr, row, QUANT)
-            tl.store(q_ptr + out + cols, _quantize(y, s), mask=mask)
+            tl.store(q_ptr + out + cols, _quantize(y, tl.load(scale_ptr)), mask=mask)
+    elif ROW_PASSES == 2:  # the whole row in registers (BLOCK >= N): one read of the input
+        y, cols, mask = _act_mul_chunk(h_ptr, base, 0, N, GATED, ACT, BLOCK)
+        s = _scale_of_row(tl.max(tl.abs(y), 0), scale_ptr, qs_ptr, row, QUANT)
+        tl.store(q_ptr + out + cols, _quantize(y, s), mask=mask)
     else:
-        s = 1.0
-        if QUANT == 2:  # first pass: the row's abs-max (the second pass recomputes, from L2)
-            amax = 0.0
-            for c in range(0, N, BLOCK):
-                y, cols, mask = _act_mul_chunk(h_ptr, base, c, N, GATED, ACT, BLOCK)
-                amax = tl.maximum(amax, tl.max(tl.abs(y), 0))
-            s = _scale_of_row(amax, scale_ptr, qs_ptr, row, QUANT)
-        elif QUANT == 1:
-            s = tl.load(scale_ptr)
+        amax = 0.0
         for c in range(0, N, BLOCK):
             y, cols, mask = _act_mul_chunk(h_ptr, base, c, N, GATED, ACT, BLOCK)
-            if QUANT == 0:
-                tl.store(y_ptr + out + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
-            else:
-                tl.store(q_ptr + out + cols, _quantize(y, s), mask=mask)
+            amax = tl.maximum(amax, tl.max(tl.abs(y), 0))
+        s = _scale_of_row(amax, scale_ptr, qs_ptr, row, QUANT)
+        for c in range(0, N, BLOCK):
+            y, cols, mask = _act_mul_chunk(h_ptr, base, c, N, GATED, ACT, BLOCK)
+            tl.store(q_ptr + out + cols, _quantize(y, s), mask=mask)
 
 
 @triton.jit
 def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, T, H, HKV, TMAX, stride_row,
-                       HAS_ROPE: tl.constexpr, D: tl.constexpr):
+                       HAS_ROPE: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One token's heads ``BLOCK_H`` at a time (q heads, then k, then v): its cos/sin are read once."""
     row = tl.program_id(0)  # b * T + t
-    head = tl.program_id(1)  # q heads, then k heads, then v heads
+    head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
+    live = head < H + 2 * HKV
     b = row // T
     pos = tl.load(pos_ptr) + row % T
     HALF: tl.constexpr = D // 2
-    offs = tl.arange(0, HALF)
+    offs = tl.arange(0, HALF)[None, :]
     src = qkv_ptr + row.to(tl.int64) * stride_row + head * D
-    x1 = tl.load(src + offs)
-    x2 = tl.load(src + HALF + offs)
-    if HAS_ROPE and head < H + HKV:
+    x1 = tl.load(src + offs, mask=live, other=0.0)
+    x2 = tl.load(src + HALF + offs, mask=live, other=0.0)
+    if HAS_ROPE:
         dt = x1.dtype
         c1 = tl.load(cos_ptr + row * D + offs).to(tl.float32)
         c2 = tl.load(cos_ptr + row * D + HALF + offs).to(tl.float32)
@@ -157,16 +160,17 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, 
         a1 = x1.to(tl.float32)
         a2 = x2.to(tl.float32)
         # x * cos + rotate_half(x) * sin, each product rounded like the reference's half ops
-        x1 = ((a1 * c1).to(dt).to(tl.float32) + (-a2 * s1).to(dt).to(tl.float32)).to(dt)
-        x2 = ((a2 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)).to(dt)
-    if head < H:
-        dst = q_ptr + (row.to(tl.int64) * H + head) * D
-    elif head < H + HKV:
-        dst = k_ptr + ((b.to(tl.int64) * HKV + head - H) * TMAX + pos) * D
-    else:
-        dst = v_ptr + ((b.to(tl.int64) * HKV + head - H - HKV) * TMAX + pos) * D
-    tl.store(dst + offs, x1)
-    tl.store(dst + HALF + offs, x2)
+        r1 = ((a1 * c1).to(dt).to(tl.float32) + (-a2 * s1).to(dt).to(tl.float32)).to(dt)
+        r2 = ((a2 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)).to(dt)
+        rotated = head < H + HKV
+        x1 = tl.where(rotated, r1, x1)
+        x2 = tl.where(rotated, r2, x2)
+    kvh = tl.where(head < H + HKV, head - H, head - H - HKV)
+    cache_off = ((b.to(tl.int64) * HKV + kvh) * TMAX + pos) * D
+    q_off = (row.to(tl.int64) * H + head) * D
+    dst = tl.where(head < H, q_ptr + q_off, tl.where(head < H + HKV, k_ptr + cache_off, v_ptr + cache_off))
+    tl.store(dst + offs, x1, mask=live)
+    tl.store(dst + HALF + offs, x2, mask=live)
 
 
 # ------------------------------------------------------------------ launches
@@ -199,14 +203,21 @@ def act_mul(h: torch.Tensor, act: str, gated: bool, iq: InputQuant):
     m, width = h.shape
     n = width // 2 if gated else width
     quant = QUANT_CODES[iq.kind]
-    single = n <= SINGLE_PASS_MAX
-    block = triton.next_power_of_2(n) if single else 4096
+    block = min(triton.next_power_of_2(n), CHUNK)
     y = torch.empty((m, n), dtype=h.dtype, device=h.device) if quant == 0 else h
     q = torch.empty((m, n), dtype=torch.int8, device=h.device) if quant else h
     qs = torch.empty(m, dtype=torch.float32, device=h.device) if quant == 2 else h
     scale = iq.scale if quant == 1 else qs
-    _act_mul_kernel[(m,)](h, y, q, qs, scale, n, h.stride(0), GATED=gated, ACT=ACT_CODES[act], QUANT=quant,
-                          BLOCK=block, SINGLE=single, num_warps=_warps(block))
+    warps = 4
+    row_passes = 0
+    if quant == 2:
+        row_passes = 2 if n <= WHOLE_ROW_MAX else 1
+        if row_passes == 2:
+            block = triton.next_power_of_2(n)
+            warps = max(4, min(16, block // 1024))
+    grid = (m,) if row_passes else (m, triton.cdiv(n, block))
+    _act_mul_kernel[grid](h, y, q, qs, scale, n, h.stride(0), GATED=gated, ACT=ACT_CODES[act], QUANT=quant,
+                          BLOCK=block, ROW_PASSES=row_passes, num_warps=warps)
     if quant == 0:
         return y
     return QAct(q, qs if quant == 2 else iq.scale)
@@ -226,9 +237,11 @@ def rope_cache(qkv: torch.Tensor, cos, sin, k_cache: torch.Tensor, v_cache: torc
     has_rope = cos is not None
     c = cos.to(qkv.dtype).contiguous() if has_rope else qkv
     s = sin.to(qkv.dtype).contiguous() if has_rope else qkv
-    grid = (b * t, heads + 2 * kv_heads)
+    block_h = min(16, triton.next_power_of_2(heads + 2 * kv_heads))
+    grid = (b * t, triton.cdiv(heads + 2 * kv_heads, block_h))
     _rope_cache_kernel[grid](qkv, c, s, q, k_cache, v_cache, start, t, heads, kv_heads, k_cache.shape[2],
-                             qkv.stride(1), HAS_ROPE=has_rope, D=head_dim, num_warps=1)
+                             qkv.stride(1), HAS_ROPE=has_rope, D=head_dim, BLOCK_H=block_h,
+                             num_warps=4 if block_h * head_dim >= 1024 else 1)
     return q
 
 

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_fused import ACT_CODES
 from .tuning import Tuner
 
 SPLITK_ENABLED = True  # cleared by the benchmark's self-test if the split-K reduction misbehaves
@@ -56,8 +57,9 @@ def _store_out(y, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS: 
 
 @triton.jit
 def _finish(y, out_ptr, bias_ptr, ws_ptr, cnt_ptr, tile, pid_k, offs_m, offs_n, M, N, stride_om, SPLIT_K,
-            HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr):
-    """Write a float32 tile; split over K, the last of the tile's programs to arrive reduces the partials."""
+            HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr):
+    """Write a float32 tile; split over K, the last of the tile's programs to arrive reduces the partials
+    (all SPLIT_P2 >= SPLIT_K loads issued at once: a loop of dependent L2 round trips would be the tail)."""
     if not IS_SPLIT:
         _store_out(y, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
     else:
@@ -68,8 +70,8 @@ def _finish(y, out_ptr, bias_ptr, ws_ptr, cnt_ptr, tile, pid_k, offs_m, offs_n, 
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
             total = tl.zeros_like(y)
-            for s in range(0, SPLIT_K):  # fixed order: the result does not depend on arrival order
-                total += tl.load(part + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in tl.static_range(SPLIT_P2):  # fixed order: the result does not depend on arrival order
+                total += tl.load(part + s * M * N, mask=mask & (s < SPLIT_K), other=0.0, cache_modifier=".cg")
             _store_out(total, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
@@ -77,7 +79,7 @@ def _finish(y, out_ptr, bias_ptr, ws_ptr, cnt_ptr, tile, pid_k, offs_m, offs_n, 
 @triton.jit
 def _int8_gemm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                       M, N, K, K_PER, SPLIT_K, stride_am, stride_om,
-                      A_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr,
+                      A_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -100,7 +102,7 @@ def _int8_gemm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, ws_ptr, c
         sa = tl.load(as_ptr)
     y = acc.to(tl.float32) * sa * tl.load(bs_ptr + rn)[None, :]
     _finish(y, out_ptr, bias_ptr, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, stride_om, SPLIT_K,
-            HAS_BIAS, IS_SPLIT)
+            HAS_BIAS, IS_SPLIT, SPLIT_P2)
 
 
 @triton.jit
@@ -125,7 +127,8 @@ def _dequant_tile(q, s_ptr, z_ptr, g, N, rn, HAS_ZERO: tl.constexpr):
 @triton.jit
 def _int4_gemm_kernel(a_ptr, b_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                       M, N, K, G, K_PER, SPLIT_K, stride_am, stride_om,
-                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, UNPACK: tl.constexpr,
+                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
+                      UNPACK: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -154,48 +157,7 @@ def _int4_gemm_kernel(a_ptr, b_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt
         a_ptrs += BLOCK_K
         b_ptrs += (BLOCK_K // 8) * N
     _finish(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, stride_om, SPLIT_K,
-            HAS_BIAS, IS_SPLIT)
-
-
-@triton.jit
-def _int4_gemv_kernel(x_ptr, b_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-                      N, K, G, K_PER, SPLIT_K,
-                      HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One activation row: no tensor cores, every weight nibble read once and used once.
-
-    The accumulator keeps one partial per packed row of the tile and is reduced once
-    after the loop, so the loop body is loads and fused multiply-adds only.
-    """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = offs_n % N
-    rows = tl.arange(0, BLOCK_K // 8)
-    k0 = pid_k * K_PER
-    b_ptrs = b_ptr + (k0 // 8 + rows)[:, None].to(tl.int64) * N + rn[None, :]
-    x_ptrs = x_ptr + k0 + rows * 8
-    acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-    for k in range(k0, k0 + K_PER, BLOCK_K):
-        p = tl.load(b_ptrs, eviction_policy="evict_first")
-        g = k // G
-        s = tl.load(s_ptr + g * N + rn).to(tl.float32)
-        if HAS_ZERO:
-            zm = tl.load(z_ptr + g * N + rn).to(tl.float32) + 8388608.0
-        else:
-            zm = tl.full((BLOCK_N,), 8388616.0, tl.float32)
-        part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-        for i in tl.static_range(8):
-            xi = tl.load(x_ptrs + i).to(tl.float32)
-            # 2^23 + q has q in its low mantissa bits: an exact int->float without the slow conversion
-            qi = (((p >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-            part += (qi - zm[None, :]) * xi[:, None]
-        acc += part * s[None, :]
-        b_ptrs += (BLOCK_K // 8) * N
-        x_ptrs += BLOCK_K
-    y = tl.sum(acc, axis=0)
-    _finish(y[None, :], out_ptr, bias_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, tl.arange(0, 1), offs_n, 1, N, N, SPLIT_K,
-            HAS_BIAS, IS_SPLIT)
+            HAS_BIAS, IS_SPLIT, SPLIT_P2)
 
 
 @triton.jit
@@ -249,10 +211,10 @@ def _int8_candidates(m: int) -> list[dict]:
 
 def _int4_candidates(m: int) -> list[dict]:
     b = _m_bucket(m)
-    if b == 1:  # GEMV (BLOCK_M unused)
-        return [_cfg(1, 128, 128, 256, 4, 2), _cfg(1, 128, 128, 512, 4, 2), _cfg(1, 256, 128, 512, 8, 2),
-                _cfg(1, 64, 256, 512, 4, 2), _cfg(1, 128, 256, 1024, 8, 2), _cfg(1, 256, 64, 256, 4, 2),
-                _cfg(1, 128, 128, 1024, 4, 2), _cfg(1, 64, 128, 256, 2, 2), _cfg(1, 256, 128, 1024, 8, 2)]
+    if b == 1:  # the one-row GEMV's candidates live with its kernel
+        from .triton_gemv import CANDIDATES
+
+        return CANDIDATES
     if b <= 16:
         return [_cfg(16, 64, 128, 512, 4, 4, 1), _cfg(16, 64, 128, 512, 4, 4, 0), _cfg(16, 128, 128, 1024, 4, 3, 1),
                 _cfg(16, 32, 128, 512, 4, 4, 1), _cfg(16, 64, 64, 256, 4, 4, 1), _cfg(16, 128, 64, 512, 4, 4, 1),
@@ -281,11 +243,11 @@ def _resolve(cfg: dict, k: int, group: int | None) -> dict | None:
     return dict(cfg, BLOCK_K=bk, K_PER=kper, SPLIT_K=k // kper)
 
 
-def _usable(cands: list[dict], k: int, group: int | None = None) -> list[dict]:
+def _usable(cands: list[dict], k: int, group: int | None = None, max_split: int = 128) -> list[dict]:
     out = []
     for c in cands:
         r = _resolve(c, k, group)
-        if r is not None and r not in out:
+        if r is not None and r["SPLIT_K"] <= max_split and r not in out:
             out.append(r)
     if not out:
         for bk in (64, 32, 16, 8):  # odd K or small groups: short K tiles, no split
@@ -296,6 +258,22 @@ def _usable(cands: list[dict], k: int, group: int | None = None) -> list[dict]:
     return out
 
 
+def int8_candidates(m: int, k: int, device: torch.device) -> list[dict]:
+    """Pointer-based tiles (any GPU of compute capability 8.0+) and, on Hopper, TMA-fed ones for large M."""
+    out = [c for c in _usable(_int8_candidates(m), k, max_split=32) if Tuner.usable("int8_gemm", c)]
+    for c in triton_int8_tma.candidates(_m_bucket(m), device):
+        r = _resolve(c, k, None)
+        if r is not None and Tuner.usable("int8_gemm", r):
+            out.append(r)
+    return out or _usable(_int8_candidates(m), k, max_split=32)
+
+
+def gemv_candidates(k: int, group: int) -> list[dict]:
+    """Every usable configuration of the one-row GEMV (:mod:`.triton_gemv`) for this K and group."""
+    out = [c for c in _usable(_int4_candidates(1), k, group) if Tuner.usable("int4_gemv", c)]
+    return out or _usable(_int4_candidates(1), k, group)
+
+
 def _meta(cfg: dict, *names: str) -> dict:
     return {n: cfg[n] for n in names + ("num_warps", "num_stages")}
 
@@ -304,7 +282,8 @@ def _split_args(cfg: dict, m: int, n: int, device) -> dict:
     cnt = _counters(device)
     split = cfg["SPLIT_K"]
     ws = torch.empty((split, m, n), dtype=torch.float32, device=device) if split > 1 else cnt
-    return dict(ws_ptr=ws, cnt_ptr=cnt, K_PER=cfg["K_PER"], SPLIT_K=split, IS_SPLIT=split > 1)
+    return dict(ws_ptr=ws, cnt_ptr=cnt, K_PER=cfg["K_PER"], SPLIT_K=split, IS_SPLIT=split > 1,
+                SPLIT_P2=triton.next_power_of_2(split))
 
 
 _INT8 = Tuner("int8_gemm")
@@ -320,33 +299,42 @@ def int8_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     out = torch.empty((m, n), dtype=out_dtype, device=qx.device)
 
     def launch(cfg):
+        if cfg.get("KIND", "").startswith("tma") and triton_int8_tma.aligned(qx, qw):
+            return triton_int8_tma.launch(cfg, qx, sx, qw, sw, bias, out)
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         _int8_gemm_kernel[grid](qx, qw, sx, sw, bias if bias is not None else sw, out, M=m, N=n, K=k,
                                 stride_am=qx.stride(0), stride_om=out.stride(0), A_PER_ROW=sx.numel() != 1,
                                 HAS_BIAS=bias is not None, **_split_args(cfg, m, n, qx.device),
                                 **_meta(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
 
-    _INT8.run((_m_bucket(m), n, k), _usable(_int8_candidates(m), k), launch)
+    _INT8.run((_m_bucket(m), n, k), lambda: int8_candidates(m, k, qx.device), launch)
     return out
 
 
 def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-              group: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x`` [M, K] float16/bfloat16, weights in the :mod:`.packing` layout; returns [M, N] in x's dtype."""
-    m, k = x.shape
+              group: int, bias: torch.Tensor | None, act: str | None = None) -> torch.Tensor:
+    """``x`` [M, K] float16/bfloat16, weights in the :mod:`.packing` layout; returns [M, N] in x's dtype.
+
+    ``act``: ``x`` is a gate|up row ``[1, 2K]`` and the input is ``act(gate) * up``, computed in the
+    GEMV (decode only: one row)."""
+    m = x.shape[0]
+    k = packed.shape[0] * 8
     n = packed.shape[1]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     common = dict(s_ptr=scales, z_ptr=zeros if zeros is not None else scales, out_ptr=out,
                   bias_ptr=bias if bias is not None else scales, N=n, K=k, G=group,
                   HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None)
     if m == 1:
-        def launch(cfg):
-            grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
-            _int4_gemv_kernel[grid](x, packed, **common, **_split_args(cfg, 1, n, x.device),
-                                    **_meta(cfg, "BLOCK_N", "BLOCK_K"))
+        from . import triton_gemv
 
-        _INT4_GEMV.run((n, k, group), _usable(_int4_candidates(1), k, group), launch)
+        def launch(cfg):
+            triton_gemv.launch(cfg, x, packed, scales, zeros, bias, out, group, ACT_CODES[act or "identity"],
+                               act is not None, _split_args(cfg, 1, n, x.device))
+
+        _INT4_GEMV.run((n, k, group, act), lambda: gemv_candidates(k, group), launch)
         return out
+    if act is not None:
+        raise ValueError("the fused activation input is a decode (one-row) path")
 
     def launch(cfg):
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
@@ -354,7 +342,7 @@ def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
                                 **_split_args(cfg, m, n, x.device),
                                 **_meta(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "UNPACK"))
 
-    _INT4.run((_m_bucket(m), n, k, group), _usable(_int4_candidates(m), k, group), launch)
+    _INT4.run((_m_bucket(m), n, k, group), lambda: _usable(_int4_candidates(m), k, group, max_split=32), launch)
     return out
 
 
@@ -369,3 +357,6 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     _int4_dequant_kernel[grid](packed, scales, zeros if zeros is not None else scales, out, n, k, group,
                                HAS_ZERO=zeros is not None, BLOCK_N=128, BLOCK_K=bk, num_warps=4)
     return out
+
+
+from . import triton_int8_tma  # noqa: E402 - needs the helpers above

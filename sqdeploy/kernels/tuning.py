@@ -19,6 +19,20 @@ class Tuner:
     """Chooses among ``candidates`` (dicts of kernel meta-parameters) per problem ``key``."""
 
     registry: dict[str, "Tuner"] = {}
+    disabled: dict[str, set] = {}  # configurations a GPU self-check found wrong, per tuner
+
+    @staticmethod
+    def _family(cfg: dict) -> tuple:
+        return tuple(sorted((k, v) for k, v in cfg.items() if k not in ("K_PER", "SPLIT_K")))
+
+    @classmethod
+    def disable(cls, name: str, cfg: dict) -> None:
+        """Never choose this configuration again (in this process): it failed a correctness check."""
+        cls.disabled.setdefault(name, set()).add(cls._family(cfg))
+
+    @classmethod
+    def usable(cls, name: str, cfg: dict) -> bool:
+        return cls._family(cfg) not in cls.disabled.get(name, set())
 
     def __init__(self, name: str):
         self.name = name
@@ -27,12 +41,13 @@ class Tuner:
         self.forced: dict | None = None
         Tuner.registry[name] = self
 
-    def run(self, key: tuple, candidates: list[dict], launch: Callable[[dict], None]) -> None:
+    def run(self, key: tuple, candidates: Callable[[], list[dict]], launch: Callable[[dict], None]) -> None:
+        """Launch with the best configuration for ``key``; ``candidates`` is only called the first time."""
         if self.forced is not None:
             return launch(self.forced)
         cfg = self.best.get(key)
         if cfg is None:
-            cfg = self._choose(key, candidates, launch)
+            cfg = self._choose(key, candidates(), launch)
         launch(cfg)
 
     def _choose(self, key: tuple, candidates: list[dict], launch) -> dict:
@@ -42,16 +57,16 @@ class Tuner:
             return candidates[0]
         from triton.testing import do_bench
 
-        results = []
+        results, error = [], None
         for cfg in candidates:
             try:
-                ms = do_bench(lambda: launch(cfg), warmup=2, rep=8)
-            except Exception as e:  # a configuration the compiler rejects (resources) is skipped
-                if "out of resource" not in str(e).lower() and "OutOfResources" not in type(e).__name__:
-                    raise
-                ms = float("inf")
+                ms = do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
+            except Exception as e:  # noqa: BLE001 - a configuration the compiler rejects is skipped
+                ms, error = float("inf"), e
             results.append((cfg, float(ms)))
-        best = min(results, key=lambda r: r[1])[0]
+        best, ms = min(results, key=lambda r: r[1])
+        if ms == float("inf"):
+            raise error
         self.best[key], self.timings[key] = best, results
         return best
 

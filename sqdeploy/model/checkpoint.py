@@ -137,13 +137,7 @@ class HFCheckpoint:
     def expected_names(self) -> list[str]:
         """Canonical names of every tensor the reference model reads (lm_head optional when tied)."""
         c = self.config
-        names = ["embed.weight", "final_norm.weight"]
-        if c.norm_has_bias:
-            names.append("final_norm.bias")
-        if c.position == "learned":
-            names.append("pos_embed.weight")
-        if not c.tie_embeddings:
-            names.append("lm_head.weight")
+        names = c.global_names
         for i in range(c.num_layers):
             names += layer_tensor_names(c, i)
         return names

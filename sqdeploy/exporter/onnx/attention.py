@@ -47,8 +47,10 @@ class AttnContext:
 def build_context(b: GraphBuilder, cfg: ModelConfig, names: dict, ftype: int, contrib: bool) -> AttnContext:
     """Mask and rotary tensors from ``input_ids``, ``attention_mask``, ``position_ids`` and the past length."""
     t = b.dim(names["input_ids"], 1, "seq_len")
-    past = b.dim(names["past_key0"], 2, "past_len")
-    total = b.op("Add", [past, t], "total_len")
+    # lengths come from attention_mask [B, past + T], not from the past tensors, so that the contrib form can
+    # run with GroupQueryAttention's shared past/present buffers (past tensors of a fixed capacity)
+    total = b.dim(names["attention_mask"], 1, "total_len")
+    past = b.op("Sub", [total, t], "past_len")
     scalar = lambda x: b.op("Squeeze", [x, b.const([0])])  # noqa: E731
     q_idx = b.op("Range", [scalar(past), scalar(total), b.const(1)], "q_idx")
     k_idx = b.op("Range", [b.const(0), scalar(total), b.const(1)], "k_idx")

@@ -7,8 +7,10 @@ Checks, each a row of the pass/fail table:
 3. QuantizeLinear / DequantizeLinear / MatMulNBits / MatMulInteger counts equal what the
    recorded form implies for its number of quantized MatMuls;
 4. ONNX Runtime (CPU) against the PyTorch reference ``load_model(QuantizedModel(ref))``
-   on the same windows: top-1 agreement, logits difference (polygraphy's comparator),
-   perplexity; and prefill + decode with the KV cache against one full pass.
+   on the same windows: top-1 agreement (>= 99%; with INT8 activations >= the agreement of
+   the float64-evaluated reference, see :func:`noise_floor`), logits difference
+   (polygraphy's comparator), perplexity (within 0.5%); and prefill + decode with the KV
+   cache against one full pass.
 
 Exit status 0 when every row passes, 1 otherwise (2 for unusable input).
 """
@@ -31,6 +33,7 @@ from .session import OnnxDecoder, SessionConfig
 TOP1_MIN = 0.99
 PPL_REL_MAX = 0.005
 EXACT_REL_MAX = 1e-4  # logits, max |diff| / max |ref|, float32 graphs whose arithmetic is the reference's
+KV_QUANT_REL_MAX = 3e-2  # KV-cache row with INT8 activations (rounding flips), as the informational logits row shows
 
 
 @dataclass
@@ -94,7 +97,7 @@ def expected_counts(meta: dict) -> dict[str, int]:
     if act != "none":
         return {**zero, "MatMulInteger": n}
     key = "MatMulNBits" if meta["int4_format"] == "matmulnbits" else "DequantizeLinear"
-    return {**zero, key: n}
+    return {**zero, key: n + (meta.get("lm_head") == "int8")}
 
 
 def _count_row(model: onnx.ModelProto, meta: dict) -> Row:
@@ -130,19 +133,32 @@ def _nll(logits: torch.Tensor, w: torch.Tensor) -> float:
 
 def _compare(o: torch.Tensor, r: torch.Tensor) -> float:
     """Max |diff| / max |ref| through polygraphy's comparator (quiet)."""
-    from polygraphy.comparator import CompareFunc, IterationResult
+    from polygraphy.comparator import IterationResult
+    from polygraphy.comparator.compare import SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
     scale = float(r.abs().max())
-    cmp = CompareFunc.simple(rtol=EXACT_REL_MAX, atol=EXACT_REL_MAX * scale, check_shapes=True)
+    cmp = SimpleCompareFunc(rtol=EXACT_REL_MAX, atol=EXACT_REL_MAX * scale, check_shapes=True)
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 10):
         res = cmp(IterationResult({"logits": o.numpy()}, runner_name="onnxruntime"),
                   IterationResult({"logits": r.numpy()}, runner_name="reference"))["logits"]
     return float(res.max_absdiff) / scale
 
 
+def noise_floor(ref32: list[torch.Tensor], ref64: list[torch.Tensor]) -> float:
+    """Top-1 agreement of the float32 reference with itself computed in float64 (same quantization grid).
+
+    With INT8 activations a 1-ulp difference upstream moves values across rounding boundaries, so
+    no implementation that is not bit-identical to the float32 reference can agree with it more
+    closely than a more precise evaluation of the same model does."""
+    same = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ref32, ref64))
+    return same / sum(a.shape[1] for a in ref32)
+
+
 def runtime_rows(dec: OnnxDecoder, ref_logits: list[torch.Tensor], windows: torch.Tensor, label: str,
-                 exact_math: bool) -> list[Row]:
+                 exact_math: bool, floor: float | None = None, text: bool = True) -> list[Row]:
+    """``text=False``: the windows are random ids, whose perplexity (near the vocabulary size) magnifies
+    any difference; it is then shown, not held to the 0.5% bar, which is defined on held-out text."""
     agree = total = 0
     nll_ort = nll_ref = worst = 0.0
     for w, r in zip(windows, ref_logits):
@@ -153,10 +169,14 @@ def runtime_rows(dec: OnnxDecoder, ref_logits: list[torch.Tensor], windows: torc
         worst = max(worst, _compare(o, r))
     n = windows.shape[0] * (windows.shape[1] - 1)
     p_ort, p_ref = math.exp(nll_ort / n), math.exp(nll_ref / n)
-    rows = [Row(f"{label}: top-1 agreement", agree / total >= TOP1_MIN,
-                f"{100 * agree / total:.2f}% of {total} positions (>= {100 * TOP1_MIN:.0f}%)"),
-            Row(f"{label}: perplexity", abs(p_ort / p_ref - 1) <= PPL_REL_MAX,
-                f"{p_ort:.4f} vs reference {p_ref:.4f} ({100 * (p_ort / p_ref - 1):+.3f}%, limit {100 * PPL_REL_MAX:.1f}%)")]
+    bar, why = TOP1_MIN, f"{100 * TOP1_MIN:.0f}%"
+    if floor is not None and floor < TOP1_MIN:  # less two standard errors of the measured rate
+        bar = floor - 2 * math.sqrt(floor * (1 - floor) / windows.numel())
+        why = f"{100 * bar:.2f}%: the float64 reference's own agreement {100 * floor:.2f}% (INT8 rounding flips) less 2 s.e."
+    rows = [Row(f"{label}: top-1 agreement", agree / total >= bar, f"{100 * agree / total:.2f}% of {total} positions (>= {why})"),
+            Row(f"{label}: perplexity", abs(p_ort / p_ref - 1) <= PPL_REL_MAX or not text,
+                f"{p_ort:.4f} vs reference {p_ref:.4f} ({100 * (p_ort / p_ref - 1):+.3f}%, "
+                + (f"limit {100 * PPL_REL_MAX:.1f}%)" if text else "random ids: informational; pass --text for the 0.5% bar)"))]
     detail = f"max |diff| / max |ref| = {worst:.2e}"
     if exact_math:
         rows.append(Row(f"{label}: logits (exact arithmetic)", worst <= EXACT_REL_MAX, detail + f" (<= {EXACT_REL_MAX:.0e})"))
@@ -176,14 +196,24 @@ def kv_cache_row(dec: OnnxDecoder, ids: torch.Tensor) -> Row:
         logits, past = dec.forward(ids[:, t:t + 1].numpy(), mask, np.full((ids.shape[0], 1), t), past)
         steps.append(logits)
     inc = np.concatenate(steps, axis=1).astype(np.float32)
+    full = full.astype(np.float32)
     rel = float(np.abs(inc - full).max() / np.abs(full).max())
+    detail = f"{ids.shape[1] - split} decode steps, max rel diff {rel:.2e}"
+    if dec.meta["quantization"]["scheme"]["act"]["kind"] != "none":
+        # a last-bit difference between the decode and prefill kernels can move one INT8 activation across a
+        # rounding boundary; every later token attends to that key, so the logits differ like the reference's do
+        top1 = float((inc.argmax(-1) == full.argmax(-1)).mean())
+        ok = rel <= KV_QUANT_REL_MAX and top1 >= TOP1_MIN
+        return Row("KV cache: prefill + decode == full pass", ok, f"{detail} (<= {KV_QUANT_REL_MAX:.0e}: INT8 activations), "
+                   f"top-1 {100 * top1:.2f}% (>= {100 * TOP1_MIN:.0f}%)")
     limit = 1e-3 if dec.meta["dtype"] == "float32" else 1e-2
-    return Row("KV cache: prefill + decode == full pass", rel <= limit, f"max rel diff {rel:.2e} (<= {limit:.0e}), {ids.shape[1] - split} decode steps")
+    return Row("KV cache: prefill + decode == full pass", rel <= limit, f"{detail} (<= {limit:.0e})")
 
 
 def is_exact_form(meta: dict) -> bool:
     """Float32 graphs without activation quantization compute the reference's arithmetic."""
-    return meta["dtype"] == "float32" and meta["quantization"]["scheme"]["act"]["kind"] == "none"
+    act = meta["quantization"]["scheme"]["act"]["kind"]
+    return meta["dtype"] == "float32" and act == "none" and meta.get("lm_head", "float") == "float"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,10 +232,16 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             ref_logits = [ref(w[None]).float() for w in windows]
         del ref
+        floor = None
+        if meta["quantization"]["scheme"]["act"]["kind"] != "none":
+            ref64 = load_model(QuantizedModel(reference_dir(path, meta, args.reference)), torch.float64)
+            with torch.no_grad():
+                floor = noise_floor(ref_logits, [ref64(w[None]) for w in windows])
+            del ref64
         modes = [("ONNX Runtime", False)] + ([("ONNX Runtime, QDQ fusions off", True)] if args.exact else [])
         for label, exact in modes:
             dec = OnnxDecoder(path, SessionConfig(threads=args.threads, exact=exact))
-            rows += runtime_rows(dec, ref_logits, windows, label, is_exact_form(meta))
+            rows += runtime_rows(dec, ref_logits, windows, label, is_exact_form(meta), floor, bool(args.text))
         rows.append(kv_cache_row(dec, windows[:2, : min(64, windows.shape[1])]))
     print(markdown_table(["check", "result", "detail"], [[r.check, "PASS" if r.ok else "FAIL", r.detail] for r in rows]))
     ok = all(r.ok for r in rows)

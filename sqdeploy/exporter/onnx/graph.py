@@ -69,8 +69,7 @@ class DecoderGraph:
             h, x = self._residual_norm(m, x, nxt)
             if progress is not None:
                 progress.advance()
-        lm_head = self._float("lm_head.weight").T.astype(self.npt)
-        b.op("MatMul", [h, b.initializer("lm_head.weight", lm_head)], outputs=["logits"])
+        self.linears.lm_head(h, self.qm.get("lm_head.weight"))
         model = b.model(self._inputs(), self._outputs(), f"{cfg.architecture}-decoder", metadata)
         return BuiltGraph(model, self.linears.matmuls, [list(g) for g in sorted(self.linears.fused)])
 
@@ -97,7 +96,7 @@ class DecoderGraph:
         xf = x if self.ftype == TensorProto.FLOAT else b.op("Cast", [x], to=TensorProto.FLOAT)
         if cfg.norm == "layernorm":
             y = b.op("LayerNormalization", [xf, w, bias], prefix, axis=-1, epsilon=cfg.norm_eps)
-        else:  # ONNX Runtime fuses this into SimplifiedLayerNormalization (not an ONNX-domain op the checker knows)
+        else:  # primitives: ONNX Runtime's SimplifiedLayerNormalization sits in the ONNX domain, where onnx.checker rejects it
             ms = b.reduce("ReduceMean", b.op("Mul", [xf, xf]), [-1], hint=f"{prefix}.mean_sq")
             inv = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [ms, b.const(cfg.norm_eps, np.float32)])])])
             y = b.op("Mul", [w, b.op("Mul", [xf, inv])], prefix)

@@ -120,8 +120,8 @@ def matmulnbits_tensors(qw: QWeight, scheme: WeightScheme, block: int) -> tuple[
 
 
 def matmulnbits(b: GraphBuilder, x: str, name: str, qw: QWeight, scheme: WeightScheme, npt,
-                bias: np.ndarray | None, accuracy_level: int) -> str:
-    """x [.., K] @ dequant(W)^T (+ bias) with one MatMulNBits node."""
+                bias: np.ndarray | None, accuracy_level: int, out: str | None = None) -> str:
+    """x [.., K] @ dequant(W)^T (+ bias) with one MatMulNBits node (output named ``out`` when given)."""
     n, k = qw.q.shape
     block = nbits_block(scheme, k)
     packed, scale, zp = matmulnbits_tensors(qw, scheme, block)
@@ -129,5 +129,5 @@ def matmulnbits(b: GraphBuilder, x: str, name: str, qw: QWeight, scheme: WeightS
     inputs.append("" if zp is None else b.initializer(f"{name}.zero_points", zp))
     if bias is not None:
         inputs += ["", b.initializer(f"{name}.bias", bias.astype(npt))]
-    return b.op("MatMulNBits", inputs, name, domain=MS, K=k, N=n, bits=scheme.bits, block_size=block,
-                accuracy_level=accuracy_level)
+    return b.op("MatMulNBits", inputs, name, outputs=[out] if out else 1, domain=MS, K=k, N=n, bits=scheme.bits,
+                block_size=block, accuracy_level=accuracy_level)

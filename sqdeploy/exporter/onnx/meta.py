@@ -44,6 +44,7 @@ def build_meta(qm: QuantizedModel, opts: OnnxOptions, quantized_matmuls: int, fu
         "int4_format": opts.int4_format,
         "opset": opts.opset,
         "accuracy_level": opts.accuracy_level if opts.int4_format else None,
+        "lm_head": opts.lm_head,
         "quantization": {
             "recipe": qm.recipe.name,
             "scheme": qm.scheme.to_dict(),

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from onnx import TensorProto
 
+from .. import qmath
 from ..qmath import ACT_QMAX, EPS, QWeight
 from ..qmodel import QuantizedModel
 from ..schemes import WeightScheme
@@ -99,6 +100,17 @@ class Linears:
             return matmulnbits(b, x, name, qw, ws, self.npt, bias, self.opts.accuracy_level)
         y = b.op("MatMul", [x, qdq_weight(b, name, qw, ws, self.npt)], name)
         return self._add_bias(y, bias, name)
+
+    def lm_head(self, x: str, weight: torch.Tensor) -> str:
+        """The LM head: float, or (``--lm-head int8``) per-channel INT8 in the graph's weight-only form."""
+        b = self.b
+        if self.opts.lm_head == "float":
+            return b.op("MatMul", [x, b.initializer("lm_head.weight", to_numpy(weight).T.astype(self.npt))], outputs=["logits"])
+        ws = WeightScheme(8, "channel")
+        qw = qmath.quantize_weight(weight.float(), ws)
+        if self.opts.int4_format == "matmulnbits":
+            return matmulnbits(b, x, "lm_head", qw, ws, self.npt, None, self.opts.accuracy_level, out="logits")
+        return b.op("MatMul", [x, qdq_weight(b, "lm_head", qw, ws, self.npt)], outputs=["logits"])
 
     def _add_bias(self, y: str, bias: np.ndarray | None, name: str) -> str:
         if bias is None:

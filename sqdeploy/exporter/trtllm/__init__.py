@@ -27,6 +27,9 @@ def _arguments(g: argparse.ArgumentParser) -> None:
     _add(g, "--int4-zero-point", action="store_true",
          help="EXPERIMENTAL: keep an asymmetric INT4 recipe's zero points (has_zero_point); no NVIDIA tool writes "
          "or tests these. Default: re-quantize symmetrically from the smoothed float weights")
+    _add(g, "--int4-requant-clip", choices=("search", "none"), default="search",
+         help="symmetric INT4 re-quantization: search each group's clipping range for the symmetric grid (default) "
+         "or keep the full range")
     _add(g, "--eval-text", default=None,
          help="after writing, score the export and the quantized model on this held-out text (perplexity of both)")
     _add(g, "--eval-windows", type=int, default=24, help="windows of 512 tokens for --eval-text (default 24)")

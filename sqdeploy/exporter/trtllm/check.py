@@ -14,8 +14,6 @@ share them. Prints a table; exits 1 on any failure.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -9,8 +9,9 @@ and a config it reads must not carry a key or value it does not understand.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from ... import __version__
 from ...errors import SqDeployError

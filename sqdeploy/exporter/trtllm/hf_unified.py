@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from ... import __version__
 from ...errors import SqDeployError
-from ...families import Family, ModelConfig
+from ...families import Family
 from ...report import markdown_table
 from ..qmodel import QuantizedModel
 from .config import QuantSpec, check_split, quant_spec_for
@@ -36,7 +36,6 @@ from .pack import pack_int4_rows
 from .source import LinearSource
 
 QUANT_CONFIG = "hf_quant_config.json"
-HF_EXCLUDE = ["lm_head"]
 
 
 def resolve(qm_or_parts, args: argparse.Namespace) -> QuantSpec:
@@ -65,11 +64,12 @@ def resolve(qm_or_parts, args: argparse.Namespace) -> QuantSpec:
     return quant
 
 
-def hf_quant_config(quant: QuantSpec) -> dict:
+def hf_quant_config(family: Family, quant: QuantSpec) -> dict:
     q = {"quant_algo": quant.algo, "kv_cache_quant_algo": None}
     if quant.groupwise:
         q.update(group_size=quant.group_size, has_zero_point=False, pre_quant_scale=True)
-    q["exclude_modules"] = list(HF_EXCLUDE)
+    # the modules left in float, named as ModelOpt names them (HF module paths)
+    q["exclude_modules"] = [family.hf_name(n).rsplit(".", 1)[0] for n in ("lm_head.weight", "embed.weight")]
     return {"producer": {"name": "sq-deploy", "version": __version__}, "quantization": q}
 
 
@@ -86,7 +86,7 @@ def linear_tensors(family: Family, name: str, lin: RankLinear, quant: QuantSpec,
         out["weight"] = lin.dequantized().to(dtype)
     else:
         out["weight"] = pack_int4_rows(lin.q).view(torch.uint8)
-        out["weight_scale"] = lin.scale.to(dtype)
+        out["weight_scale"] = lin.scale.float()  # float32 as ModelOpt writes it; TensorRT-LLM casts on load
         if name in family.trtllm["hf_unified"]["pre_quant_scale"]:
             pqs = torch.ones(lin.in_features) if lin.pre_quant_scale is None else lin.pre_quant_scale
             out["pre_quant_scale"] = pqs.to(dtype)
@@ -99,9 +99,9 @@ def write(qdir: Path, out: Path, args: argparse.Namespace) -> dict:
     qm = QuantizedModel(qdir)
     quant = resolve(qm, args)
     cfg, family, dtype = qm.config, qm.family, qm.dtype
-    source = LinearSource(qm, quant)
+    source = LinearSource(qm, quant, not getattr(args, "quiet", False))
     tensors: dict[str, torch.Tensor] = {}
-    for canonical in global_names(cfg):
+    for canonical in cfg.global_names:
         tensors[family.hf_name(canonical)] = qm.get(canonical, dtype).contiguous()
     for i in range(cfg.num_layers):
         for norm in ("attn_norm", "mlp_norm"):
@@ -114,32 +114,26 @@ def write(qdir: Path, out: Path, args: argparse.Namespace) -> dict:
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = {k: v for k, v in qm.hf_config.items() if k != "quantization_config"}
     if quant.algo is not None:
-        hq = hf_quant_config(quant)
+        hq = hf_quant_config(family, quant)
         (out / QUANT_CONFIG).write_text(json.dumps(hq, indent=4) + "\n")
         config["quantization_config"] = config_quantization(hq)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for f in qm.tokenizer_files():
         shutil.copy(f, out / f.name)
-    HfUnifiedCheckpoint(out)  # what we wrote must read back
+    if quant.algo is None:  # what we wrote must read back
+        from ...model.checkpoint import HFCheckpoint
+
+        HFCheckpoint(out)
+    else:
+        HfUnifiedCheckpoint(out)
     rows = [["recipe", qm.recipe.name], ["quant_algo", str(quant.algo)], ["tensors", len(tensors)]]
     if source.requant_from:
-        rows.append(["weights", f"re-quantized symmetric from the {source.requant_from}"])
+        rows.append(["weights", f"symmetric INT4 ({source.rounding} rounding) from the {source.requant_from}"])
     notes = "".join(f"\nnote: {n}" for n in source.notes)
     shown = getattr(args, "out", None) or out
     summary = f"\nTensorRT-LLM unified HF checkpoint {shown}\n{markdown_table(['field', 'value'], rows)}{notes}"
     return {"target": "trtllm-hf", "out": str(shown), "quant_algo": quant.algo, "requantized_from": source.requant_from,
             "notes": source.notes, "summary": summary}
-
-
-def global_names(cfg: ModelConfig) -> list[str]:
-    names = ["embed.weight", "final_norm.weight"]
-    if cfg.norm_has_bias:
-        names.append("final_norm.bias")
-    if cfg.position == "learned":
-        names.append("pos_embed.weight")
-    if not cfg.tie_embeddings:
-        names.append("lm_head.weight")
-    return names
 
 
 class HfUnifiedCheckpoint:

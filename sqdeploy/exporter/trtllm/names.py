@@ -89,7 +89,7 @@ def module_dims(spec: CheckpointSpec, module: str) -> dict[str, int]:
     """Per-rank values of the symbolic dims of a module."""
     info = spec.family.trtllm["linears"][module]
     cfg, tp = spec.config, spec.tp
-    first_out, first_in = cfg.linear_shape(info["fuse"][0])
+    _, first_in = cfg.linear_shape(info["fuse"][0])
     if info["tp"] == "column":
         out, inp = sum(rows_per_rank(cfg, info["fuse"], tp)), first_in
     else:

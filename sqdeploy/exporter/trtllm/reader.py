@@ -70,7 +70,7 @@ class Int8KVCache(KVCache):
 
     def update(self, i: int, k: torch.Tensor, v: torch.Tensor):
         s = self.scales[i]
-        rt = lambda t: (torch.round(t.float() / s).clamp(-128, 127) * s).to(t.dtype)  # noqa: E731
+        rt = lambda t: (torch.round(t.float() / s).clamp(-128, 127) * s).to(t.dtype)
         return super().update(i, rt(k), rt(v))
 
 

@@ -8,22 +8,30 @@ vector, so each layer is rebuilt from the source and the recorded vectors are fo
 in exactly as the recipe folded them. Re-quantizing the already rounded asymmetric
 weights instead would round twice; that is only the fallback when the source model
 is gone or no longer matches.
+
+A recipe that rounds with GPTQ needs the Hessians of its (smoothed) calibration inputs:
+then the recorded calibration set is streamed through the pipeline's own driver once
+more (:class:`RecordedSmoothing`: fold, then the recipe's rounding into the new scheme).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from ...errors import SqDeployError
 from ...families.base import ModelConfig
 from ...model.checkpoint import HFCheckpoint
 from ...model.loading import load_block
 from .. import qmath
 from ..qmodel import QuantizedModel
-from ..schemes import WeightScheme
-from ..smoothing import fold
+from ..rtn import Rounding
+from ..schemes import QuantScheme, WeightScheme
+from ..smoothing import expand_to_consumer, fold
+from ..streaming import LayerResult
 
 # a source whose smoothed weights are this far (relative L2) from the stored quantized
 # ones is not the model the directory was quantized from
@@ -83,3 +91,74 @@ class SmoothedWeights:
 def symmetric_int4(w: torch.Tensor, group: int) -> qmath.QWeight:
     """Symmetric INT4, one scale per group (s = amax / 7, q in [-8, 7]), qmath's convention."""
     return qmath.quantize_weight(w, WeightScheme(4, "group", group, symmetric=True))
+
+
+class RecordedSmoothing:
+    """A layer algorithm for the pipeline's streaming driver: fold the smoothing vectors the
+    recipe recorded, then round the way the recipe rounds (GPTQ on the smoothed inputs, or
+    to nearest) into another weight scheme. Nothing is searched again."""
+
+    name = "recorded smoothing"
+    needs_quant_stream = False
+
+    def __init__(self, qm: QuantizedModel, scheme: QuantScheme, rounding: Rounding, clip_search: bool = True):
+        self.qm, self.cfg, self.scheme, self.rounding = qm, qm.config, scheme, rounding
+        self.clip_search = clip_search
+        self.smoothing = qm.smoothing()
+        self.needs_hessian = rounding.needs_hessian
+
+    def quantize_layer(self, block, data) -> LayerResult:
+        stats = dict(data.stats)
+        for group in self.qm.family.smoothing_groups:
+            s = self.smoothing.get(f"layers.{block.index}.{group.name}")
+            if s is None:
+                continue
+            fold(block, group, s, self.cfg)
+            s_in = expand_to_consumer(group, s, self.cfg)
+            for c in group.consumers:
+                stats[c] = stats[c].scaled(s_in)
+        return LayerResult(qweights=self.rounding(block, self.cfg.linears, self.scheme, data, stats, self._clip(block, data)))
+
+    def _clip(self, block, data) -> dict[str, torch.Tensor] | None:
+        """A fresh clip search for the new grid: the recipe's clipping (if any) was chosen for
+        the asymmetric one, and symmetric INT4 loses most where a group's range is one-sided."""
+        ws = self.scheme.weight
+        if not self.clip_search or ws is None or ws.bits != 4:
+            return None
+        from ..awq import AWQ
+
+        searcher = AWQ(self.scheme, self.cfg, ())
+        names = [n for n in self.cfg.linears if n not in ("q", "k")]  # as AWQ: q/k errors are not what attention sees
+        inputs = data.capture(block, names, searcher.search_samples)
+        with torch.no_grad():
+            return {n: searcher.search_clip(block.linear(n).weight, inputs[n]) for n in names}
+
+
+def recorded_calibration(qm: QuantizedModel, ck: HFCheckpoint) -> tuple[torch.Tensor | None, str]:
+    """The calibration blocks the recipe used (same source, sizes and sha256), or None and why not."""
+    from ..calibration import build_calibration
+    from ..pipeline import load_tokenizer
+
+    cal = qm.manifest.get("calibration") or {}
+    try:
+        c = build_calibration(load_tokenizer(ck.path), cal["source"], cal["samples"], cal["seq_len"])
+    except (SqDeployError, KeyError) as exc:
+        return None, f"the recorded calibration set is not available ({exc})"
+    if c.sha256 != cal.get("sha256"):
+        return None, "the recorded calibration set has changed since quantization (sha256 differs)"
+    return c.ids, ""
+
+
+def requantize_streamed(
+    qm: QuantizedModel, ck: HFCheckpoint, ids: torch.Tensor, scheme: QuantScheme, progress: bool, clip_search: bool = True
+) -> Iterator[dict[str, qmath.QWeight]]:
+    """Per layer (in order), the weights re-quantized into ``scheme`` with the recipe's own rounding."""
+    from ..progress import Progress
+    from ..streaming import stream_layers
+
+    p = qm.recipe.params
+    rounding = Rounding(p.get("rounding", "rtn"), p.get("gptq_damp", 0.01))
+    algorithm = RecordedSmoothing(qm, scheme, rounding, clip_search)
+    with Progress(qm.config.num_layers, f"re-quantizing ({rounding.method} rounding)", progress) as bar:
+        for record in stream_layers(ck, ids, algorithm, "cpu", 8, bar):
+            yield record.result.qweights

@@ -38,7 +38,7 @@ def head_rows(cfg: ModelConfig, name: str, tp: int, rank: int) -> slice:
 
 
 def take_rows(lin: RankLinear, rows: slice) -> RankLinear:
-    pick = lambda t: None if t is None else t[rows].contiguous()  # noqa: E731
+    pick = lambda t: None if t is None else t[rows].contiguous()
     return replace(lin, weight=pick(lin.weight), q=pick(lin.q), scale=pick(lin.scale), zero=pick(lin.zero), bias=pick(lin.bias))
 
 
@@ -53,7 +53,7 @@ def take_cols(lin: RankLinear, cols: slice) -> RankLinear:
         gs = slice(cols.start // g, cols.stop // g)
         scale = scale[:, gs].contiguous()
         zero = None if zero is None else zero[:, gs].contiguous()
-    pick = lambda t: None if t is None else t[:, cols].contiguous()  # noqa: E731
+    pick = lambda t: None if t is None else t[:, cols].contiguous()
     pqs = None if lin.pre_quant_scale is None else lin.pre_quant_scale[cols].contiguous()
     return replace(lin, weight=pick(lin.weight), q=pick(lin.q), scale=scale, zero=zero, pre_quant_scale=pqs)
 

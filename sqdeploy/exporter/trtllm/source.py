@@ -6,7 +6,8 @@ smoother is 1. Per quant_algo:
 * float, W8A8 SmoothQuant: the stored integers and scales as they are;
 * W8A16 / W4A16 (per channel): the smoothed *float* weights (trtllm-build quantizes them);
 * W4A16_AWQ from an asymmetric scheme: re-quantized symmetrically from the smoothed
-  float weights (default), or, behind ``--int4-zero-point``, the asymmetric integers with
+  float weights with the recipe's rounding (GPTQ re-run on the recorded calibration set
+  when the recipe rounds with GPTQ) by default, or, behind ``--int4-zero-point``, the asymmetric integers with
   TensorRT-LLM's additive zero ``(8 - z) * s`` (experimental: no NVIDIA tool produces it).
 """
 
@@ -17,11 +18,12 @@ from dataclasses import replace
 import torch
 
 from ...errors import SqDeployError
+from .. import qmath
 from ..qmodel import QuantizedModel
 from ..schemes import QuantScheme
 from .config import QuantSpec
 from .linear import RankLinear, from_qweight, scheme_of
-from .requant import SmoothedWeights, symmetric_int4
+from .requant import SmoothedWeights, recorded_calibration, requantize_streamed, symmetric_int4
 
 
 def canonical_parallel(family) -> dict[str, str]:
@@ -32,8 +34,8 @@ def canonical_parallel(family) -> dict[str, str]:
 class LinearSource:
     """Whole (unsplit) canonical linears of a QuantizedModel, as the target quant_algo stores them."""
 
-    def __init__(self, qm: QuantizedModel, quant: QuantSpec):
-        self.qm, self.quant = qm, quant
+    def __init__(self, qm: QuantizedModel, quant: QuantSpec, progress: bool = False, clip_search: bool = True):
+        self.qm, self.quant, self.clip_search = qm, quant, clip_search
         self.cfg, self.family = qm.config, qm.family
         self.parallel = canonical_parallel(qm.family)
         self.scheme: QuantScheme = scheme_of(quant)
@@ -41,8 +43,28 @@ class LinearSource:
         ws = qm.scheme.weight
         self.requant = quant.weight_only or (quant.groupwise and not ws.symmetric and not quant.has_zero_point)
         self.smoothed = SmoothedWeights(qm) if self.requant else None
+        self.rounding = "rtn"
+        self._streamed, self._next = None, 0
         if self.smoothed is not None and not self.smoothed.available:
             self.notes.append(f"re-quantized from the dequantized weights (rounded twice): {self.smoothed.reason}")
+        elif self.smoothed is not None and quant.groupwise:
+            self._gptq_if_recipe_does(progress)
+
+    def _gptq_if_recipe_does(self, progress: bool) -> None:
+        """A GPTQ recipe is re-rounded with GPTQ (its calibration streamed again), else to nearest."""
+        if self.qm.recipe.params.get("rounding", "rtn") != "gptq":
+            return
+        ids, why = recorded_calibration(self.qm, self.smoothed.ck)
+        if ids is None:
+            self.notes.append(f"GPTQ rounding not reproduced, rounded to nearest instead: {why}")
+            return
+        self._streamed = requantize_streamed(self.qm, self.smoothed.ck, ids, self.scheme, progress, self.clip_search)
+        self.rounding = "gptq"
+
+    @property
+    def clipped(self) -> bool:
+        """Whether the re-quantization searched clipping ranges (the GPTQ path, INT4 only)."""
+        return self.clip_search and self._streamed is not None and self.quant.groupwise
 
     @property
     def requant_from(self) -> str | None:
@@ -51,6 +73,15 @@ class LinearSource:
             return None
         return "smoothed float weights" if self.smoothed.available else "dequantized weights"
 
+    def _requantized(self, i: int) -> dict[str, qmath.QWeight]:
+        """Symmetric INT4 weights of layer ``i`` (layers must be asked for in order when GPTQ streams them)."""
+        if self._streamed is None:
+            return {n: symmetric_int4(w, self.quant.group_size) for n, w in self._float_weights(i).items()}
+        if i != self._next:
+            raise SqDeployError(f"internal error: layer {i} requested out of order (expected {self._next})")
+        self._next += 1
+        return next(self._streamed)
+
     def _float_weights(self, i: int) -> dict[str, torch.Tensor]:
         if self.smoothed is not None and self.smoothed.available:
             return self.smoothed.layer(i)
@@ -58,14 +89,15 @@ class LinearSource:
 
     def layer(self, i: int) -> dict[str, RankLinear]:
         cfg, quant = self.cfg, self.quant
-        floats = self._float_weights(i) if (quant.algo is None or self.requant) else None
+        floats = self._float_weights(i) if (quant.algo is None or (self.requant and not quant.groupwise)) else None
+        requantized = self._requantized(i) if self.requant and quant.groupwise else None
         out = {}
         for name in cfg.linears:
             parallel = self.parallel[name]
-            if floats is not None and not quant.groupwise:
+            if floats is not None:
                 lin = RankLinear(parallel, self.scheme, weight=floats[name])
-            elif floats is not None:
-                lin = from_qweight(symmetric_int4(floats[name], quant.group_size), self.scheme.weight, parallel, self.scheme)
+            elif requantized is not None:
+                lin = from_qweight(requantized[name], self.scheme.weight, parallel, self.scheme)
             else:
                 lin = self._stored(i, name, parallel)
             bias = f"layers.{i}.{name}.bias"

@@ -107,8 +107,8 @@ def write(qdir: Path, out: Path, args: argparse.Namespace) -> dict:
     dtype = qm.dtype
     config = build_config(qm.family, qm.config, quant, tp, _dtype_name(dtype))
     spec = parse_config(json.loads(json.dumps(config)))  # what we write must read back
-    source = LinearSource(qm, quant)
     progress = not getattr(args, "quiet", False)
+    source = LinearSource(qm, quant, progress, getattr(args, "int4_requant_clip", "search") == "search")
     ranks = global_tensors(qm, spec, dtype)
     with Progress(qm.config.num_layers, f"writing TensorRT-LLM checkpoint (tp {tp})", progress) as bar:
         for i in range(qm.config.num_layers):
@@ -138,14 +138,16 @@ def _report(qm: QuantizedModel, spec: CheckpointSpec, source: LinearSource, out:
     if quant.groupwise:
         rows += [["group_size", quant.group_size], ["has_zero_point", f"{quant.has_zero_point}" + (" (experimental)" if quant.has_zero_point else "")]]
     if source.requant_from:
-        rows.append(["weights", f"re-quantized from the {source.requant_from}" if quant.groupwise else f"float ({source.requant_from}); trtllm-build quantizes them"])
+        clip = ", clipping searched" if source.clipped else ""
+        how = f"symmetric INT4 ({source.rounding} rounding{clip}) from the {source.requant_from}"
+        rows.append(["weights", how if quant.groupwise else f"float ({source.requant_from}); trtllm-build quantizes them"])
     if quant.kv == "INT8":
         source.notes.append("INT8 KV cache: build with trtllm-build --use_paged_context_fmha disable")
     shown = getattr(args, "out", None) or out
     report = {
         "target": "trtllm", "out": str(shown), "quant_algo": quant.algo, "kv_cache_quant_algo": quant.kv, "tp": spec.tp,
         "group_size": quant.group_size, "has_zero_point": quant.has_zero_point, "requantized_from": source.requant_from,
-        "notes": list(source.notes), "bytes": size,
+        "requant_rounding": source.rounding if source.requant_from else None, "requant_clip_search": source.clipped, "notes": list(source.notes), "bytes": size,
     }
     eval_text = getattr(args, "eval_text", None)
     if eval_text:
@@ -159,4 +161,4 @@ def _report(qm: QuantizedModel, spec: CheckpointSpec, source: LinearSource, out:
     return report
 
 
-__all__ = ["write", "resolve", "DTYPES"]
+__all__ = ["DTYPES", "resolve", "write"]

@@ -1,0 +1,138 @@
+"""Tensor parallelism on the CPU: TensorRT-LLM checkpoints exported at tp 1 and tp 2, run by rank.
+
+tp 1 must equal the checkpoint reader's (merged) PyTorch reference; tp 2 must equal tp 1
+(same greedy tokens, logits to float32 rounding: column-parallel slices and static
+per-tensor activation scales make the sharded arithmetic the same numbers). The sharding
+is checked with the ranks as threads (fast, several recipes) and once end to end with the
+real engine: two processes over gloo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+
+import pytest
+import torch
+
+from sqdeploy.errors import SqDeployError
+from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
+from sqdeploy.exporter.recipes import parse_recipe
+from sqdeploy.exporter.trtllm.reader import TrtllmCheckpoint
+from sqdeploy.exporter.trtllm.writer import write
+from sqdeploy.kernels import greedy_generate
+from sqdeploy.model.loading import load_model
+from sqdeploy.random_model import make_random_model
+from sqdeploy.runtime.tp import TPEngine, build_rank_model
+from tests.conftest import SHARED_MODEL
+
+IDS = torch.randint(0, 8000, (2, 16), generator=torch.Generator().manual_seed(0))
+RECIPES = {
+    "fp16": "fp16",
+    "w8a8-static": {"weight": {"bits": 8, "granularity": "channel"}, "act": {"kind": "static_tensor"}},
+    "w4a16-g64": {"weight": {"bits": 4, "granularity": "group", "group_size": 64, "symmetric": True}},
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, calib_file):
+    """recipe -> {tp: TensorRT-LLM checkpoint dir} of a Llama whose shapes split over 2 ranks even at INT4."""
+    root = tmp_path_factory.mktemp("tp")
+    model = make_random_model("llama", root / "llama", tokenizer_from=SHARED_MODEL if SHARED_MODEL.exists() else None,
+                              hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=32)
+    out = {}
+    for name, scheme in RECIPES.items():
+        recipe = scheme if isinstance(scheme, str) else parse_recipe({"name": name, "scheme": scheme, "algorithm": "rtn"})
+        q = root / f"q-{name}"
+        quantize_to_dir(model, recipe, q, Calibration(str(calib_file), 2, 32), Runtime(progress=False))
+        out[name] = {}
+        for tp in (1, 2):
+            ck = root / f"{name}-tp{tp}"
+            ck.mkdir()
+            write(q, ck, argparse.Namespace(tp=tp, pp=1, kv_cache=None, int4_zero_point=False, eval_text=None,
+                                            eval_windows=24))
+            out[name][tp] = ck
+    return out
+
+
+class ThreadComm:
+    """The collectives of :class:`sqdeploy.runtime.tp.Comm` between threads of one process."""
+
+    def __init__(self, rank: int, shared: dict):
+        self.rank, self.shared, self.world = rank, shared, shared["world"]
+
+    def _exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
+        self.shared["slots"][self.rank] = t.clone()
+        self.shared["barrier"].wait()
+        parts = list(self.shared["slots"])
+        self.shared["barrier"].wait()
+        return parts
+
+    def all_reduce_(self, t):
+        parts = self._exchange(t)
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+        return t.copy_(total)
+
+    def gather_last(self, t):
+        return torch.cat(self._exchange(t), dim=-1)
+
+
+def _threaded_logits(ckpt_dir, ids) -> torch.Tensor:
+    ck = TrtllmCheckpoint(ckpt_dir)
+    shared = {"world": ck.tp, "slots": [None] * ck.tp, "barrier": threading.Barrier(ck.tp)}
+    models = [build_rank_model(ck, r, torch.device("cpu"), torch.float32, ThreadComm(r, shared)) for r in range(ck.tp)]
+    out = [None] * ck.tp
+
+    def run(r):
+        with torch.no_grad():
+            out[r] = models[r](ids)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(ck.tp)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(out[0], out[1])  # every rank holds the gathered logits
+    return out[0]
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_tp1_equals_checkpoint_reference(checkpoints, recipe):
+    ck = TrtllmCheckpoint(checkpoints[recipe][1])
+    with torch.no_grad():
+        got = build_rank_model(ck, 0, torch.device("cpu"), torch.float32)(IDS)
+        assert _rel(got, load_model(ck)(IDS)) < 1e-5
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_tp2_ranks_equal_tp1(checkpoints, recipe):
+    with torch.no_grad():
+        tp1 = build_rank_model(TrtllmCheckpoint(checkpoints[recipe][1]), 0, torch.device("cpu"), torch.float32)(IDS)
+    assert _rel(_threaded_logits(checkpoints[recipe][2], IDS), tp1) < 1e-5
+
+
+def test_engine_two_processes_over_gloo(checkpoints):
+    tp1 = build_rank_model(TrtllmCheckpoint(checkpoints["w8a8-static"][1]), 0, torch.device("cpu"), torch.float32)
+    prompt = [IDS[0, :8].tolist()]
+    with TPEngine(checkpoints["w8a8-static"][2], device="cpu") as eng:
+        assert eng.tp == 2
+        with torch.no_grad():
+            assert _rel(eng.logits(IDS), tp1(IDS)) < 1e-5
+        assert eng.generate(prompt, 8) == greedy_generate(tp1, prompt, 8)
+
+
+def test_engine_refuses_bad_input(checkpoints, tmp_path):
+    with pytest.raises(SqDeployError, match="not a TensorRT-LLM checkpoint"):
+        TPEngine(tmp_path, device="cpu")
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(SqDeployError, match="needs 2 GPUs"):
+            TPEngine(checkpoints["fp16"][2], device="cuda")
+    with pytest.raises(SqDeployError, match="backend"):
+        TPEngine(checkpoints["fp16"][2], device="cpu", backend="nccl")
