@@ -96,17 +96,11 @@ def rope_cache(qkv: torch.Tensor, cos, sin, k_cache: torch.Tensor, v_cache: torc
                heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
     """Rotary on q and k of a fused ``[B, T, (H + 2 Hkv) D]`` projection; k and v written into a
     preallocated cache at positions ``start ..``; returns q as ``[B, T, H, D]``."""
-    b, t, _ = qkv.shape
-    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q = q.reshape(b, t, heads, head_dim).transpose(1, 2)
-    k = k.reshape(b, t, kv_heads, head_dim).transpose(1, 2)
-    v = v.reshape(b, t, kv_heads, head_dim).transpose(1, 2)
-    if cos is not None:
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    idx = start.reshape(1) + torch.arange(t, device=qkv.device)
+    q, k, v = rope_qkv(qkv, cos, sin, heads, kv_heads, head_dim)
+    idx = start.reshape(1) + torch.arange(qkv.shape[1], device=qkv.device)
     k_cache.index_copy_(2, idx, k.to(k_cache.dtype))
     v_cache.index_copy_(2, idx, v.to(v_cache.dtype))
-    return q.transpose(1, 2)
+    return q
 
 
 def rope_qkv(qkv: torch.Tensor, cos, sin, heads: int, kv_heads: int, head_dim: int):

@@ -35,41 +35,28 @@ def _arguments(g: argparse.ArgumentParser) -> None:
     _add(g, "--eval-windows", type=int, default=24, help="windows of 512 tokens for --eval-text (default 24)")
 
 
-def _precheck(qm_or_parts, args) -> None:
-    from .writer import resolve
+def _lazy(module: str, name: str):
+    """A target hook that imports its module on first call (TensorRT-LLM code stays unloaded until used)."""
 
-    resolve(qm_or_parts, args)
+    def hook(*args):
+        import importlib
 
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)(*args)
 
-def _write(qdir, out, args):
-    from .writer import write
-
-    return write(qdir, out, args)
-
-
-def _precheck_hf(qm_or_parts, args) -> None:
-    from .hf_unified import resolve
-
-    resolve(qm_or_parts, args)
-
-
-def _write_hf(qdir, out, args):
-    from .hf_unified import write
-
-    return write(qdir, out, args)
+    return hook
 
 
 register_target(Target(
     name="trtllm",
     help="TensorRT-LLM checkpoint (config.json + rank{r}.safetensors) for trtllm-build, TensorRT-LLM <= 1.2",
     add_arguments=_arguments,
-    write=_write,
-    precheck=_precheck,
+    write=_lazy("writer", "write"),
+    precheck=_lazy("writer", "resolve"),
 ))
 register_target(Target(
     name="trtllm-hf",
     help="ModelOpt unified HF checkpoint (fp16 or W4A16_AWQ) for TensorRT-LLM's PyTorch backend",
     add_arguments=_arguments,
-    write=_write_hf,
-    precheck=_precheck_hf,
+    write=_lazy("hf_unified", "write"),
+    precheck=_lazy("hf_unified", "resolve"),
 ))
