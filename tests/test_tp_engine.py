@@ -136,3 +136,29 @@ def test_engine_refuses_bad_input(checkpoints, tmp_path):
             TPEngine(checkpoints["fp16"][2], device="cuda")
     with pytest.raises(SqDeployError, match="backend"):
         TPEngine(checkpoints["fp16"][2], device="cpu", backend="nccl")
+
+
+class _SumOfTwo:
+    """A stand-in group of two ranks whose all-reduce doubles the partial sum (both ranks equal)."""
+
+    world = 2
+
+    def all_reduce_(self, t):
+        return t.mul_(2)
+
+
+def test_row_parallel_int8_partial_sums_are_float32():
+    """tp N must round a W8A8 layer's output to float16 once, after the all-reduce (as tp 1 does)."""
+    from sqdeploy.kernels.random_weights import VARIANTS, random_linear
+    from sqdeploy.runtime.tp.parallel import RowParallel
+
+    lin = random_linear(64, 128, VARIANTS["w8a8-token"], "cpu")
+    x = torch.randn(3, 128, dtype=torch.float16)
+    half = lin(x)
+    row = RowParallel(lin, None, _SumOfTwo())
+    assert lin.out_dtype == torch.float32
+    y = row(x)
+    assert y.dtype == torch.float16
+    exact = lin(x) * 2  # float32 partial sum, reduced, then rounded once
+    assert exact.dtype == torch.float32 and torch.equal(y, exact.half())
+    assert half.dtype == torch.float16

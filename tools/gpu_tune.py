@@ -75,6 +75,12 @@ def sweep_gemv(res: dict) -> None:
             ms = graph_ms([lambda m=m: ops.int4_linear_act(x, m.int4(), None, "silu") for m in mods], reps=10)
             rows.append({"gemm": "down (+silu*up)", "cfg": "separate act*mul kernel + tuned GEMV", "ms": ms,
                          "GBps": probe.weight_bytes() / ms / 1e6})
+        from sqdeploy.kernels import gemlite_int4
+
+        for cfg in gemlite_int4.candidates(1, 128, True):
+            ms = _forced(tg._INT4_GEMV, cfg, [lambda m=m: m(x[:, :k]) for m in mods])
+            rows.append({"gemm": gemm, "cfg": selftest._brief(cfg), "ms": ms,
+                         "GBps": None if not ms else probe.weight_bytes() / ms / 1e6})
         xp = torch.randn(1, k, device="cuda", dtype=torch.float16)
         ms = graph_ms(_int4pack_fns(n, k, len(mods), xp), reps=10)
         rows.append({"gemm": gemm, "cfg": "torch._weight_int4pack_mm", "ms": ms, "GBps": probe.weight_bytes() / ms / 1e6})
@@ -83,6 +89,39 @@ def sweep_gemv(res: dict) -> None:
         del mods, probe
         torch.cuda.empty_cache()
     res["gemv"] = rows
+
+
+def sweep_w4_small_m(res: dict, ms=(1, 4, 8, 16, 32, 64, 128)) -> None:
+    """W4A16 at small M, summed over a 7B layer's GEMMs: the tuner's choice (this package's kernels and
+    gemlite's), each gemlite type forced, and FP16 cuBLAS, interleaved per M."""
+    from sqdeploy.kernels import gemlite_int4, triton_gemm as tg
+    from sqdeploy.kernels.measure import interleaved_ms
+
+    cfg7 = config_of(LLAMA2_7B)
+    shapes = layer_shapes(cfg7)
+    w4 = {g: [random_linear(n, k, VARIANTS["w4a16"], "cuda", seed=j) for j in range(2)] for g, (n, k) in shapes.items()}
+    f16 = {g: [random_linear(n, k, VARIANTS["fp16"], "cuda", seed=j) for j in range(2)] for g, (n, k) in shapes.items()}
+    rows = []
+    for m in ms:
+        xs = {g: torch.randn(m, k, device="cuda", dtype=torch.float16) for g, (n, k) in shapes.items()}
+        variants = {"fp16": [lambda mod=mod, g=g: mod(xs[g]) for g in shapes for mod in f16[g]],
+                    "w4 tuned": [lambda mod=mod, g=g: mod(xs[g]) for g in shapes for mod in w4[g]]}
+        t = interleaved_ms(variants, reps=10, trials=5)
+        row = {"M": m, "fp16_ms": t["fp16"] * len(shapes), "w4_tuned_ms": t["w4 tuned"] * len(shapes)}
+        tuner = tg._INT4_GEMV if m == 1 else tg._INT4
+        for cfg in gemlite_int4.candidates(tg._m_bucket(m), 128, True):
+            tuner.forced = cfg
+            try:
+                row[f"gemlite {cfg['TYPE']}_ms"] = graph_ms([lambda mod=mod, g=g: mod(xs[g]) for g in shapes for mod in w4[g]],
+                                                            reps=10) * len(shapes)
+            except Exception as e:  # noqa: BLE001 - reported
+                row[f"gemlite {cfg['TYPE']}_ms"] = f"{type(e).__name__}: {e}"[:200]
+            finally:
+                tuner.forced = None
+        rows.append(row)
+        print(f"   w4 M={m}: {row}", flush=True)
+    res["w4_small_m"] = rows
+    res["w4_small_m_choice"] = __import__("sqdeploy.kernels.tuning", fromlist=["chosen"]).chosen()
 
 
 def sweep_int8(res: dict, m: int = 2048) -> None:
@@ -155,7 +194,7 @@ def checks(res: dict) -> None:
     from sqdeploy.kernels import selftest, triton_gemm as tg  # noqa: F401 - needs triton
 
     rows: list = []
-    for fn in (selftest.check_candidates, selftest.check_fused, selftest.check_gated_gemv, selftest.check_decode_attention):
+    for fn in (selftest.check_candidates, selftest.check_gemlite, selftest.check_fused, selftest.check_gated_gemv, selftest.check_decode_attention):
         selftest._guarded(rows, fn.__name__, fn)
     res["checks"] = rows
 
@@ -204,7 +243,7 @@ def main() -> int:
         triton_int8_tma.LARGE_M += [triton_int8_tma.tma_cfg(*c) for c in EXTRA_TMA]
     E2E_VARIANTS = tuple(args.e2e_variants.split(","))
     res: dict = {"copy_gbps": copy_bandwidth() / 1e9}
-    steps = {"checks": checks, "gemv": sweep_gemv, "int8": sweep_int8,
+    steps = {"checks": checks, "gemv": sweep_gemv, "w4m": sweep_w4_small_m, "int8": sweep_int8,
              "pipeline": pipeline, "e2e": e2e}
     for name in args.only.split(","):
         t0 = time.time()

@@ -29,10 +29,13 @@ from .spec import LinearSpec
 class KernelLinear(nn.Module):
     """Common input handling: optional pre-quant multiplier, then the input quantization."""
 
+    int8_activations = False
+
     def __init__(self, spec: LinearSpec, iq: InputQuant, device, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = spec.in_features, spec.out_features
         self.dtype = dtype
+        self.out_dtype = dtype  # a row-parallel W8A8 linear emits float32 partial sums (runtime.tp.parallel)
         self.input_quant = iq if iq.scale is None else InputQuant(iq.kind, iq.scale.to(device))
         pqs = spec.pre_quant_scale
         self.register_buffer("pre_quant_scale", None if pqs is None else pqs.to(device, dtype), persistent=False)
@@ -73,6 +76,7 @@ class HalfLinear(KernelLinear):
 
 
 class W8A8Linear(KernelLinear):
+    int8_activations = True
     def __init__(self, spec: LinearSpec, device, dtype: torch.dtype):
         super().__init__(spec, input_quant(spec.scheme.act.kind, spec.act_scale), device, dtype)
         w = int8_from_spec(spec)
@@ -80,7 +84,7 @@ class W8A8Linear(KernelLinear):
         self.register_buffer("wscale", w.scale.to(device), persistent=False)
 
     def compute(self, qa: QAct) -> torch.Tensor:
-        return ops.int8_linear(qa, Int8Weight(self.qweight, self.wscale), self.bias, self.dtype)
+        return ops.int8_linear(qa, Int8Weight(self.qweight, self.wscale), self.bias, self.out_dtype)
 
 
 class W4A16Linear(KernelLinear):

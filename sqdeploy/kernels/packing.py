@@ -7,7 +7,8 @@ in steps of whole words and read consecutive output channels, so loads coalesce,
 and a packed tile of ``BLOCK_K/8`` rows unpacks in registers to ``BLOCK_K`` rows.
 Symmetric weights are stored as ``q + 8`` with the constant zero point 8; asymmetric
 ones keep qmath's unsigned ``q`` and an explicit zero point per group
-(``[in/group, out]`` uint8). Scales are ``[in/group, out]``.
+(``[in/group, out]``: float16 on the GPU, where it is exact and the form gemlite's kernels
+read as well (:mod:`.gemlite_int4`), uint8 elsewhere). Scales are ``[in/group, out]``.
 
 INT8 weights stay ``[out, in]`` (K contiguous), the K-major operand layout that the
 INT8 tensor-core instructions want; their per-output-channel scale is float32 ``[out]``.
@@ -53,7 +54,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 class Int4Weight:
     packed: torch.Tensor  # int32 [in/8, out]
     scales: torch.Tensor  # [in/group, out], float16 where exact enough, else float32
-    zeros: torch.Tensor | None  # uint8 [in/group, out]; None: symmetric (zero point 8)
+    zeros: torch.Tensor | None  # [in/group, out] (float16 on the GPU, else uint8); None: symmetric (zero point 8)
     group_size: int
     out_features: int
     in_features: int
@@ -85,7 +86,7 @@ def int4_from_spec(spec: LinearSpec, compact_scales: bool) -> Int4Weight:
     if ws.symmetric:
         q_u, zeros = (spec.q.to(torch.int16) + 8).to(torch.int8), None
     else:
-        q_u, zeros = spec.q, spec.zero.t().contiguous().to(torch.uint8)
+        q_u, zeros = spec.q, spec.zero.t().contiguous().to(torch.float16 if compact_scales else torch.uint8)
     scales = spec.channel_scale().t().contiguous()
     scales = scales.to(scale_dtype(scales, compact_scales))
     return Int4Weight(pack_int4(q_u), scales, zeros, g, spec.out_features, spec.in_features)

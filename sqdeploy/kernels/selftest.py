@@ -66,7 +66,7 @@ def check_int8(rows: list, shapes=((1, 1536, 4096), (5, 1536, 4096), (16, 3072, 
 def _int4_case(n, k, g, asym):
     q = torch.randint(0, 16, (n, k), dtype=torch.int8, device="cuda")
     scales = (torch.rand(k // g, n, device="cuda") * 0.01 + 1e-3).half()
-    zeros = torch.randint(0, 16, (k // g, n), dtype=torch.uint8, device="cuda") if asym else None
+    zeros = torch.randint(0, 16, (k // g, n), device="cuda").half() if asym else None
     return Int4Weight(pack_int4(q), scales, zeros, g, n, k)
 
 
@@ -156,6 +156,43 @@ def check_candidates(rows: list) -> None:
             Tuner.disable(tuner.name, cfg)
 
 
+def check_gemlite(rows: list) -> None:
+    """Every gemlite kernel type the tuner may offer (:mod:`.gemlite_int4`), for asymmetric and symmetric
+    weights separately, several row counts, against the reference and three runs bit for bit; a
+    type that fails is disabled for that kind of weight."""
+    from . import gemlite_int4 as gl
+
+    if not gl.available():
+        return
+    for bucket, ms in ((1, (1,)), (16, (2, 16)), (64, (17, 64)), (256, (100, 128))):
+        for asym, groups in ((True, (128,)), (False, (64, 128))):
+            for cfg in gl.candidates(bucket, 128, asym):
+                tuner = tg._INT4_GEMV if bucket == 1 else tg._INT4
+                worst = 0.0
+                for g in groups:
+                    w = _int4_case(1536, 4096, g, asym)
+                    dense = dequantize_int4(w, torch.float32)
+                    for m in ms:
+                        x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+                        bias = torch.randn(1536, device="cuda", dtype=torch.float16)
+                        tuner.forced = cfg
+                        try:
+                            _poison((m, 1536), torch.float16)
+                            outs = [tg.int4_gemm(x, w.packed, w.scales, w.zeros, g, bias) for _ in range(3)]
+                            same = all(torch.equal(outs[0], o) for o in outs[1:])
+                            err = _rel(outs[0], F.linear(x.float(), dense, bias.float())) if same else float("inf")
+                        except Exception as e:  # noqa: BLE001 - a type that does not run is disabled too
+                            err = float("inf")
+                            print(f"   gemlite {cfg}: {type(e).__name__}: {e}"[:400], flush=True)
+                        finally:
+                            tuner.forced = None
+                        rows.append(_row(f"gemlite_{cfg['TYPE']}", f"M={m} g={g} {cfg['ZERO']}", err, 2e-3))
+                        worst = max(worst, err)
+                if not worst <= 2e-3:
+                    for name in ("int4_gemv", "int4_gemm"):
+                        Tuner.disable(name, cfg)
+
+
 def _tma_cases(m: int) -> list:
     """(tuner, config, run, reference, output shape) for every TMA-fed INT8 configuration offered at ``m`` rows."""
     qa, w8, bias = _int8_case(m, 1536, 4096)
@@ -166,7 +203,7 @@ def _tma_cases(m: int) -> list:
 
 
 def _brief(cfg: dict) -> str:
-    keys = ("KIND", "BLOCK_M", "BLOCK_N", "BLOCK_K", "K_PER", "MATH", "STAGES", "GROUP_M", "num_warps", "num_stages")
+    keys = ("KIND", "TYPE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "K_PER", "MATH", "STAGES", "GROUP_M", "num_warps", "num_stages")
     return " ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
 
 
@@ -263,8 +300,8 @@ def run_all() -> tuple[list[dict], bool]:
     splitk_ok = _guarded(rows, "splitk", check_splitk) is True
     if not splitk_ok:
         tg.SPLITK_ENABLED = False
-    for name, fn in (("candidates", check_candidates), ("int8_gemm", check_int8), ("int4_gemm", check_int4),
-                     ("fused", check_fused)):
+    for name, fn in (("candidates", check_candidates), ("gemlite", check_gemlite), ("int8_gemm", check_int8),
+                     ("int4_gemm", check_int4), ("fused", check_fused)):
         _guarded(rows, name, fn)
     if _guarded(rows, "int4_gemv_act_fused", check_gated_gemv) is not True:
         ops.FUSE_ACT_INTO_GEMV = False  # the model falls back to the separate kernels

@@ -328,22 +328,29 @@ def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         from . import triton_gemv
 
         def launch(cfg):
+            if cfg.get("KIND") == gemlite_int4.KIND:
+                return gemlite_int4.run(cfg, x, packed, scales, zeros, group, bias)
             triton_gemv.launch(cfg, x, packed, scales, zeros, bias, out, group, ACT_CODES[act or "identity"],
                                act is not None, _split_args(cfg, 1, n, x.device))
+            return out
 
-        _INT4_GEMV.run((n, k, group, act), lambda: gemv_candidates(k, group), launch)
-        return out
+        extra = gemlite_int4.candidates(1, group, zeros is not None) if act is None else []
+        return _INT4_GEMV.run((n, k, group, act), lambda: gemv_candidates(k, group) + extra, launch)
     if act is not None:
         raise ValueError("the fused activation input is a decode (one-row) path")
 
     def launch(cfg):
+        if cfg.get("KIND") == gemlite_int4.KIND:
+            return gemlite_int4.run(cfg, x, packed, scales, zeros, group, bias)
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         _int4_gemm_kernel[grid](x, packed, **common, M=m, stride_am=x.stride(0), stride_om=out.stride(0),
                                 **_split_args(cfg, m, n, x.device),
                                 **_meta(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "UNPACK"))
+        return out
 
-    _INT4.run((_m_bucket(m), n, k, group), lambda: _usable(_int4_candidates(m), k, group, max_split=32), launch)
-    return out
+    return _INT4.run((_m_bucket(m), n, k, group),
+                     lambda: _usable(_int4_candidates(m), k, group, max_split=32) + gemlite_int4.candidates(_m_bucket(m), group, zeros is not None),
+                     launch)
 
 
 def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int,
@@ -359,4 +366,4 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return out
 
 
-from . import triton_int8_tma  # noqa: E402 - needs the helpers above
+from . import gemlite_int4, triton_int8_tma  # noqa: E402 - needs the helpers above

@@ -41,14 +41,15 @@ class Tuner:
         self.forced: dict | None = None
         Tuner.registry[name] = self
 
-    def run(self, key: tuple, candidates: Callable[[], list[dict]], launch: Callable[[dict], None]) -> None:
-        """Launch with the best configuration for ``key``; ``candidates`` is only called the first time."""
+    def run(self, key: tuple, candidates: Callable[[], list[dict]], launch: Callable[[dict], object]):
+        """Launch with the best configuration for ``key`` and return what the launch returns;
+        ``candidates`` is only called the first time."""
         if self.forced is not None:
             return launch(self.forced)
         cfg = self.best.get(key)
         if cfg is None:
-            cfg = self._choose(key, candidates(), launch)
-        launch(cfg)
+            cfg = self._choose(key, [c for c in candidates() if self.usable(self.name, c)], launch)
+        return launch(cfg)
 
     def _choose(self, key: tuple, candidates: list[dict], launch) -> dict:
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -47,15 +47,26 @@ class Comm:
 
 
 class RowParallel(nn.Module):
-    """A row-parallel linear: local partial product, all-reduce, then the bias once."""
+    """A row-parallel linear: local partial product, all-reduce, then the bias once.
+
+    An INT8-activation linear hands over float32 partial sums, so tp N rounds the layer's
+    output to float16 once, after the all-reduce, as tp 1 does: float16 partials would round
+    twice, and the next INT8 quantization turns such last-bit differences into whole steps
+    (greedy tokens of tp 2 then drift from tp 1's on near ties). Twice the all-reduce bytes.
+    """
 
     def __init__(self, linear: nn.Module, bias: torch.Tensor | None, comm: Comm):
         super().__init__()
         self.linear, self.comm = linear, comm
         self.register_buffer("bias", bias, persistent=False)
+        self.out_dtype = getattr(linear, "out_dtype", None)
+        if comm.world > 1 and getattr(linear, "int8_activations", False):
+            linear.out_dtype = torch.float32
 
     def forward(self, x):
         y = self.comm.all_reduce_(self.linear(x))
+        if self.out_dtype is not None and y.dtype != self.out_dtype:
+            y = y.to(self.out_dtype)
         return y if self.bias is None else y + self.bias
 
 
