@@ -167,7 +167,8 @@ def quantize(
         search = search_alpha(
             ck, cal.ids[: p["search_samples"]], recipe.scheme, smoothing_groups(recipe, family, cfg),
             device=runtime.device, batch=runtime.batch, progress=runtime.progress,
-            rounding=Rounding(p["rounding"], p["gptq_damp"], act_scale_search=p["act_scale_search"]), **kw,
+            rounding=Rounding(p["rounding"], p["gptq_damp"], act_scale_search=p["act_scale_search"]),
+            refine=p["search_refine"], **kw,
         )
         alpha = search["alpha"]
     algorithm = _FloatLayers() if recipe.algorithm == "none" else make_algorithm(recipe, family, cfg, alpha)
@@ -227,7 +228,9 @@ def build_manifest(ck: HFCheckpoint, result: QuantizeResult, dtype: torch.dtype)
 def _search_summary(search: dict | None) -> dict | None:
     if search is None:
         return None
-    return {k: _plain(v) for k, v in search.items() if k != "per_layer_error"}
+    drop = lambda d: {k: v for k, v in d.items() if k != "per_layer_error"}  # noqa: E731 - too long for a manifest
+    return {k: _plain(drop(v) if isinstance(v, dict) and "per_layer_error" in v else v)
+            for k, v in search.items() if k != "per_layer_error"}
 
 
 def _plain(v: Any) -> Any:

@@ -45,12 +45,35 @@ def search_alpha(
     batch: int = 8,
     progress: bool = True,
     rounding: Rounding = Rounding(),
+    refine: int = 0,
 ) -> dict:
     """Whole-model loss of every alpha in ``grid``; returns the losses and the best alpha.
 
-    Candidates are quantized with the same rounding as the final pass, so the search
-    scores the model that will be written.
+    Candidates are scored with the rounding of the final pass, so the search ranks the
+    model that will be written. With an expensive rounding (GPTQ) and ``refine = k > 0``,
+    every alpha is first scored with round-to-nearest (the paper's search) and only the
+    ``k`` best are scored again with the final rounding, which picks among them: the two
+    roundings rank neighbouring alphas alike, and the GPTQ passes dominate the search time.
     """
+    t0 = time.perf_counter()
+    two_stage = refine > 0 and rounding.needs_hessian and len(grid) > refine
+    first = _score(src, ids, scheme, groups, grid, device, batch, progress,
+                   rounding.for_search() if two_stage else rounding, "SmoothQuant+ alpha search")
+    out = {"grid": list(grid), "rounding": "rtn" if two_stage else rounding.method}
+    if two_stage:
+        finalists = tuple(sorted(sorted(grid, key=first["loss"].get)[:refine]))
+        second = _score(src, ids, scheme, groups, finalists, device, batch, progress, rounding,
+                        f"SmoothQuant+ refine ({rounding.method})")
+        out.update(rtn=first, refined=second, finalists=list(finalists))
+        first = second
+    best = min(first["loss"], key=first["loss"].get)
+    out.update(alpha=best, loss=first["loss"], final_output_error=first["final_output_error"],
+               per_layer_error=first["per_layer_error"], seconds=time.perf_counter() - t0)
+    return out
+
+
+def _score(src, ids, scheme, groups, grid, device, batch, progress, rounding, title) -> dict:
+    """One streaming pass: every candidate's quantized model run layer by layer on its own stream."""
     device = torch.device(device)
     cfg = src.config
     head = load_model(src, with_layers=False)
@@ -60,8 +83,7 @@ def search_alpha(
         ctx.cos, ctx.sin = ctx.cos.to(device), ctx.sin.to(device)
     streams = {a: list(x) for a in grid}
     per_layer = {a: [] for a in grid}
-    t0 = time.perf_counter()
-    with Progress(cfg.num_layers, "SmoothQuant+ alpha search", progress) as bar:
+    with Progress(cfg.num_layers, title, progress) as bar:
         for i in range(cfg.num_layers):
             bar.update(f"layer {i + 1}/{cfg.num_layers}")
             block = load_block(src, i, torch.float32, device)
@@ -79,16 +101,7 @@ def search_alpha(
         norm = head.final_norm
         ref = [norm(t) for t in x]
         final = {a: relative_error([norm(t) for t in streams[a]], ref) for a in grid}
-    loss = {a: sum(per_layer[a]) for a in grid}
-    best = min(loss, key=loss.get)
-    return {
-        "alpha": best,
-        "loss": loss,
-        "final_output_error": final,
-        "per_layer_error": per_layer,
-        "seconds": time.perf_counter() - t0,
-        "grid": list(grid),
-    }
+    return {"loss": {a: sum(per_layer[a]) for a in grid}, "final_output_error": final, "per_layer_error": per_layer}
 
 
 class SmoothQuantPlus:
