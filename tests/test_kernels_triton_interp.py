@@ -103,14 +103,17 @@ def test_fused_norm_and_activation_kernels(iq, dtype):
     x, d = (torch.randn(7, 96, generator=GEN) * 3).to(dtype), torch.randn(7, 96, generator=GEN).to(dtype)
     h = (torch.randn(3, 2 * 2500, generator=GEN) * 2).to(dtype)
     whole_row = tf.act_mul(h, "silu", True, iq)
-    keep, tf.WHOLE_ROW_MAX = tf.WHOLE_ROW_MAX, 1024  # per-token: the two-pass form for wide rows
-    try:
-        two_pass = tf.act_mul(h, "silu", True, iq)
-    finally:
-        tf.WHOLE_ROW_MAX = keep
+    forms = []
+    if iq.kind == "token":  # every launch form the tuner may choose (whole row, two pieces, two passes)
+        assert {f["ROW_PASSES"] for f in tf.token_row_forms(2500)} == {1, 2, 3}
+        for form in tf.token_row_forms(2500):
+            tf._TOKEN_ROWS.forced = form
+            try:
+                forms.append(((None, tf.act_mul(h, "silu", True, iq)), (None, ref.act_mul(h, "silu", True, iq))))
+            finally:
+                tf._TOKEN_ROWS.forced = None
     for got, want in ((tf.add_norm(x, d, norm, iq), ref.add_norm(x, d, norm, iq)),
-                      ((None, whole_row), (None, ref.act_mul(h, "silu", True, iq))),
-                      ((None, two_pass), (None, ref.act_mul(h, "silu", True, iq)))):
+                      ((None, whole_row), (None, ref.act_mul(h, "silu", True, iq))), *forms):
         if got[0] is not None:
             assert torch.equal(got[0], want[0])
         if iq.active:

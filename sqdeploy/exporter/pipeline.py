@@ -103,7 +103,8 @@ def make_algorithm(recipe: Recipe, family: Family, cfg: ModelConfig, alpha: floa
         return RTN(recipe.scheme, cfg.linears, rounding)
     if recipe.algorithm == "smoothquant":
         kw = {"grid": tuple(p["grid"])} if p.get("grid") else {}
-        return SmoothQuant(recipe.scheme, cfg, groups, p["alpha"], search_samples=p["search_samples"], rounding=rounding, **kw)
+        return SmoothQuant(recipe.scheme, cfg, groups, p["alpha"], search_samples=p["search_samples"], rounding=rounding,
+                           search_refine=p["search_refine"], **kw)
     if recipe.algorithm == "smoothquant_plus":
         a = float(alpha if alpha is not None else p["alpha"])
         return SmoothQuantPlus(recipe.scheme, cfg, groups, alpha=a, rounding=rounding)

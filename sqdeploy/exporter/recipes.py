@@ -22,7 +22,7 @@ from .schemes import ActScheme, QuantScheme, WeightScheme, preset
 ALGORITHM_PARAMS: dict[str, dict[str, Any]] = {
     "none": {},
     "rtn": {},
-    "smoothquant": {"alpha": 0.5, "grid": None, "search_samples": 16},
+    "smoothquant": {"alpha": 0.5, "grid": None, "search_samples": 16, "search_refine": 0},
     "smoothquant_plus": {"alpha": "auto", "grid": None, "search_samples": 32, "search_refine": 3},
     "awq": {
         "grid": 20, "duo_scaling": True, "clip": True, "clip_grid": 20, "max_shrink": 0.5,

@@ -9,8 +9,9 @@ minimises the layer's output error under the recipe's W8A8 scheme (the fixed-alp
 paper setting is 0.5; the right value moves with the layer's outliers). The grid also
 holds "no smoothing" (reported as alpha ``null``): with per-token activations a layer
 without outliers often quantizes best untouched, since smoothing moves difficulty into
-the weights. Candidates are rounded to nearest (cheap); the chosen alpha is then
-rounded as the recipe says (e.g. GPTQ).
+the weights. Candidates are rounded to nearest (cheap); with ``search_refine = k``
+the k best of them are scored again with the recipe's rounding (e.g. GPTQ), which
+picks; the chosen alpha is then rounded as the recipe says.
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ class SmoothQuant:
         grid: tuple[float, ...] = DEFAULT_GRID,
         search_samples: int = 16,
         rounding: Rounding = Rounding(),
+        search_refine: int = 0,
     ):
         self.scheme, self.cfg, self.groups = scheme, cfg, groups
         self.alpha, self.grid, self.search_samples = alpha, grid, search_samples
+        self.search_refine = search_refine
         self.rounding = rounding
         self.needs_hessian = rounding.needs_hessian
 
@@ -57,12 +60,17 @@ class SmoothQuant:
     def search(self, block: Block, data: LayerData) -> tuple[float | None, dict]:
         x = data.subset(self.search_samples)
         y = run_block(block, x, data.ctx, data.device)
-        errors = {}
-        for a in (None, *self.grid):
-            trial = copy.deepcopy(block)
-            self._apply(trial, data, a)
-            errors[a] = relative_error(run_block(trial, x, data.ctx, data.device), y)
+        errors = {a: self._error(block, data, a, x, y, final=False) for a in (None, *self.grid)}
+        if self.search_refine > 0 and self.rounding.needs_hessian:
+            finalists = sorted(errors, key=errors.get)[: self.search_refine]
+            refined = {a: self._error(block, data, a, x, y, final=True) for a in finalists}
+            return min(refined, key=refined.get), {"rtn": errors, "refined": refined}
         return min(errors, key=errors.get), errors
+
+    def _error(self, block: Block, data: LayerData, alpha, x, y, final: bool) -> float:
+        trial = copy.deepcopy(block)
+        self._apply(trial, data, alpha, final=final)
+        return relative_error(run_block(trial, x, data.ctx, data.device), y)
 
     def quantize_layer(self, block: Block, data: LayerData) -> LayerResult:
         info: dict = {}

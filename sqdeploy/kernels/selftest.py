@@ -235,6 +235,17 @@ def check_fused(rows: list, m: int = 64, hidden: int = 4096, inter: int = 11008)
     for iq in (InputQuant(), InputQuant("static", torch.tensor([0.02], device="cuda")), InputQuant("token")):
         a, b = tf.act_mul(h, "silu", True, iq), ref.act_mul(h, "silu", True, iq)
         rows.append(_row("act_mul_silu", iq.kind, _q_mismatch(a, b) if iq.active else _rel(a, b), 1e-3))
+    token = InputQuant("token")
+    want = ref.act_mul(h, "silu", True, token)
+    for form in tf.token_row_forms(inter):  # every launch form the tuner may pick for per-token rows
+        tf._TOKEN_ROWS.forced = form
+        try:
+            err = _q_mismatch(tf.act_mul(h, "silu", True, token), want)
+        finally:
+            tf._TOKEN_ROWS.forced = None
+        rows.append(_row("act_mul_token_form", str(form), err, 1e-3))
+        if not err <= 1e-3:
+            Tuner.disable("act_mul_token", form)
     for iq in (InputQuant("token"), InputQuant("tensor")):
         rows.append(_row("quantize", iq.kind, _q_mismatch(tf.quantize(x, iq), ref.quantize(x, iq)), 1e-4))
     _check_rope(rows)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .reference import InputQuant, QAct
+from .tuning import Tuner
 
 QUANT_CODES = {"none": 0, "static": 1, "token": 2}
 ACT_CODES = {"identity": -1, "silu": 0, "relu": 1, "gelu": 2, "gelu_new": 3, "gelu_pytorch_tanh": 3}
@@ -108,11 +109,12 @@ def _act_mul_chunk(h_ptr, base, c, N, GATED: tl.constexpr, ACT: tl.constexpr, BL
 @triton.jit
 def _act_mul_kernel(h_ptr, y_ptr, q_ptr, qs_ptr, scale_ptr, N, stride_h,
                     GATED: tl.constexpr, ACT: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr,
-                    ROW_PASSES: tl.constexpr):
+                    ROW_PASSES: tl.constexpr, BLOCK2: tl.constexpr = 1):
     """ROW_PASSES 0: grid (rows, chunks), one chunk per program (no row-wide value needed).
-    Per-token scales need the row's abs-max first: 2 holds the whole row in the registers of
-    16 warps (one read); 1 makes an abs-max pass then a quantizing pass over chunks (the second
-    pass reads from cache), for rows too wide for registers."""
+    Per-token scales need the row's abs-max first: 2 holds the whole row in registers, padded
+    to a power of two (one read); 3 holds it as two power-of-two pieces, ``BLOCK`` then
+    ``BLOCK2`` columns (11008 = 8192 + 2816 in 8192 + 4096 lanes instead of 16384); 1 makes an
+    abs-max pass then a quantizing pass over chunks (the second pass reads from cache)."""
     row = tl.program_id(0)
     base = row.to(tl.int64) * stride_h
     out = row.to(tl.int64) * N
@@ -126,6 +128,12 @@ def _act_mul_kernel(h_ptr, y_ptr, q_ptr, qs_ptr, scale_ptr, N, stride_h,
         y, cols, mask = _act_mul_chunk(h_ptr, base, 0, N, GATED, ACT, BLOCK)
         s = _scale_of_row(tl.max(tl.abs(y), 0), scale_ptr, qs_ptr, row, QUANT)
         tl.store(q_ptr + out + cols, _quantize(y, s), mask=mask)
+    elif ROW_PASSES == 3:
+        y, cols, mask = _act_mul_chunk(h_ptr, base, 0, N, GATED, ACT, BLOCK)
+        y2, cols2, mask2 = _act_mul_chunk(h_ptr, base, BLOCK, N, GATED, ACT, BLOCK2)
+        s = _scale_of_row(tl.maximum(tl.max(tl.abs(y), 0), tl.max(tl.abs(y2), 0)), scale_ptr, qs_ptr, row, QUANT)
+        tl.store(q_ptr + out + cols, _quantize(y, s), mask=mask)
+        tl.store(q_ptr + out + cols2, _quantize(y2, s), mask=mask2)
     else:
         amax = 0.0
         for c in range(0, N, BLOCK):
@@ -198,26 +206,43 @@ def add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm, iq: InputQuant):
     return h, QAct(q, qs if quant == 2 else iq.scale)
 
 
+def token_row_forms(n: int) -> list[dict]:
+    """Launch forms of the per-token act*mul+quantization kernel for rows of ``n`` columns: the
+    first is the default (what runs untimed: CPU interpreter, CUDA-graph capture)."""
+    if n > WHOLE_ROW_MAX:
+        return [dict(ROW_PASSES=1, BLOCK=CHUNK, BLOCK2=1, num_warps=4)]
+    full = triton.next_power_of_2(n)
+    forms = [dict(ROW_PASSES=2, BLOCK=full, BLOCK2=1, num_warps=max(4, min(16, full // 1024)))]
+    head = full // 2 if full != n else full
+    if head != full and head >= 1024:
+        tail = triton.next_power_of_2(n - head)
+        forms += [dict(ROW_PASSES=3, BLOCK=head, BLOCK2=tail, num_warps=w) for w in (8, 16)]
+    forms += [dict(ROW_PASSES=1, BLOCK=b, BLOCK2=1, num_warps=w) for b, w in ((2048, 4), (4096, 8)) if b < n]
+    return forms
+
+
+_TOKEN_ROWS = Tuner("act_mul_token")
+
+
 def act_mul(h: torch.Tensor, act: str, gated: bool, iq: InputQuant):
     """``h`` [M, 2I] (gated) or [M, I]; identity + quantization = the standalone quantizer."""
     m, width = h.shape
     n = width // 2 if gated else width
     quant = QUANT_CODES[iq.kind]
-    block = min(triton.next_power_of_2(n), CHUNK)
     y = torch.empty((m, n), dtype=h.dtype, device=h.device) if quant == 0 else h
     q = torch.empty((m, n), dtype=torch.int8, device=h.device) if quant else h
     qs = torch.empty(m, dtype=torch.float32, device=h.device) if quant == 2 else h
     scale = iq.scale if quant == 1 else qs
-    warps = 4
-    row_passes = 0
+    common = dict(GATED=gated, ACT=ACT_CODES[act], QUANT=quant)
     if quant == 2:
-        row_passes = 2 if n <= WHOLE_ROW_MAX else 1
-        if row_passes == 2:
-            block = triton.next_power_of_2(n)
-            warps = max(4, min(16, block // 1024))
-    grid = (m,) if row_passes else (m, triton.cdiv(n, block))
-    _act_mul_kernel[grid](h, y, q, qs, scale, n, h.stride(0), GATED=gated, ACT=ACT_CODES[act], QUANT=quant,
-                          BLOCK=block, ROW_PASSES=row_passes, num_warps=warps)
+        def launch(cfg):
+            _act_mul_kernel[(m,)](h, y, q, qs, scale, n, h.stride(0), **common, **cfg)
+
+        _TOKEN_ROWS.run((n, 1 if m == 1 else 64 if m <= 64 else 4096), lambda: token_row_forms(n), launch)
+    else:
+        block = min(triton.next_power_of_2(n), CHUNK)
+        _act_mul_kernel[(m, triton.cdiv(n, block))](h, y, q, qs, scale, n, h.stride(0), **common, BLOCK=block,
+                                                     ROW_PASSES=0, num_warps=4)
     if quant == 0:
         return y
     return QAct(q, qs if quant == 2 else iq.scale)

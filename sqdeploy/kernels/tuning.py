@@ -48,7 +48,8 @@ class Tuner:
             return launch(self.forced)
         cfg = self.best.get(key)
         if cfg is None:
-            cfg = self._choose(key, [c for c in candidates() if self.usable(self.name, c)], launch)
+            offered = candidates()
+            cfg = self._choose(key, [c for c in offered if self.usable(self.name, c)] or offered[:1], launch)
         return launch(cfg)
 
     def _choose(self, key: tuple, candidates: list[dict], launch) -> dict:
