@@ -61,3 +61,30 @@ def test_gqa_fold_shares_scale_across_query_heads(tiny_models):
     rep = cfg.num_heads // cfg.num_kv_heads
     for h in range(cfg.num_heads):
         torch.testing.assert_close(ratio[h], s.view(cfg.num_kv_heads, cfg.head_dim)[h // rep])
+
+
+def test_hessian_sums_are_shared_and_exact(tiny_models):
+    """Linears fed the same input share one x^T x accumulator, added to once per batch, and it
+    equals the sum over every batch (a double-counted or missed batch fails this); smoothing
+    keeps the sharing."""
+    ck = HFCheckpoint(tiny_models["llama"])
+    cfg = ck.config
+    model = load_model(ck)
+    block = model.layers[0]
+    seen: list[torch.Tensor] = []
+    handle = block.linear("q").register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad(), StatsCollector(block, cfg.linears, hessian=True) as c:
+        for _ in range(3):
+            x, ctx = model.prepare(torch.randint(0, 2000, (2, 16)))
+            block(x, ctx)
+    handle.remove()
+    st = c.stats
+    assert st["q"].xtx is st["k"].xtx is st["v"].xtx and st["gate"].xtx is st["up"].xtx
+    assert st["o"].xtx is not st["q"].xtx
+    want = sum((t.float().t() @ t.float()).double() for t in seen)  # the collector's own arithmetic
+    torch.testing.assert_close(st["q"].xtx, want, rtol=1e-9, atol=1e-9)
+    groups = usable_groups(ck.family.smoothing_groups, cfg)
+    _, smoothed = smooth_block(block, cfg, groups, st, lambda g, xs, _m, w: smoothquant_scale(xs, w, 0.5))
+    assert smoothed["q"].xtx is smoothed["k"].xtx and smoothed["q"].xtx is not st["q"].xtx
+    _, light = smooth_block(block, cfg, groups, st, lambda g, xs, _m, w: smoothquant_scale(xs, w, 0.5), with_xtx=False)
+    assert light["q"].xtx is None

@@ -91,7 +91,12 @@ class Rounding:
         hessians = None
         if self.method == "gptq" and scheme.weight is not None:
             if all(stats[n].xtx is not None for n in names):
-                hessians = {n: stats[n].hessian for n in names}
+                shared: dict[int, torch.Tensor] = {}  # one float32 Hessian per shared input (q/k/v, gate/up)
+                hessians = {}
+                for n in names:
+                    if id(stats[n].xtx) not in shared:
+                        shared[id(stats[n].xtx)] = stats[n].hessian
+                    hessians[n] = shared[id(stats[n].xtx)]
             else:
                 hessians = collect_hessians(block, names, lambda b: data.run(b, data.subset(self.samples)))
         qweights = quantize_block(block, names, scheme, stats, clip, hessians, self.damp)

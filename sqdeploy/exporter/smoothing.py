@@ -86,12 +86,14 @@ def smooth_block(
     groups: tuple[SmoothGroup, ...],
     stats: dict,
     scale_fn,
+    with_xtx: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Fold ``scale_fn(group, x_stat, w_absmax)`` for each group; returns the scales and the smoothed stats.
 
     ``stats`` maps linear name -> ChannelStats of its *unsmoothed* input; the returned
     copy describes the smoothed inputs (divided by ``s``), which is what static
-    activation scales must be computed from.
+    activation scales must be computed from. ``with_xtx=False`` leaves out the (large)
+    ``x^T x`` sums, for trials rounded without GPTQ.
     """
     stats = dict(stats)
     scales: dict[str, torch.Tensor] = {}
@@ -102,7 +104,11 @@ def smooth_block(
         s = scale_fn(g, x_stat, mean_stat, weight_absmax(block, g, cfg).cpu()).float().cpu()
         fold(block, g, s, cfg)
         s_in = expand_to_consumer(g, s, cfg)
+        shared: dict[int, torch.Tensor] = {}  # consumers of one input share its scaled x^T x
         for c in g.consumers:
-            stats[c] = stats[c].scaled(s_in)
+            src = stats[c].xtx
+            stats[c] = stats[c].scaled(s_in, shared.get(id(src)), with_xtx)
+            if src is not None and stats[c].xtx is not None:
+                shared.setdefault(id(src), stats[c].xtx)
         scales[g.name] = s
     return scales, stats

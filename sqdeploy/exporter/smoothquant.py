@@ -53,8 +53,8 @@ class SmoothQuant:
         """Smooth with ``alpha`` (None: no smoothing) and quantize as the final weights will be."""
         groups = self.groups if alpha is not None else ()
         scale_fn = lambda g, x, _mean, w: smoothquant_scale(x, w, alpha)  # noqa: E731
-        scales, stats = smooth_block(block, self.cfg, groups, data.stats, scale_fn)
         rounding = self.rounding if final else self.rounding.for_search()
+        scales, stats = smooth_block(block, self.cfg, groups, data.stats, scale_fn, with_xtx=rounding.needs_hessian)
         return scales, rounding(block, self.cfg.linears, self.scheme, data, stats)
 
     def search(self, block: Block, data: LayerData) -> tuple[float | None, dict]:

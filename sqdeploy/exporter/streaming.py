@@ -44,10 +44,15 @@ class ChannelStats:
         """GPTQ's H = 2 X^T X / n."""
         return None if self.xtx is None else (2.0 * self.xtx / max(self.tokens, 1)).float()
 
-    def scaled(self, s_in: torch.Tensor) -> "ChannelStats":
-        """Statistics of the input divided by ``s_in`` per channel (after smoothing)."""
+    def scaled(self, s_in: torch.Tensor, xtx: torch.Tensor | None = None, with_xtx: bool = True) -> "ChannelStats":
+        """Statistics of the input divided by ``s_in`` per channel (after smoothing). ``xtx``: the
+        already scaled ``x^T x`` of another linear reading the same input (shared, not recomputed);
+        ``with_xtx=False`` drops it (a round-to-nearest trial needs no Hessian)."""
         s_in = s_in.to(self.absmax.device)
-        xtx = None if self.xtx is None else self.xtx / torch.outer(s_in, s_in).double()
+        if not with_xtx or self.xtx is None:
+            xtx = None
+        elif xtx is None:
+            xtx = self.xtx / torch.outer(s_in, s_in).double()
         return ChannelStats(self.absmax / s_in, self.abssum / s_in, self.tokens, xtx)
 
 
@@ -69,23 +74,29 @@ class StatsCollector:
             x = raw.abs()
             s = self.stats.get(name)
             amax, asum = x.amax(0).cpu(), x.sum(0, dtype=torch.float64).float().cpu()
-            xtx = self._xtx(args[0], raw) if self.hessian else None
+            xtx = self._accumulate(args[0], raw, None if s is None else s.xtx) if self.hessian else None
             if s is None:
-                self.stats[name] = ChannelStats(amax, asum, x.shape[0], None if xtx is None else xtx.clone())
+                self.stats[name] = ChannelStats(amax, asum, x.shape[0], xtx)
             else:
                 s.absmax = torch.maximum(s.absmax, amax)
                 s.abssum += asum
                 s.tokens += x.shape[0]
-                if xtx is not None:
-                    s.xtx += xtx
 
         return hook
 
-    def _xtx(self, tensor: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
-        """x^T x of a hook input, computed once for linears that share it (q/k/v, gate/up)."""
-        if self._last_xtx is None or self._last_xtx[0] is not tensor:
-            self._last_xtx = (tensor, (raw.t() @ raw).double().cpu())
-        return self._last_xtx[1]
+    def _accumulate(self, tensor: torch.Tensor, raw: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
+        """The running x^T x (float64) of this input. Linears fed the same tensor (q/k/v, gate/up)
+        share one accumulator, added to once per batch: a 1B model's layer holds 0.45 GB of these
+        in float64 when each linear keeps its own copy."""
+        if self._last_xtx is not None and self._last_xtx[0] is tensor:
+            return self._last_xtx[1]
+        xtx = (raw.t() @ raw).double().cpu()
+        if acc is None:
+            acc = xtx
+        else:
+            acc += xtx
+        self._last_xtx = (tensor, acc)
+        return acc
 
     def _observe_kv(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.kv_amax = torch.maximum(self.kv_amax, torch.stack([k.abs().amax().cpu().float(), v.abs().amax().cpu().float()]))
