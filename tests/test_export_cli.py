@@ -143,3 +143,13 @@ def test_sq_eval_table_and_json(tmp_path, tiny_models, calib_file, capsys):
     assert [r["name"] for r in res] == ["float32 (unquantized)", "w8a8-sq", "w4a16-rtn"]
     assert all(r["perplexity"] > 1 for r in res)
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_list_recipes_needs_no_model(capsys):
+    assert export_main(["--list-recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "w8a8-sq" in out and "w4a16-sqplus" in out
+    with pytest.raises(SystemExit) as e:
+        export_main([])
+    assert e.value.code != 0
+    assert "model directory is required" in capsys.readouterr().err

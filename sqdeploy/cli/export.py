@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Calibrate, smooth and quantize a local Hugging Face causal LM, then write it as a "
         "quantized model directory (compressed-tensors) or an export target.",
     )
-    ap.add_argument("model", help="local HF model directory (or hub id when online), or an existing quantized directory")
+    ap.add_argument("model", nargs="?", help="local HF model directory (or hub id when online), or an existing quantized directory")
     ap.add_argument("--recipe", default="w8a8-sq", help="built-in recipe name or YAML path (see --list-recipes)")
     ap.add_argument("--out", help="output directory (refused if it exists, unless --force)")
     ap.add_argument("--target", default="quantized", choices=["quantized", *sorted(targets)], help="what to write")
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_recipes:
         list_recipes()
         return 0
+    if not args.model:
+        ap.error("the model directory is required (or --list-recipes)")
     if not args.out:
         ap.error("--out is required")
     check_output_dir(args.out, args.force)
