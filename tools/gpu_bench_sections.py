@@ -105,7 +105,7 @@ def _ppl(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 
 def tiny_model(b: Bench) -> None:
-    from sqdeploy.kernels import GraphDecoder, load_for_device
+    from sqdeploy.kernels import GraphDecoder, load_for_device, matching_lead
     from sqdeploy.kernels.inmemory import quantize_in_memory
     from sqdeploy.model.generate import greedy_generate
     from sqdeploy.model.loading import load_model
@@ -142,7 +142,7 @@ def tiny_model(b: Bench) -> None:
         got = dec.generated(n_new).tolist()
         for name, model in (("ref16", ref16), ("ref32", ref32)):
             want = [greedy_generate(model, p.tolist(), n_new) for p in prompts]
-            row[f"greedy_match_{name}"] = [_lead(a, w) for a, w in zip(got, want)]
+            row[f"greedy_match_{name}"] = [matching_lead(a, w) for a, w in zip(got, want)]
         rows.append(row)
         del ref32, ref16, kern, dec, src
         torch.cuda.empty_cache()
@@ -165,15 +165,6 @@ TINY_RECIPES = {
     "w4a16-rtn (g128 asym)": "w4a16-rtn",
     "w4a16 g64 sym (rtn)": _rtn("w4a16-g64-sym", {"bits": 4, "granularity": "group", "group_size": 64, "symmetric": True}),
 }
-
-
-def _lead(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # ------------------------------------------------------------------ 4. per-layer GEMMs

@@ -88,16 +88,9 @@ def _reference_nll(path: Path, windows: torch.Tensor, device: str) -> float:
     return _nll(logits, windows)
 
 
-def _same_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def compare(name: str, tp1: Path, tp2: Path, data: dict, new: int, device: str = "cuda") -> dict:
+    from sqdeploy.kernels import matching_lead
+
     windows = torch.tensor(data["windows"])
     prompts = data["prompts"]
     r1 = _engine_run(tp1, windows, prompts, new, device)
@@ -120,7 +113,7 @@ def compare(name: str, tp1: Path, tp2: Path, data: dict, new: int, device: str =
     for mode in ("eager", "graph"):
         pairs = list(zip(r1[mode], r2[mode]))
         row[f"greedy_{mode}_identical"] = sum(a == b for a, b in pairs)
-        row[f"greedy_{mode}_first_diff"] = [(_same_prefix(a, b) if a != b else None) for a, b in pairs]
+        row[f"greedy_{mode}_first_diff"] = [(matching_lead(a, b) if a != b else None) for a, b in pairs]
     row["graph_equals_eager_tp1"] = r1["graph"] == r1["eager"]
     row["start_s"] = {"tp1": r1["start_s"], "tp2": r2["start_s"]}
     return row

@@ -7,7 +7,7 @@ the same modules run the exact PyTorch arithmetic of :mod:`.reference`, which is
 the CPU test suite holds the whole path to the reference.
 """
 
-from .decode import GraphDecoder, GraphedForward, greedy_generate
+from .decode import GraphDecoder, GraphedForward, greedy_generate, matching_lead
 from .device import check_cuda, check_gpus_for_tp, resolve_device
 from .model import KernelTransformer, StaticKVCache
 from .spec import LinearSpec
@@ -15,5 +15,5 @@ from .swap import build_block, load_for_device, prepare_model
 
 __all__ = [
     "GraphDecoder", "GraphedForward", "KernelTransformer", "LinearSpec", "StaticKVCache", "build_block", "check_cuda",
-    "check_gpus_for_tp", "greedy_generate", "load_for_device", "prepare_model", "resolve_device",
+    "check_gpus_for_tp", "greedy_generate", "load_for_device", "matching_lead", "prepare_model", "resolve_device",
 ]

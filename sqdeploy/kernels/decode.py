@@ -143,3 +143,13 @@ def greedy_generate(model: KernelTransformer, prompts: list[list[int]], max_new_
     for _ in range(max_new_tokens - 1):
         dec.step()
     return dec.generated(max_new_tokens).tolist()
+
+
+def matching_lead(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy continuations share (where they part, on a near tie)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -17,6 +17,7 @@ Absent gemlite, or with ``SQDEPLOY_GEMLITE=0``, nothing changes.
 
 from __future__ import annotations
 
+import ast
 import functools
 import math
 import os
@@ -76,8 +77,8 @@ def _seed_config(kind: str, m: int, n: int, k: int, group: int) -> None:
     best, best_d = None, float("inf")
     for sig, cfg in table.items():
         try:
-            m2, n2, k2, g2, e2, t2 = eval(sig, {})  # noqa: S307 - gemlite's own tuple-of-ints keys
-        except Exception:  # noqa: BLE001
+            m2, n2, k2, g2, e2, t2 = ast.literal_eval(sig)  # gemlite's keys: tuples of ints as strings
+        except (ValueError, SyntaxError, TypeError):
             continue
         if (g2, e2, t2) != (group, PACKED_PER_WORD, TYPE_ID):
             continue

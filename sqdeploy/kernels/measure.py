@@ -28,17 +28,20 @@ def l2_bytes() -> int:
 def graph_ms(fns: list[Callable[[], object]], reps: int = 20, trials: int = 3) -> float:
     """Median over ``trials`` of the mean time (ms) of one call in ``fns``, all replayed from one CUDA graph."""
     graph = _capture(fns)
-    times = []
-    for _ in range(trials):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / (reps * len(fns)))
+    times = [_replay_ms(graph, reps) / len(fns) for _ in range(trials)]
     del graph
     return statistics.median(times)
+
+
+def _replay_ms(graph: torch.cuda.CUDAGraph, reps: int) -> float:
+    """Mean time (ms) of one replay of ``graph`` over ``reps`` back-to-back replays."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def _capture(fns: list[Callable[[], object]]) -> torch.cuda.CUDAGraph:
@@ -68,13 +71,7 @@ def interleaved_ms(variants: dict[str, list[Callable[[], object]]], reps: int = 
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(trials):
         for name, graph in graphs.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                graph.replay()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end) / (reps * len(variants[name])))
+            times[name].append(_replay_ms(graph, reps) / len(variants[name]))
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -213,8 +213,8 @@ def token_row_forms(n: int) -> list[dict]:
         return [dict(ROW_PASSES=1, BLOCK=CHUNK, BLOCK2=1, num_warps=4)]
     full = triton.next_power_of_2(n)
     forms = [dict(ROW_PASSES=2, BLOCK=full, BLOCK2=1, num_warps=max(4, min(16, full // 1024)))]
-    head = full // 2 if full != n else full
-    if head != full and head >= 1024:
+    head = full // 2
+    if full != n and head >= 1024:  # n not a power of two: two pieces waste fewer lanes than one
         tail = triton.next_power_of_2(n - head)
         forms += [dict(ROW_PASSES=3, BLOCK=head, BLOCK2=tail, num_warps=w) for w in (8, 16)]
     forms += [dict(ROW_PASSES=1, BLOCK=b, BLOCK2=1, num_warps=w) for b, w in ((2048, 4), (4096, 8)) if b < n]
