@@ -153,3 +153,24 @@ def test_list_recipes_needs_no_model(capsys):
         export_main([])
     assert e.value.code != 0
     assert "model directory is required" in capsys.readouterr().err
+
+
+class _CharTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return type("Enc", (), {"input_ids": [ord(c) % 251 for c in text]})()
+
+
+def test_validation_windows_share_no_token_with_the_standard_ones():
+    from sqdeploy.exporter.evaluate import eval_windows
+
+    text = "".join(chr(32 + (i * 7919) % 90) for i in range(60_000))  # a step of 24 windows >= 4 x 512
+    ids = torch.tensor(_CharTokenizer()(text).input_ids)
+    std = eval_windows(_CharTokenizer(), text, 24, 512)
+    val = eval_windows(_CharTokenizer(), text, 48, 512, offset=0.5)
+    step24, step48 = (ids.numel() - 512) // 24, (ids.numel() - 512) // 48
+    std_starts = [i * step24 for i in range(24)]
+    val_starts = [int((i + 0.5) * step48) for i in range(48)]
+    assert torch.equal(val[5], ids[val_starts[5] : val_starts[5] + 512]) and torch.equal(std[3], ids[3 * step24 : 3 * step24 + 512])
+    assert all(abs(a - b) >= 512 for a in std_starts for b in val_starts)  # disjoint spans
+    with pytest.raises(SqDeployError, match="window-offset"):
+        eval_windows(_CharTokenizer(), text, 24, 512, offset=1.0)

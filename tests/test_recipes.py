@@ -41,6 +41,19 @@ def test_unknown_keys_rejected_with_allowed_ones():
         parse_recipe({"scheme": {"weight": {"bits": 4, "granularity": "group", "group_size": 100}}, "algorithm": "rtn"})
 
 
+def test_gptq_options_that_would_be_ignored_are_refused():
+    w8a16 = {"weight": {"bits": 8, "granularity": "channel"}}
+    with pytest.raises(SqDeployError, match="gptq_act_aware needs rounding: gptq"):
+        parse_recipe({"scheme": "O3", "algorithm": {"name": "rtn", "gptq_act_aware": True}})
+    with pytest.raises(SqDeployError, match="quantized activations"):
+        parse_recipe({"scheme": w8a16, "algorithm": {"name": "rtn", "rounding": "gptq", "gptq_act_aware": True}})
+    with pytest.raises(SqDeployError, match="gptq_quantized_inputs needs gptq_act_aware"):
+        parse_recipe({"scheme": "O3", "algorithm": {"name": "rtn", "rounding": "gptq", "gptq_quantized_inputs": True}})
+    ok = parse_recipe({"scheme": "O3", "algorithm": {"name": "smoothquant", "rounding": "gptq", "gptq_act_aware": True,
+                                                     "gptq_quantized_inputs": True}})
+    assert ok.params["gptq_act_aware"] and ok.params["gptq_quantized_inputs"]
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_norms_selects_the_norm_groups_of_any_family(family, tiny_models):
     from sqdeploy.exporter.pipeline import smoothing_groups

@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--text", required=True, help="held-out text, .txt or .txt.gz")
     ap.add_argument("--windows", type=int, default=24, help="number of evaluation windows (default 24)")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    ap.add_argument("--window-offset", type=float, default=0.0,
+                    help="move every window by this fraction of the window step (default 0); "
+                    "--windows 48 --window-offset 0.5 gives windows disjoint from the default 24, for validation")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unquantized model when recipes are given")
     ap.add_argument("--humaneval", action="store_true", help="also greedy HumanEval pass@1 (runs generated code!)")
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ck = HFCheckpoint(args.model)
         tokenizer = load_tokenizer(ck.path)
-        windows = eval_windows(tokenizer, read_text(args.text), args.windows, args.seq_len)
+        windows = eval_windows(tokenizer, read_text(args.text), args.windows, args.seq_len, args.window_offset)
         if not args.no_baseline:
             model = load_model(ck, device=runtime.device)
             rows.append(_score("float32 (unquantized)", model, model_logits_fn(model), tokenizer, windows, args, {}))
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         opened = open_model(args.model, runtime.device)
         tokenizer = load_tokenizer(opened.tokenizer_path)
-        windows = eval_windows(tokenizer, read_text(args.text), args.windows, args.seq_len)
+        windows = eval_windows(tokenizer, read_text(args.text), args.windows, args.seq_len, args.window_offset)
         rows.append(_score(f"{opened.kind}: {args.model}", opened.model, opened.logits_fn, tokenizer, windows, args, {}))
     if not rows:
         raise SqDeployError("nothing to evaluate")
@@ -96,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         table.append([r["name"], round(r["perplexity"], 4), f"{100 * r['delta_vs_first']:+.2f}%",
                       "" if not isinstance(he, dict) else f"{100 * he['pass@1']:.1f}%",
                       round(r.get("quantize_seconds", 0.0), 1), round(r["eval_seconds"], 1)])
-    print(f"\nperplexity on {args.text}: {args.windows} windows x {args.seq_len} tokens")
+    offset = f", offset {args.window_offset}" if args.window_offset else ""
+    print(f"\nperplexity on {args.text}: {args.windows} windows x {args.seq_len} tokens{offset}")
     print(markdown_table(["model", "perplexity", "vs first", "HumanEval pass@1", "quantize s", "eval s"], table))
     if args.json:
-        write_json_atomic(args.json, {"text": args.text, "windows": args.windows, "seq_len": args.seq_len, "results": rows})
+        write_json_atomic(args.json, {"text": args.text, "windows": args.windows, "seq_len": args.seq_len,
+                                         "window_offset": args.window_offset, "results": rows})
     return 0
 
 

@@ -37,14 +37,23 @@ def read_text(path: str | Path) -> str:
         raise SqDeployError(f"text file {path} is unreadable ({exc})") from None
 
 
-def eval_windows(tokenizer, text: str, windows: int = 24, seq_len: int = 512) -> torch.Tensor:
-    """The evaluation windows [N, L] of ``text``."""
+def eval_windows(tokenizer, text: str, windows: int = 24, seq_len: int = 512, offset: float = 0.0) -> torch.Tensor:
+    """The evaluation windows [N, L] of ``text``: window i starts at ``(i + offset) * step``.
+
+    ``offset`` (in [0, 1)) moves every window by a fraction of the step: with 48 windows and
+    offset 0.5 none overlaps the standard 24 (offset 0) once the text holds 4 windows per
+    standard step (about 50k tokens for 24 x 512), a validation set for choosing recipe
+    settings without tuning them on the windows that report the result.
+    """
+    if not 0.0 <= offset < 1.0:
+        raise SqDeployError(f"--window-offset must be in [0, 1), got {offset}")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
     t = ids.numel()
     if t < seq_len:
         raise SqDeployError(f"the text has {t} tokens, fewer than one window of {seq_len}")
     step = max(seq_len, (t - seq_len) // windows)
-    starts = [i * step for i in range(windows) if i * step + seq_len <= t]
+    starts = [int((i + offset) * step) for i in range(windows)]
+    starts = [s for s in starts if s + seq_len <= t]
     if len(starts) < windows:
         raise SqDeployError(f"the text has {t} tokens: room for {len(starts)} windows of {seq_len}, not {windows}")
     return torch.stack([ids[s : s + seq_len] for s in starts])

@@ -104,12 +104,47 @@ def gptq_quantize(
     return qmath.QWeight(q=q_all, scale=scales, zero=None if zeros is None else zeros.to(torch.int8))
 
 
-def input_sharing(linears: tuple[str, ...]) -> list[tuple[str, ...]]:
-    """Linears of the reference block that read the same tensor (one Hessian each)."""
-    groups = [tuple(n for n in ("q", "k", "v") if n in linears), ("o",)]
-    groups.append(tuple(n for n in ("gate", "up") if n in linears))
-    groups.append(("down",))
-    return [g for g in groups if g]
+def act_aware_sums(pairs, quantize) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Sums ``X^T Q(X')`` and ``Q(X')^T Q(X')`` (float32, as GPTQ's Hessian) per linear, over ``pairs`` of per-chunk
+    input dicts ``(X, X')``: ``X`` what the float model feeds the linear, ``X'`` what the deployed
+    model feeds it before rounding (the same tensor, or the quantized stream's)."""
+    sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for xf, xin in pairs:
+        for name, x in xf.items():
+            xq = quantize(name, xin[name])
+            cross, hq = (x.t() @ xq).cpu(), (xq.t() @ xq).cpu()
+            if name in sums:
+                sums[name][0].add_(cross)
+                sums[name][1].add_(hq)
+            else:
+                sums[name] = (cross, hq)
+    return sums
+
+
+def act_aware_target(w: torch.Tensor, cross: torch.Tensor, hq: torch.Tensor, damp: float) -> torch.Tensor:
+    """The float weights that best map the rounded inputs onto the float outputs.
+
+    ``min ||X W^T - Q(X) V^T||`` splits into ``||Q(X) (V* - V)^T||`` plus a constant, with
+    ``V* = W X^T Q(X) (Q(X)^T Q(X))^-1``: GPTQ of ``V*`` with the Hessian of ``Q(X)`` then
+    minimises the error of the deployed layer, activation rounding included. The damping pulls
+    ``V*`` towards ``W`` (not towards zero, which would shrink rarely active channels).
+    """
+    h = hq.double().clone()
+    lam = damp * torch.diag(h).mean()
+    h += lam * torch.eye(h.shape[0], dtype=h.dtype)
+    w64 = w.double().cpu()
+    rhs = (w64 @ cross.double() + lam * w64).t()
+    return torch.linalg.solve(h, rhs).t().to(w.device, w.dtype)
+
+
+# reference-block linears whose input tensor parallelism splits across ranks (row-parallel)
+ROW_PARALLEL = ("o", "down")
+
+
+def input_sharing(linears) -> list[tuple[str, ...]]:
+    """Linears of ``linears`` (reference-block names) that read the same tensor (one Hessian each)."""
+    groups = [("q", "k", "v"), ("o",), ("gate", "up"), ("down",)]
+    return [g for g in (tuple(n for n in grp if n in linears) for grp in groups) if g]
 
 
 def collect_hessians(block, linears: tuple[str, ...], run) -> dict[str, torch.Tensor]:

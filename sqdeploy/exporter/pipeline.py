@@ -28,7 +28,7 @@ from .awq import AWQ
 from .calibration import CalibrationSet, build_calibration
 from .progress import Progress
 from .qmodel import DTYPES, QuantizedModelWriter, round_block_floats
-from .recipes import Recipe, load_recipe
+from .recipes import ROUNDING_PARAMS, Recipe, load_recipe
 from .rtn import RTN, Rounding
 from .smoothing import usable_groups
 from .smoothquant import SmoothQuant
@@ -98,7 +98,9 @@ def smoothing_groups(recipe: Recipe, family: Family, cfg: ModelConfig):
 def make_algorithm(recipe: Recipe, family: Family, cfg: ModelConfig, alpha: float | None = None) -> LayerAlgorithm:
     groups = smoothing_groups(recipe, family, cfg)
     p = dict(recipe.params)
-    rounding = Rounding(p.pop("rounding"), p.pop("gptq_damp"), act_scale_search=p.pop("act_scale_search"))
+    rounding = Rounding.from_params(p)
+    for key in ROUNDING_PARAMS:
+        p.pop(key)
     if recipe.algorithm == "rtn":
         return RTN(recipe.scheme, cfg.linears, rounding)
     if recipe.algorithm == "smoothquant":
@@ -168,7 +170,7 @@ def quantize(
         search = search_alpha(
             ck, cal.ids[: p["search_samples"]], recipe.scheme, smoothing_groups(recipe, family, cfg),
             device=runtime.device, batch=runtime.batch, progress=runtime.progress,
-            rounding=Rounding(p["rounding"], p["gptq_damp"], act_scale_search=p["act_scale_search"]),
+            rounding=Rounding.from_params(p),
             refine=p["search_refine"], **kw,
         )
         alpha = search["alpha"]

@@ -30,7 +30,8 @@ ALGORITHM_PARAMS: dict[str, dict[str, Any]] = {
     },
 }
 # how the final weights round, for every algorithm that quantizes
-ROUNDING_PARAMS = {"rounding": "rtn", "gptq_damp": 0.01, "act_scale_search": False}
+ROUNDING_PARAMS = {"rounding": "rtn", "gptq_damp": 0.01, "act_scale_search": False, "gptq_act_aware": False,
+                   "gptq_quantized_inputs": False}
 for _name, _params in ALGORITHM_PARAMS.items():
     if _name != "none":
         _params.update(ROUNDING_PARAMS)
@@ -88,6 +89,14 @@ def _scheme(spec: Any) -> QuantScheme:
     return QuantScheme(weight=WeightScheme(**w) if w else None, act=ActScheme(**a))
 
 
+def _check_rounding(origin: str, params: dict[str, Any], scheme: QuantScheme) -> None:
+    """The GPTQ options only mean something together: refuse a recipe that would silently ignore one."""
+    if params["gptq_act_aware"] and (params["rounding"] != "gptq" or scheme.act.kind == "none"):
+        raise SqDeployError(f"{origin}: gptq_act_aware needs rounding: gptq and quantized activations (scheme.act)")
+    if params["gptq_quantized_inputs"] and not params["gptq_act_aware"]:
+        raise SqDeployError(f"{origin}: gptq_quantized_inputs needs gptq_act_aware: true")
+
+
 def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise SqDeployError(f"{origin}: a recipe is a YAML mapping")
@@ -107,6 +116,8 @@ def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
     scheme = _scheme(data.get("scheme"))
     if scheme.is_float and name != "none":
         raise SqDeployError(f"{origin}: algorithm '{name}' needs a quantization scheme")
+    if name != "none":
+        _check_rounding(origin, params, scheme)
     dtype = data.get("dtype", "auto")
     if dtype not in ("auto", "float16", "bfloat16", "float32"):
         raise SqDeployError(f"{origin}: dtype must be auto, float16, bfloat16 or float32, got {dtype!r}")

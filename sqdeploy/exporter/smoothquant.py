@@ -48,6 +48,7 @@ class SmoothQuant:
         self.search_refine = search_refine
         self.rounding = rounding
         self.needs_hessian = rounding.needs_hessian
+        self.needs_quant_stream = rounding.needs_quant_stream
 
     def _apply(self, block: Block, data: LayerData, alpha: float | None, final: bool = False):
         """Smooth with ``alpha`` (None: no smoothing) and quantize as the final weights will be."""
@@ -61,7 +62,7 @@ class SmoothQuant:
         x = data.subset(self.search_samples)
         y = run_block(block, x, data.ctx, data.device)
         errors = {a: self._error(block, data, a, x, y, final=False) for a in (None, *self.grid)}
-        if self.search_refine > 0 and self.rounding.needs_hessian:
+        if self.search_refine > 0 and self.rounding.method == "gptq":
             finalists = sorted(errors, key=errors.get)[: self.search_refine]
             refined = {a: self._error(block, data, a, x, y, final=True) for a in finalists}
             return min(refined, key=refined.get), {"rtn": errors, "refined": refined}

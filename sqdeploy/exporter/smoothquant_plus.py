@@ -56,7 +56,7 @@ def search_alpha(
     roundings rank neighbouring alphas alike, and the GPTQ passes dominate the search time.
     """
     t0 = time.perf_counter()
-    two_stage = refine > 0 and rounding.needs_hessian and len(grid) > refine
+    two_stage = refine > 0 and rounding.method == "gptq" and len(grid) > refine
     first = _score(src, ids, scheme, groups, grid, device, batch, progress,
                    rounding.for_search() if two_stage else rounding, "SmoothQuant+ alpha search")
     out = {"grid": list(grid), "rounding": "rtn" if two_stage else rounding.method}

@@ -157,23 +157,37 @@ class LayerData:
     def capture(self, block: Block, names: Iterable[str], samples: int) -> dict[str, torch.Tensor]:
         """The actual inputs [tokens, in] of the linears ``names`` on the first ``samples`` sequences."""
         names = list(names)
-        captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        parts = list(self.capture_chunks(block, names, self.subset(samples)))
+        return {n: torch.cat([p[n] for p in parts]) for n in names}
+
+    def capture_chunks(self, block: Block, names: Iterable[str], chunks: list[torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+        """Per chunk of ``chunks``, the inputs [tokens, in] of the linears ``names`` (one chunk in memory)."""
+        names = list(names)
+        captured: dict[str, torch.Tensor] = {}
 
         def hook(name):
-            return lambda _m, a: captured[name].append(a[0].detach().reshape(-1, a[0].shape[-1]).float())
+            def store(_m, a):
+                captured[name] = a[0].detach().reshape(-1, a[0].shape[-1]).float()
+
+            return store
 
         handles = [block.linear(n).register_forward_pre_hook(hook(n)) for n in names]
         try:
-            self.run(block, self.subset(samples))
+            for chunk in chunks:
+                with torch.no_grad():
+                    block(chunk.to(self.device), self.ctx)
+                yield dict(captured)
+                captured.clear()
         finally:
             for h in handles:
                 h.remove()
-        return {n: torch.cat(v) for n, v in captured.items()}
 
-    def subset(self, max_samples: int) -> list[torch.Tensor]:
-        """At most ``max_samples`` sequences of the float-stream inputs, for inner search loops."""
+    def subset(self, max_samples: int, quantized: bool = False) -> list[torch.Tensor]:
+        """At most ``max_samples`` sequences of the float-stream inputs (``quantized``: of the
+        quantized stream, when it is propagated), for inner search loops."""
+        stream = self.xq if quantized and self.xq is not None else self.x
         out, n = [], 0
-        for x in self.x:
+        for x in stream:
             if n >= max_samples:
                 break
             out.append(x[: max_samples - n])

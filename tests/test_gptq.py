@@ -1,0 +1,122 @@
+"""Rounding options: GPTQ with the activation rounding in its objective (``gptq_act_aware``), searched static scales."""
+
+import torch
+
+from sqdeploy.exporter import qmath
+from sqdeploy.exporter.gptq import act_aware_sums, act_aware_target, gptq_quantize, input_sharing
+from sqdeploy.exporter.schemes import ActScheme, WeightScheme
+
+W8 = WeightScheme(8, "channel", None, True)
+
+
+def _inputs(n: int, d: int, seed: int) -> torch.Tensor:
+    """Activations as a transformer's are: correlated channels (low rank plus noise), a few
+    outliers that set the per-tensor scale, many channels small next to that scale."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mix = torch.randn(8, d, generator=torch.Generator().manual_seed(99))
+    x = torch.randn(n, 8, generator=g) @ mix + 0.1 * torch.randn(n, d, generator=g)
+    x[:, :3] *= 40.0
+    return x
+
+
+def _static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return qmath.fake_quant_act(x, ActScheme("static_tensor"), scale)
+
+
+def test_target_is_the_least_squares_fit_and_damping_pulls_to_w():
+    x = _inputs(2000, 32, 0)
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    xq = _static(x, qmath.act_scale(x.abs().amax()))
+    sums = act_aware_sums([({"q": x}, {"q": x})], lambda _n, t: _static(t, qmath.act_scale(x.abs().amax())))
+    cross, hq = sums["q"]
+    torch.testing.assert_close(cross, x.t() @ xq)
+    v = act_aware_target(w, cross, hq, damp=0.0)
+    want = torch.linalg.lstsq(xq.double(), (x @ w.t()).double()).solution.t().float()
+    torch.testing.assert_close(v, want, rtol=1e-3, atol=1e-3)
+    assert (v - w).norm() > 0.01 * w.norm()  # the rounding is worth correcting for ...
+    torch.testing.assert_close(act_aware_target(w, cross, hq, damp=1e6), w, rtol=1e-3, atol=1e-3)  # ... and damping keeps w
+    exact = act_aware_target(w, (x.t() @ x).double(), (x.t() @ x).double(), damp=0.0)
+    torch.testing.assert_close(exact, w, rtol=1e-4, atol=1e-4)  # unrounded inputs: nothing to correct
+
+
+def test_act_aware_gptq_lowers_the_deployed_layer_error_on_new_inputs():
+    """The point of the option: ``|| X W^T - Q(X) Wq^T ||`` on inputs GPTQ never saw."""
+    calib, held = _inputs(4000, 64, 2), _inputs(4000, 64, 3)
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(4))
+    scale = qmath.act_scale(calib.abs().amax())
+
+    def deployed_error(qw):
+        wq = qmath.dequantize_weight(qw, W8)
+        return float((held @ w.t() - _static(held, scale) @ wq.t()).norm() / (held @ w.t()).norm())
+
+    plain = gptq_quantize(w, 2 * calib.t() @ calib / len(calib), W8, damp=0.01)
+    cross, hq = act_aware_sums([({"x": calib}, {"x": calib})], lambda _n, t: _static(t, scale))["x"]
+    aware = gptq_quantize(act_aware_target(w, cross, hq, 0.01), (2 * hq / len(calib)).float(), W8, damp=0.01)
+    assert deployed_error(aware) < 0.9 * deployed_error(plain)
+
+
+def test_input_sharing_keeps_only_present_linears():
+    assert input_sharing(("q", "k", "v", "o", "gate", "up", "down")) == [("q", "k", "v"), ("o",), ("gate", "up"), ("down",)]
+    assert input_sharing(("q", "k", "v", "o", "up", "down")) == [("q", "k", "v"), ("o",), ("up",), ("down",)]
+    assert input_sharing(("down", "o")) == [("o",), ("down",)]
+
+
+def _w8a8(act_aware: bool, quantized_inputs: bool = False):
+    from sqdeploy.exporter.recipes import parse_recipe
+
+    return parse_recipe({
+        "name": f"w8a8-aware{int(act_aware)}{int(quantized_inputs)}", "scheme": "O3",
+        "algorithm": {"name": "smoothquant", "alpha": 0.5, "rounding": "gptq", "gptq_act_aware": act_aware,
+                      "gptq_quantized_inputs": quantized_inputs},
+    })
+
+
+def test_act_aware_recipe_lowers_the_layers_error(tiny_models, calib_file):
+    """End to end through the layer driver: the layers' recorded errors (quantized output,
+    activation rounding included, against the float one on the calibration inputs) drop."""
+    from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize
+
+    cal = Calibration(str(calib_file), 8, 64)
+    plain = quantize(tiny_models["llama"], _w8a8(False), cal, Runtime(progress=False))
+    aware = quantize(tiny_models["llama"], _w8a8(True), cal, Runtime(progress=False))
+    chained = quantize(tiny_models["llama"], _w8a8(True, True), cal, Runtime(progress=False))
+    errors = [(p.error, a.error) for p, a in zip(plain.layers, aware.layers)]
+    assert sum(a for _, a in errors) < sum(p for p, _ in errors), errors  # (-4% here; -30..50% per layer on the shared model)
+    assert plain.layers[-1].accumulated_error is None and chained.layers[-1].accumulated_error is not None
+    assert chained.layers[-1].accumulated_error < aware.layers[-1].error * 50  # finite, same order: the stream is used
+
+
+def test_searched_static_scales_are_shared_by_linears_reading_one_input(tiny_models, calib_file):
+    """TensorRT-LLM fuses q/k/v (and gate/up) into one GEMM with one activation scale."""
+    from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_in_memory
+    from sqdeploy.exporter.recipes import parse_recipe
+
+    rec = parse_recipe({"name": "searched", "scheme": "O3",
+                        "algorithm": {"name": "smoothquant", "alpha": 0.5, "act_scale_search": True}})
+    model, _ = quantize_in_memory(tiny_models["llama"], rec, Calibration(str(calib_file), 4, 64), Runtime(progress=False))
+    for block in model.layers:
+        q, k, v = (block.linear(n).input_scale for n in ("q", "k", "v"))
+        assert q is not None and torch.equal(q, k) and torch.equal(q, v)
+        assert torch.equal(block.linear("gate").input_scale, block.linear("up").input_scale)
+
+
+def test_per_token_act_aware_leaves_row_parallel_linears_to_plain_gptq(tiny_models, calib_file):
+    """o/down inputs are quantized per rank's slice under tensor parallelism: their rounding is
+    unknown at quantization time, so act-aware GPTQ must not fit them to the full-row one."""
+    from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize
+    from sqdeploy.exporter.recipes import parse_recipe
+
+    def run(aware):
+        rec = parse_recipe({"name": f"pt{int(aware)}", "scheme": {"weight": {"bits": 8, "granularity": "channel"},
+                                                                  "act": {"kind": "dynamic_token"}},
+                            "algorithm": {"name": "smoothquant", "alpha": 0.8, "rounding": "gptq", "gptq_act_aware": aware},
+                            "smoothing_groups": "norms"})
+        kept = {}
+        quantize(tiny_models["llama"], rec, Calibration(str(calib_file), 8, 64), Runtime(progress=False),
+                 lambda r: kept.update({(r.index, n): q.q.clone() for n, q in r.result.qweights.items()}))
+        return kept
+
+    plain, aware = run(False), run(True)
+    same = {k: float((plain[k] == aware[k]).float().mean()) for k in plain}
+    assert all(v > 0.98 for (_, n), v in same.items() if n in ("o", "down")), same
+    assert all(v < 0.98 for (_, n), v in same.items() if n in ("q", "k", "v", "gate", "up")), same
