@@ -114,25 +114,30 @@ class Rounding:
             # per-token scales of a row-parallel linear's input are taken per rank (each rank's own
             # slice), so they are unknown until the tensor-parallel degree is: plain GPTQ there
             split = tuple(n for n in names if scheme.act.kind == "dynamic_token" and n in ROW_PARALLEL)
-            hessians = collect_hessians(block, split, lambda b: data.run(b, data.subset(self.samples))) if split else {}
+            hessians = self._hessians(block, split, data, stats) if split else {}
             aware = tuple(n for n in names if n not in split)
             if aware:
                 hessians.update(self._act_aware(block, aware, scheme, data, stats, input_scales))
         elif self.method == "gptq" and scheme.weight is not None:
-            if all(stats[n].xtx is not None for n in names):
-                shared: dict[int, torch.Tensor] = {}  # one float32 Hessian per shared input (q/k/v, gate/up)
-                hessians = {}
-                for n in names:
-                    if id(stats[n].xtx) not in shared:
-                        shared[id(stats[n].xtx)] = stats[n].hessian
-                    hessians[n] = shared[id(stats[n].xtx)]
-            else:
-                hessians = collect_hessians(block, names, lambda b: data.run(b, data.subset(self.samples)))
+            hessians = self._hessians(block, names, data, stats)
         qweights = quantize_block(block, names, scheme, stats, clip, hessians, self.damp, input_scales)
         if scheme.act.static and self.act_scale_search and input_scales is None:
             for name, s in search_static_scales(block, names, data).items():
                 block.linear(name).input_scale = s.to(block.linear(name).weight.device)
         return qweights
+
+    def _hessians(self, block: Block, names, data: LayerData, stats) -> dict[str, torch.Tensor]:
+        """GPTQ's Hessians of the smoothed inputs: from the calibration pass's x^T x when it kept
+        them (one float32 Hessian per shared input: q/k/v, gate/up), else from one more pass."""
+        if not all(stats[n].xtx is not None for n in names):
+            return collect_hessians(block, names, lambda b: data.run(b, data.subset(self.samples)))
+        shared: dict[int, torch.Tensor] = {}
+        hessians = {}
+        for n in names:
+            if id(stats[n].xtx) not in shared:
+                shared[id(stats[n].xtx)] = stats[n].hessian
+            hessians[n] = shared[id(stats[n].xtx)]
+        return hessians
 
     def _act_aware(
         self, block: Block, names, scheme: QuantScheme, data: LayerData, stats, input_scales=None
@@ -161,10 +166,11 @@ class Rounding:
         with torch.no_grad():
             for g in sharing:
                 cross, hq = sums[g[0]]
+                h = 2.0 * hq / tokens  # one Hessian per shared input, as for plain GPTQ
                 for name in g:
                     lin = block.linear(name)
                     lin.weight.copy_(act_aware_target(lin.weight, cross, hq, self.damp))
-                    hessians[name] = (2.0 * hq / tokens).float()
+                    hessians[name] = h
         return hessians
 
     def for_search(self) -> "Rounding":
