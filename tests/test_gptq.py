@@ -120,3 +120,31 @@ def test_per_token_act_aware_leaves_row_parallel_linears_to_plain_gptq(tiny_mode
     same = {k: float((plain[k] == aware[k]).float().mean()) for k in plain}
     assert all(v > 0.98 for (_, n), v in same.items() if n in ("o", "down")), same
     assert all(v < 0.98 for (_, n), v in same.items() if n in ("q", "k", "v", "gate", "up")), same
+
+
+def test_act_order_with_a_diagonal_hessian_rounds_to_nearest_in_place():
+    """No correlations, no error to feed forward: any column order must give round-to-nearest,
+    each integer back in its own column, group scales from the unrounded weights."""
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(5))
+    h = torch.diag(torch.rand(64, generator=torch.Generator().manual_seed(6)) + 0.1)
+    for scheme in (W8, WeightScheme(4, "group", 32, True), WeightScheme(4, "group", 32, False)):
+        want = qmath.quantize_weight(w, scheme)
+        got = gptq_quantize(w, h, scheme, damp=0.0, act_order=True)
+        assert torch.equal(got.q, want.q)
+        torch.testing.assert_close(got.scale, want.scale)
+        assert (got.zero is None) == (want.zero is None) and (got.zero is None or torch.equal(got.zero, want.zero))
+
+
+def test_act_order_lowers_int4_error_when_the_active_channels_come_last():
+    """The active channels are rounded first, while the most columns remain to absorb their error."""
+    calib, held = _inputs(4000, 128, 7).flip(1), _inputs(4000, 128, 8).flip(1)  # outlier channels last
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(9))
+    scheme = WeightScheme(4, "group", 32, True)
+    h = 2 * calib.t() @ calib / len(calib)
+
+    def error(qw):
+        return float((held @ (w - qmath.dequantize_weight(qw, scheme)).t()).norm())
+
+    ordered = gptq_quantize(w, h, scheme, act_order=True)
+    assert error(ordered) < 0.9 * error(gptq_quantize(w, h, scheme))
+    assert torch.equal(ordered.scale, qmath.weight_qparams(w, scheme)[0])  # static groups: contiguous, as stored

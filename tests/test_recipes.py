@@ -49,6 +49,8 @@ def test_gptq_options_that_would_be_ignored_are_refused():
         parse_recipe({"scheme": w8a16, "algorithm": {"name": "rtn", "rounding": "gptq", "gptq_act_aware": True}})
     with pytest.raises(SqDeployError, match="gptq_quantized_inputs needs gptq_act_aware"):
         parse_recipe({"scheme": "O3", "algorithm": {"name": "rtn", "rounding": "gptq", "gptq_quantized_inputs": True}})
+    with pytest.raises(SqDeployError, match="gptq_act_order needs rounding: gptq"):
+        parse_recipe({"scheme": "O3", "algorithm": {"name": "rtn", "gptq_act_order": True}})
     ok = parse_recipe({"scheme": "O3", "algorithm": {"name": "smoothquant", "rounding": "gptq", "gptq_act_aware": True,
                                                      "gptq_quantized_inputs": True}})
     assert ok.params["gptq_act_aware"] and ok.params["gptq_quantized_inputs"]

@@ -209,10 +209,10 @@ def test_int4_symmetric_requant_every_tp(int4_model, quantized, tmp_path):
 
 def test_int4_gptq_recipe_is_requantized_with_gptq(quantized, tmp_path):
     """A GPTQ recipe's re-quantization re-runs GPTQ on the recorded calibration set with the
-    recorded smoothing: the same integers as the recipe with a symmetric scheme. (Tiny Llama at
-    tp 1, where group 64 fits: GPTQ happens before the split, which the test above covers.)"""
-    qdir = quantized("llama", int4_recipe(64, rounding="gptq"))
-    sym = QuantizedModel(quantized("llama", int4_recipe(64, symmetric=True, rounding="gptq")))
+    recorded smoothing and column order: the same integers as the recipe with a symmetric scheme.
+    (Tiny Llama at tp 1, where group 64 fits: GPTQ happens before the split, which the test above covers.)"""
+    qdir = quantized("llama", int4_recipe(64, rounding="gptq", act_order=True))
+    sym = QuantizedModel(quantized("llama", int4_recipe(64, symmetric=True, rounding="gptq", act_order=True)))
     report = export(qdir, tmp_path / "ckpt", 1, int4_requant_clip="none")
     assert report["requant_rounding"] == "gptq" and not report["requant_clip_search"] and not report["notes"]
     ck = TrtllmCheckpoint(tmp_path / "ckpt")
@@ -224,7 +224,8 @@ def test_int4_gptq_recipe_is_requantized_with_gptq(quantized, tmp_path):
     clipped = export(qdir, tmp_path / "clipped", 1)
     assert clipped["requant_clip_search"]
     ckc = TrtllmCheckpoint(tmp_path / "clipped")
-    assert not torch.equal(ckc.rank_linear(0, 0, "down").q, sym.qweight(0, "down").q)
+    for name in ("q", "k", "down"):  # q/k too, unlike AWQ's own clipping
+        assert not torch.equal(ckc.rank_linear(0, 0, name).q, sym.qweight(0, name).q), name
     ref = _logits(QuantizedModel(quantized("llama", "fp16")))
     assert (_logits(ckc) - ref).norm() < (_logits(ck) - ref).norm()
 

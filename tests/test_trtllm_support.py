@@ -19,11 +19,12 @@ SQ_STATIC = {"name": "sq-static", "scheme": "w8a8-channel-static", "algorithm": 
 SQ_TOKEN = {"name": "sq-token", "scheme": "w8a8-channel-token", "algorithm": {"name": "smoothquant", "alpha": 0.5}}
 
 
-def int4_recipe(group: int = 64, symmetric: bool = False, rounding: str = "rtn") -> dict:
+def int4_recipe(group: int = 64, symmetric: bool = False, rounding: str = "rtn", act_order: bool = False) -> dict:
     """SmoothQuant+ INT4 with a fixed alpha (smoothing folded like the w4a16 recipes)."""
     weight = {"bits": 4, "granularity": "group", "group_size": group, "symmetric": symmetric}
-    algorithm = {"name": "smoothquant_plus", "alpha": 0.5, "rounding": rounding}
-    return {"name": f"sqplus-g{group}-{'sym' if symmetric else 'asym'}-{rounding}", "scheme": {"weight": weight}, "algorithm": algorithm}
+    algorithm = {"name": "smoothquant_plus", "alpha": 0.5, "rounding": rounding, "gptq_act_order": act_order}
+    name = f"sqplus-g{group}-{'sym' if symmetric else 'asym'}-{rounding}{'-ao' if act_order else ''}"
+    return {"name": name, "scheme": {"weight": weight}, "algorithm": algorithm}
 
 
 def recipe(spec):

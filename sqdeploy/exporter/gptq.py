@@ -53,8 +53,15 @@ def gptq_quantize(
     scheme: WeightScheme,
     damp: float = 0.01,
     clip: torch.Tensor | None = None,
+    act_order: bool = False,
 ) -> qmath.QWeight:
-    """GPTQ of ``w`` [out, in] with Hessian ``h`` [in, in]; ``clip`` [out, groups] shrinks group ranges."""
+    """GPTQ of ``w`` [out, in] with Hessian ``h`` [in, in]; ``clip`` [out, groups] shrinks group ranges.
+
+    ``act_order`` rounds the columns with the largest Hessian diagonal (the most active
+    input channels) first, while the most columns remain to absorb their error. Groups stay
+    contiguous (what every export format stores, no ``g_idx``): with groups, their scales
+    are then fixed from the unrounded weights before any column moves ("static groups").
+    """
     w = w.detach().float().clone()
     out_f, in_f = w.shape
     h = h.to(w.device, torch.float32).clone()
@@ -62,7 +69,6 @@ def gptq_quantize(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += damp * torch.diag(h).mean() * torch.eye(in_f, device=h.device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
     col_scheme = WeightScheme(scheme.bits, "channel", None, scheme.symmetric)
     group = scheme.group_size if scheme.granularity == "group" else None
@@ -70,14 +76,20 @@ def gptq_quantize(
     scales = torch.empty(out_f if scheme.granularity != "tensor" else 1, n_groups, device=w.device)
     zeros = None if scheme.symmetric else torch.empty_like(scales)
     q_all = torch.empty(out_f, in_f, dtype=torch.int8, device=w.device)
-    if group is None:  # one scale per row (or per tensor), fixed before the columns move
+    static = group is None or act_order
+    if static:  # scales fixed before the columns move: per row/tensor always, per group with act_order
         s, z = qmath.weight_qparams(w, scheme, clip)
         scales[:] = s
-        cur_s = s.expand(out_f, 1)[:, 0]
-        cur_z = None
         if z is not None:
             zeros[:] = z
-            cur_z = z.expand(out_f, 1)[:, 0]
+        col_s = s.expand(out_f, n_groups).repeat_interleave(group or in_f, dim=1)[:, :in_f]
+        col_z = None if z is None else z.expand(out_f, n_groups).repeat_interleave(group or in_f, dim=1)[:, :in_f]
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
+    if static:
+        col_s = col_s[:, perm]
+        col_z = None if col_z is None else col_z[:, perm]
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     for b0 in range(0, in_f, BLOCK):
         b1 = min(b0 + BLOCK, in_f)
         w1 = w[:, b0:b1].clone()
@@ -85,7 +97,9 @@ def gptq_quantize(
         hinv1 = hinv[b0:b1, b0:b1]
         for j in range(b1 - b0):
             col = b0 + j
-            if group is not None and col % group == 0:
+            if static:
+                cur_s, cur_z = col_s[:, col], None if col_z is None else col_z[:, col]
+            elif col % group == 0:
                 g = col // group
                 s, z = qmath.weight_qparams(w1[:, j : j + group], col_scheme, None if clip is None else clip[:, g : g + 1])
                 scales[:, g], cur_s = s[:, 0], s[:, 0]
@@ -95,7 +109,7 @@ def gptq_quantize(
             x = w1[:, j]
             q = torch.round(x / cur_s) + (0 if cur_z is None else cur_z)
             q = q.clamp(scheme.qmin, scheme.qmax)
-            q_all[:, col] = q.to(torch.int8)
+            q_all[:, perm[col]] = q.to(torch.int8)
             deq = (q - (0 if cur_z is None else cur_z)) * cur_s
             e = (x - deq) / hinv1[j, j]
             w1[:, j:] -= e[:, None] * hinv1[j, j:][None, :]

@@ -31,7 +31,7 @@ ALGORITHM_PARAMS: dict[str, dict[str, Any]] = {
 }
 # how the final weights round, for every algorithm that quantizes
 ROUNDING_PARAMS = {"rounding": "rtn", "gptq_damp": 0.01, "act_scale_search": False, "gptq_act_aware": False,
-                   "gptq_quantized_inputs": False}
+                   "gptq_quantized_inputs": False, "gptq_act_order": False}
 for _name, _params in ALGORITHM_PARAMS.items():
     if _name != "none":
         _params.update(ROUNDING_PARAMS)
@@ -93,6 +93,8 @@ def _check_rounding(origin: str, params: dict[str, Any], scheme: QuantScheme) ->
     """The GPTQ options only mean something together: refuse a recipe that would silently ignore one."""
     if params["gptq_act_aware"] and (params["rounding"] != "gptq" or scheme.act.kind == "none"):
         raise SqDeployError(f"{origin}: gptq_act_aware needs rounding: gptq and quantized activations (scheme.act)")
+    if params["gptq_act_order"] and params["rounding"] != "gptq":
+        raise SqDeployError(f"{origin}: gptq_act_order needs rounding: gptq")
     if params["gptq_quantized_inputs"] and not params["gptq_act_aware"]:
         raise SqDeployError(f"{origin}: gptq_quantized_inputs needs gptq_act_aware: true")
 

@@ -29,6 +29,7 @@ def quantize_block(
     hessians: dict[str, torch.Tensor] | None = None,
     damp: float = 0.01,
     input_scales: dict[str, torch.Tensor] | None = None,
+    act_order: bool = False,
 ) -> dict[str, qmath.QWeight]:
     """Quantize ``names`` in place (weights become their dequantized values) and set activation schemes.
 
@@ -41,7 +42,7 @@ def quantize_block(
             lin = block.linear(name)
             c = None if clip is None else clip.get(name)
             if hessians is not None:
-                qw = gptq_quantize(lin.weight, hessians[name], scheme.weight, damp, c)
+                qw = gptq_quantize(lin.weight, hessians[name], scheme.weight, damp, c, act_order)
             else:
                 qw = qmath.quantize_weight(lin.weight, scheme.weight, c)
             lin.weight.copy_(qmath.dequantize_weight(qw, scheme.weight, lin.weight.dtype))
@@ -89,7 +90,7 @@ class Rounding:
 
     def __init__(
         self, method: str = "rtn", damp: float = 0.01, samples: int = 128, act_scale_search: bool = False,
-        act_aware: bool = False, quantized_inputs: bool = False,
+        act_aware: bool = False, quantized_inputs: bool = False, act_order: bool = False,
     ):
         if method not in ("rtn", "gptq"):
             from ..errors import SqDeployError
@@ -97,13 +98,13 @@ class Rounding:
             raise SqDeployError(f"rounding must be 'rtn' or 'gptq', got {method!r}")
         self.method, self.damp, self.samples = method, damp, samples
         self.act_scale_search = act_scale_search
-        self.act_aware, self.quantized_inputs = act_aware, quantized_inputs
+        self.act_aware, self.quantized_inputs, self.act_order = act_aware, quantized_inputs, act_order
 
     @classmethod
     def from_params(cls, p: dict) -> "Rounding":
         """The rounding a recipe's algorithm section describes (keys of ``recipes.ROUNDING_PARAMS``)."""
         return cls(p["rounding"], p["gptq_damp"], act_scale_search=p["act_scale_search"], act_aware=p["gptq_act_aware"],
-                   quantized_inputs=p["gptq_quantized_inputs"])
+                   quantized_inputs=p["gptq_quantized_inputs"], act_order=p["gptq_act_order"])
 
     def __call__(self, block: Block, names, scheme: QuantScheme, data: LayerData, stats, clip=None):
         """``stats`` describe the (smoothed) inputs; their ``xtx`` gives GPTQ's Hessians when collected."""
@@ -120,7 +121,7 @@ class Rounding:
                 hessians.update(self._act_aware(block, aware, scheme, data, stats, input_scales))
         elif self.method == "gptq" and scheme.weight is not None:
             hessians = self._hessians(block, names, data, stats)
-        qweights = quantize_block(block, names, scheme, stats, clip, hessians, self.damp, input_scales)
+        qweights = quantize_block(block, names, scheme, stats, clip, hessians, self.damp, input_scales, self.act_order)
         if scheme.act.static and self.act_scale_search and input_scales is None:
             for name, s in search_static_scales(block, names, data).items():
                 block.linear(name).input_scale = s.to(block.linear(name).weight.device)

@@ -121,14 +121,17 @@ class RecordedSmoothing:
 
     def _clip(self, block, data) -> dict[str, torch.Tensor] | None:
         """A fresh clip search for the new grid: the recipe's clipping (if any) was chosen for
-        the asymmetric one, and symmetric INT4 loses most where a group's range is one-sided."""
+        the asymmetric one, and symmetric INT4 loses most where a group's range is one-sided.
+        Unlike AWQ's own search, q and k are clipped too: their groups are as one-sided as any,
+        and max-abs scales waste half of the symmetric grid there (on the shared model both
+        INT4 recipes read 0.04-0.06% better on the validation windows with them clipped)."""
         ws = self.scheme.weight
         if not self.clip_search or ws is None or ws.bits != 4:
             return None
         from ..awq import AWQ
 
         searcher = AWQ(self.scheme, self.cfg, ())
-        names = [n for n in self.cfg.linears if n not in ("q", "k")]  # as AWQ: q/k errors are not what attention sees
+        names = list(self.cfg.linears)
         inputs = data.capture(block, names, searcher.search_samples)
         with torch.no_grad():
             return {n: searcher.search_clip(block.linear(n).weight, inputs[n]) for n in names}
@@ -157,7 +160,7 @@ def requantize_streamed(
     from ..streaming import stream_layers
 
     p = qm.recipe.params
-    rounding = Rounding(p.get("rounding", "rtn"), p.get("gptq_damp", 0.01))
+    rounding = Rounding(p.get("rounding", "rtn"), p.get("gptq_damp", 0.01), act_order=p.get("gptq_act_order", False))
     algorithm = RecordedSmoothing(qm, scheme, rounding, clip_search)
     with Progress(qm.config.num_layers, f"re-quantizing ({rounding.method} rounding)", progress) as bar:
         for record in stream_layers(ck, ids, algorithm, "cpu", 8, bar):
