@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     ap.add_argument("--window-offset", type=float, default=0.0,
                     help="move every window by this fraction of the window step (default 0); "
-                    "--windows 48 --window-offset 0.5 gives windows disjoint from the default 24, for validation")
+                    "--windows 48 (or 240, on a text of 0.36 M tokens or more) --window-offset 0.5 gives windows "
+                    "disjoint from the default 24, for validation")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unquantized model when recipes are given")
     ap.add_argument("--humaneval", action="store_true", help="also greedy HumanEval pass@1 (runs generated code!)")
