@@ -148,3 +148,20 @@ def test_act_order_lowers_int4_error_when_the_active_channels_come_last():
     ordered = gptq_quantize(w, h, scheme, act_order=True)
     assert error(ordered) < 0.9 * error(gptq_quantize(w, h, scheme))
     assert torch.equal(ordered.scale, qmath.weight_qparams(w, scheme)[0])  # static groups: contiguous, as stored
+
+
+def test_release_sums_drops_only_the_sums_nothing_else_holds():
+    """After the final smoothing GPTQ needs only the scaled sums: the unsmoothed ones go, a sum the
+    smoothed statistics still share (an unsmoothed linear) stays."""
+    from sqdeploy.exporter.streaming import ChannelStats, LayerData
+
+    def st(xtx=True):
+        return ChannelStats(torch.ones(4), torch.ones(4), 10, torch.eye(4, dtype=torch.float64) if xtx else None)
+
+    stats = {"q": st(), "o": st(), "down": st(False)}
+    smoothed = {"q": stats["q"].scaled(torch.full((4,), 2.0)), "o": stats["o"], "down": stats["down"]}
+    data = LayerData(0, [], [], stats, torch.zeros(2), None, torch.device("cpu"))
+    data.release_sums(smoothed)
+    assert data.stats["q"].xtx is None and smoothed["q"].xtx is not None
+    assert data.stats["o"].xtx is smoothed["o"].xtx is not None
+    torch.testing.assert_close(data.stats["q"].absmax, torch.ones(4))  # only the sums change

@@ -50,12 +50,15 @@ class SmoothQuant:
         self.needs_hessian = rounding.needs_hessian
         self.needs_quant_stream = rounding.needs_quant_stream
 
-    def _apply(self, block: Block, data: LayerData, alpha: float | None, final: bool = False):
-        """Smooth with ``alpha`` (None: no smoothing) and quantize as the final weights will be."""
+    def _apply(self, block: Block, data: LayerData, alpha: float | None, final: bool = False, last: bool = False):
+        """Smooth with ``alpha`` (None: no smoothing) and quantize as the final weights will be
+        (``last``: nothing is tried after this, so the unsmoothed sums can go)."""
         groups = self.groups if alpha is not None else ()
         scale_fn = lambda g, x, _mean, w: smoothquant_scale(x, w, alpha)  # noqa: E731
         rounding = self.rounding if final else self.rounding.for_search()
         scales, stats = smooth_block(block, self.cfg, groups, data.stats, scale_fn, with_xtx=rounding.needs_hessian)
+        if last:
+            data.release_sums(stats)
         return scales, rounding(block, self.cfg.linears, self.scheme, data, stats)
 
     def search(self, block: Block, data: LayerData) -> tuple[float | None, dict]:
@@ -80,6 +83,6 @@ class SmoothQuant:
             alpha, errors = self.search(block, data)
             info["alpha_errors"] = errors
         alpha = None if alpha is None else float(alpha)
-        scales, qweights = self._apply(block, data, alpha, final=True)
+        scales, qweights = self._apply(block, data, alpha, final=True, last=True)
         info["alpha"] = alpha
         return LayerResult(qweights=qweights, smoothing=scales, info=info)

@@ -29,9 +29,13 @@ from .streaming import LayerData, LayerResult, StatsCollector, embed_chunks, rel
 DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.00 ... 1.00
 
 
-def smooth_and_quantize(block: Block, cfg: ModelConfig, groups, scheme: QuantScheme, data: LayerData, alpha: float, rounding):
+def smooth_and_quantize(
+    block: Block, cfg: ModelConfig, groups, scheme: QuantScheme, data: LayerData, alpha: float, rounding, last: bool = False
+):
     scale_fn = lambda g, x, _mean, w: smoothquant_scale(x, w, alpha)  # noqa: E731
     scales, smoothed = smooth_block(block, cfg, groups, data.stats, scale_fn)
+    if last:  # the main pass: no other alpha is tried on this layer's statistics
+        data.release_sums(smoothed)
     return scales, rounding(block, cfg.linears, scheme, data, smoothed)
 
 
@@ -117,5 +121,5 @@ class SmoothQuantPlus:
         self.needs_hessian = rounding.needs_hessian
 
     def quantize_layer(self, block: Block, data: LayerData) -> LayerResult:
-        scales, qweights = smooth_and_quantize(block, self.cfg, self.groups, self.scheme, data, self.alpha, self.rounding)
+        scales, qweights = smooth_and_quantize(block, self.cfg, self.groups, self.scheme, data, self.alpha, self.rounding, last=True)
         return LayerResult(qweights=qweights, smoothing=scales, info={"alpha": self.alpha})
