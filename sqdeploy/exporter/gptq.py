@@ -82,13 +82,14 @@ def gptq_quantize(
         scales[:] = s
         if z is not None:
             zeros[:] = z
-        col_s = s.expand(out_f, n_groups).repeat_interleave(group or in_f, dim=1)[:, :in_f]
-        col_z = None if z is None else z.expand(out_f, n_groups).repeat_interleave(group or in_f, dim=1)[:, :in_f]
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f, device=w.device)
-    w, h = w[:, perm], h[perm][:, perm]
+        s_rows = s.expand(out_f, n_groups)
+        z_rows = None if z is None else z.expand(out_f, n_groups)
+    perm = torch.arange(in_f, device=w.device)
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
     if static:
-        col_s = col_s[:, perm]
-        col_z = None if col_z is None else col_z[:, perm]
+        group_of = perm // group if group is not None else torch.zeros_like(perm)  # each column's scale
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     for b0 in range(0, in_f, BLOCK):
         b1 = min(b0 + BLOCK, in_f)
@@ -98,7 +99,8 @@ def gptq_quantize(
         for j in range(b1 - b0):
             col = b0 + j
             if static:
-                cur_s, cur_z = col_s[:, col], None if col_z is None else col_z[:, col]
+                g = group_of[col]
+                cur_s, cur_z = s_rows[:, g], None if z_rows is None else z_rows[:, g]
             elif col % group == 0:
                 g = col // group
                 s, z = qmath.weight_qparams(w1[:, j : j + group], col_scheme, None if clip is None else clip[:, g : g + 1])

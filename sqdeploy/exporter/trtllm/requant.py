@@ -28,6 +28,7 @@ from ...model.checkpoint import HFCheckpoint
 from ...model.loading import load_block
 from .. import qmath
 from ..qmodel import QuantizedModel
+from ..recipes import ROUNDING_PARAMS
 from ..rtn import Rounding
 from ..schemes import QuantScheme, WeightScheme
 from ..smoothing import expand_to_consumer, fold
@@ -160,7 +161,7 @@ def requantize_streamed(
     from ..streaming import stream_layers
 
     p = qm.recipe.params
-    rounding = Rounding(p.get("rounding", "rtn"), p.get("gptq_damp", 0.01), act_order=p.get("gptq_act_order", False))
+    rounding = Rounding.from_params({**ROUNDING_PARAMS, **p})  # directories written before a key existed take its default
     algorithm = RecordedSmoothing(qm, scheme, rounding, clip_search)
     with Progress(qm.config.num_layers, f"re-quantizing ({rounding.method} rounding)", progress) as bar:
         for record in stream_layers(ck, ids, algorithm, "cpu", 8, bar):
