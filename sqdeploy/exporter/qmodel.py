@@ -46,7 +46,8 @@ from safetensors.torch import save_file
 
 from ..errors import SqDeployError
 from ..families import Family, ModelConfig, family_for_hf_config
-from ..model.checkpoint import SafetensorsFiles, read_json
+from ..model.checkpoint import SafetensorsFiles, read_json, stored_name
+from ..model.loading import quantize_activations
 from ..model.transformer import Block
 from . import qmath
 from .recipes import Recipe, parse_recipe
@@ -296,17 +297,10 @@ class QuantizedModel:
         if self.is_quantized_linear(canonical):
             _, i, name, _ = canonical.split(".")
             return qmath.dequantize_weight(self.qweight(int(i), name), self.scheme.weight, dtype)
-        if canonical == "lm_head.weight" and not self.has(canonical):
-            canonical = "embed.weight"
-        return self.files.read(self.family.hf_name(canonical)).to(dtype)
+        return self.files.read(self.family.hf_name(stored_name(self, canonical))).to(dtype)
 
     def configure_block(self, block: Block) -> None:
-        if self.scheme.is_float:
-            return
-        for name in self.config.linears:
-            lin = block.linear(name)
-            lin.act = self.scheme.act
-            lin.input_scale = self.input_scale(block.index, name) if self.scheme.act.static else None
+        quantize_activations(block, self.config, self.scheme, self.input_scale)
 
     def smoothing(self) -> dict[str, torch.Tensor]:
         """Smoothing vector per ``layers.{i}.{group}`` (empty for unsmoothed recipes)."""

@@ -16,6 +16,7 @@ import torch
 from ..exporter.pipeline import Calibration, Runtime, quantize, storage_dtype
 from ..exporter.recipes import Recipe, load_recipe
 from ..model.checkpoint import HFCheckpoint
+from ..model.loading import quantize_activations
 from ..model.transformer import Block
 
 
@@ -56,18 +57,10 @@ class InMemoryQuantized:
     def get(self, canonical: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if canonical.startswith("layers."):
             return self._layer_tensor(canonical).detach().to(dtype)
-        if canonical == "lm_head.weight" and not self.ck.has(canonical):
-            canonical = "embed.weight"
         return self.ck.get(canonical, self.dtype).to(dtype)  # rounded through the storage dtype
 
     def configure_block(self, block: Block) -> None:
-        if self.scheme.is_float:
-            return
-        for name in self.config.linears:
-            lin = block.linear(name)
-            lin.act = self.scheme.act
-            s = self.input_scale(block.index, name)
-            lin.input_scale = None if s is None else s.to(lin.weight.device)
+        quantize_activations(block, self.config, self.scheme, self.input_scale)
 
 
 def _cpu(qw):

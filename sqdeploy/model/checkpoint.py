@@ -114,6 +114,12 @@ class SafetensorsFiles:
         return t
 
 
+def stored_name(src, canonical: str) -> str:
+    """The tensor a source holds for ``canonical``: a tied ``lm_head.weight`` is not stored, the
+    embedding stands for it (every exporter writes the head, so every source must answer for it)."""
+    return "embed.weight" if canonical == "lm_head.weight" and not src.has(canonical) else canonical
+
+
 class HFCheckpoint:
     """A model directory: its family, its :class:`ModelConfig` and lazy tensor reads."""
 
@@ -150,9 +156,7 @@ class HFCheckpoint:
 
     def get(self, canonical: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Read one tensor by canonical name, checking it for NaN/Inf."""
-        if canonical == "lm_head.weight" and not self.has(canonical):
-            canonical = "embed.weight"  # tied embeddings
-        return self.files.read(self.family.hf_name(canonical)).to(dtype)
+        return self.files.read(self.family.hf_name(stored_name(self, canonical))).to(dtype)
 
     def tokenizer_files(self) -> list[Path]:
         return [self.path / f for f in TOKENIZER_FILES if (self.path / f).exists()]

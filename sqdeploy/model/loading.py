@@ -25,6 +25,19 @@ class TensorSource(Protocol):
     def has(self, canonical: str) -> bool: ...
 
 
+def quantize_activations(block: Block, cfg: ModelConfig, scheme, input_scale) -> None:
+    """Give every linear of ``block`` the scheme's activation quantization and, for static
+    schemes, its calibrated scale (``input_scale(layer, name)``): what a quantized source
+    prescribes beyond its weights, so the reference model reproduces the deployed arithmetic."""
+    if scheme.is_float:
+        return
+    for name in cfg.linears:
+        lin = block.linear(name)
+        lin.act = scheme.act
+        s = input_scale(block.index, name) if scheme.act.static else None
+        lin.input_scale = None if s is None else s.to(lin.weight.device)
+
+
 def block_path(local: str) -> str:
     """Canonical layer-local name (``q.weight``) -> parameter path inside :class:`Block`."""
     head = local.split(".", 1)[0]

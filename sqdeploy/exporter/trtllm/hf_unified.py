@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from ... import __version__
 from ...errors import SqDeployError
 from ...families import Family
+from ...model.checkpoint import stored_name
 from ...report import markdown_table
 from ..qmodel import QuantizedModel
 from .config import QuantSpec, check_split, quant_spec_for
@@ -196,9 +197,7 @@ class HfUnifiedCheckpoint:
             _, i, name, what = canonical.split(".")
             lin = self.layer(int(i))[name]
             return (lin.weight if what == "weight" else lin.bias).to(dtype)
-        if canonical == "lm_head.weight" and not self.has(canonical):
-            canonical = "embed.weight"  # tied embeddings
-        return self.files.read(self.family.hf_name(canonical)).to(dtype)
+        return self.files.read(self.family.hf_name(stored_name(self, canonical))).to(dtype)
 
     def configure_block(self, block) -> None:
         from .reader import TrtLinear
