@@ -3,9 +3,12 @@
 For each recipe the quantized directory is scored (exactly what ``sq-eval --recipe``
 scores: the in-memory and on-disk models are bit-identical), then its TensorRT-LLM
 checkpoints at each possible tp are written and scored through the reference reader.
-Asymmetric INT4 recipes are exported twice: re-quantized symmetric (the default) and
-with zero points (``--int4-zero-point``, experimental). Checkpoints made by other
-tools (ModelOpt) can be scored alongside with ``--extra NAME=DIR``.
+Asymmetric INT4 recipes are exported re-quantized symmetric (the default; ``--requant-clip
+search,none`` adds the re-quantization without clipping) and with zero points
+(``--int4-zero-point``, experimental). ``--validation`` also scores every model on the 240
+validation windows (``sq-eval --windows 240 --window-offset 0.5``) that recipe settings are
+chosen on. Checkpoints made by other tools (ModelOpt) can be scored alongside with
+``--extra NAME=DIR``.
 
     python tools/trtllm_sweep.py ../shared/models/tiny-code-llama --work /tmp/sweep \\
         --text ../shared/data/heldout-code-llama.txt.gz --calib ../shared/data/humaneval.jsonl.gz \\
@@ -23,29 +26,31 @@ from pathlib import Path
 import torch
 
 RECIPES = ("fp16", "w8a8-sq", "w8a8-sq-pertoken", "w8a16-rtn", "w4a16-awq", "w4a16-sqplus")
+VALIDATION = (240, 0.5)  # sq-eval --windows 240 --window-offset 0.5: disjoint from the standard 24
 
 
-def score(src, windows) -> float:
+def score(src, windows: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Perplexity on each window set (``ppl``: the standard windows, ``val_ppl``: validation)."""
     from sqdeploy.exporter.evaluate import model_logits_fn, perplexity
     from sqdeploy.model.loading import load_model
 
-    model = load_model(src, torch.float32)
-    return perplexity(model_logits_fn(model), windows).ppl
+    fn = model_logits_fn(load_model(src, torch.float32))
+    return {key: perplexity(fn, w).ppl for key, w in windows.items()}
 
 
-def export(qdir: Path, out: Path, tp: int, zero_point: bool = False) -> dict:
+def export(qdir: Path, out: Path, tp: int, zero_point: bool = False, clip: str = "search") -> dict:
     from sqdeploy.exporter.trtllm.writer import write
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    args = argparse.Namespace(tp=tp, pp=1, kv_cache=None, int4_zero_point=zero_point, quiet=True)
+    args = argparse.Namespace(tp=tp, pp=1, kv_cache=None, int4_zero_point=zero_point, int4_requant_clip=clip, quiet=True)
     return write(qdir, out, args)
 
 
 def quantized_dir(model: Path, recipe: str, work: Path, calib: str | None) -> Path:
     from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
 
-    q = work / f"q-{recipe}"
+    q = work / f"q-{Path(recipe).stem if recipe.endswith(('.yaml', '.yml')) else recipe}"
     if not (q / "sqdeploy.json").exists():
         quantize_to_dir(model, recipe, q, Calibration(calib), Runtime(progress=False), force=True)
     return q
@@ -59,14 +64,17 @@ def sweep_recipe(model: Path, recipe: str, args, windows) -> list[dict]:
     q = quantized_dir(model, recipe, args.work, args.calib)
     qm = QuantizedModel(q)
     base = score(qm, windows)
-    rows = [{"recipe": recipe, "variant": "quantized model (sq-eval)", "tp": None, "ppl": base}]
-    asym = qm.scheme.weight is not None and not qm.scheme.weight.symmetric
-    variants = [("", False)] + ([(" zero-point (experimental)", True)] if asym else [])
+    rows = [{"recipe": recipe, "variant": "quantized model (sq-eval)", "tp": None, **base}]
+    asym = qm.scheme.weight is not None and qm.scheme.weight.bits == 4 and not qm.scheme.weight.symmetric
+    variants = [("", "", False, clip) for clip in args.requant_clip[:1]]
+    if asym:
+        variants += [(f" clip {clip}", f"-clip{clip}", False, clip) for clip in args.requant_clip[1:]]
+        variants.append((" zero-point (experimental)", "-zp", True, "search"))
     for tp in (1, 2):
-        for label, zp in variants:
-            out = args.work / f"trtllm-{recipe}-tp{tp}{'-zp' if zp else ''}"
+        for label, suffix, zp, clip in variants:
+            out = args.work / f"trtllm-{q.name[2:]}-tp{tp}{suffix}"
             try:
-                report = export(q, out, tp, zp)
+                report = export(q, out, tp, zp, clip)
             except SqDeployError as exc:
                 rows.append({"recipe": recipe, "variant": f"trtllm{label}", "tp": tp, "refused": str(exc)})
                 continue
@@ -74,20 +82,24 @@ def sweep_recipe(model: Path, recipe: str, args, windows) -> list[dict]:
             variant = f"trtllm {report['quant_algo']}{label}"
             if report["requantized_from"]:
                 variant += f" (from {report['requantized_from']})"
-            rows.append({"recipe": recipe, "variant": variant, "tp": tp, "ppl": ppl, "vs_quantized": ppl / base - 1})
+            rows.append({"recipe": recipe, "variant": variant, "tp": tp, **ppl, "vs_quantized": ppl["ppl"] / base["ppl"] - 1})
     return rows
 
 
-def markdown(rows: list[dict], text: str, n: int) -> str:
+def markdown(rows: list[dict], text: str, n: int, validation: bool) -> str:
     from sqdeploy.report import markdown_table
 
     table = []
     for r in rows:
         ppl = "refused" if "refused" in r else f"{r['ppl']:.4f}"
         rel = f"{100 * r['vs_quantized']:+.3f}%" if "vs_quantized" in r else ""
-        table.append([r["recipe"], r["variant"], r["tp"] or "", ppl, rel])
-    head = f"perplexity on {text}, {n} windows x 512 tokens (reference reader, float32)\n\n"
-    return head + markdown_table(["recipe", "checkpoint", "tp", "perplexity", "vs quantized model"], table)
+        row = [r["recipe"], r["variant"], r["tp"] or "", ppl, rel]
+        table.append(row + ([f"{r['val_ppl']:.4f}" if "val_ppl" in r else ""] if validation else []))
+    head = f"perplexity on {text}, {n} windows x 512 tokens (reference reader, float32)"
+    if validation:
+        head += f"; validation: {VALIDATION[0]} windows at offset {VALIDATION[1]}"
+    cols = ["recipe", "checkpoint", "tp", "perplexity", "vs quantized model"] + (["validation"] if validation else [])
+    return head + "\n\n" + markdown_table(cols, table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,26 +114,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text", required=True)
     ap.add_argument("--calib", default=None)
     ap.add_argument("--windows", type=int, default=24)
+    ap.add_argument("--validation", action="store_true", help="also score on the validation windows (240 at offset 0.5)")
+    ap.add_argument("--requant-clip", type=lambda v: v.split(","), default=["search"],
+                    help="comma-separated --int4-requant-clip values for asymmetric INT4 recipes (default: search)")
     ap.add_argument("--recipe", action="append", help=f"default: {', '.join(RECIPES)}")
     ap.add_argument("--extra", action="append", default=[], help="NAME=DIR: also score this TensorRT-LLM checkpoint")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    windows = eval_windows(load_tokenizer(args.model), read_text(args.text), args.windows, 512)
+    if not set(args.requant_clip) <= {"search", "none"} or not args.requant_clip:
+        ap.error("--requant-clip takes search and/or none")
+    tok, text = load_tokenizer(args.model), read_text(args.text)
+    windows = {"ppl": eval_windows(tok, text, args.windows, 512)}
+    if args.validation:
+        windows["val_ppl"] = eval_windows(tok, text, VALIDATION[0], 512, VALIDATION[1])
     rows: list[dict] = []
     t0 = time.perf_counter()
     for recipe in args.recipe or RECIPES:
         rows += sweep_recipe(args.model, recipe, args, windows)
-        print(markdown(rows[-1:], args.text, args.windows).splitlines()[-1], flush=True)
+        print(markdown(rows[-1:], args.text, args.windows, args.validation).splitlines()[-1], flush=True)
     for extra in args.extra:
         name, path = extra.split("=", 1)
         ck = TrtllmCheckpoint(path)
-        rows.append({"recipe": name, "variant": f"{ck.quant_algo} (other producer)", "tp": ck.tp, "ppl": score(ck, windows)})
-    md = markdown(rows, args.text, args.windows)
+        rows.append({"recipe": name, "variant": f"{ck.quant_algo} (other producer)", "tp": ck.tp, **score(ck, windows)})
+    md = markdown(rows, args.text, args.windows, args.validation)
     print(md)
     if args.json:
-        write_json_atomic(args.json, {"model": str(args.model), "text": args.text, "windows": args.windows, "rows": rows,
+        write_json_atomic(args.json, {"model": str(args.model), "text": args.text, "windows": args.windows,
+                                      "validation": list(VALIDATION) if args.validation else None, "rows": rows,
                                       "seconds": time.perf_counter() - t0})
     if args.md:
         Path(args.md).write_text(md + "\n")
