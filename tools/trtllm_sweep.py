@@ -79,7 +79,7 @@ def sweep_recipe(model: Path, recipe: str, args, windows) -> list[dict]:
                 rows.append({"recipe": recipe, "variant": f"trtllm{label}", "tp": tp, "refused": str(exc)})
                 continue
             ppl = score(TrtllmCheckpoint(out), windows)
-            variant = f"trtllm {report['quant_algo']}{label}"
+            variant = f"trtllm {report['quant_algo'] or 'float'}{label}"
             if report["requantized_from"]:
                 variant += f" (from {report['requantized_from']})"
             rows.append({"recipe": recipe, "variant": variant, "tp": tp, **ppl, "vs_quantized": ppl["ppl"] / base["ppl"] - 1})
