@@ -47,10 +47,15 @@ def export(qdir: Path, out: Path, tp: int, zero_point: bool = False, clip: str =
     return write(qdir, out, args)
 
 
+def label(recipe: str) -> str:
+    """A recipe's name in file names: built-in names as they are, recipe files by their stem."""
+    return Path(recipe).stem if recipe.endswith((".yaml", ".yml")) else recipe
+
+
 def quantized_dir(model: Path, recipe: str, work: Path, calib: str | None) -> Path:
     from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
 
-    q = work / f"q-{Path(recipe).stem if recipe.endswith(('.yaml', '.yml')) else recipe}"
+    q = work / f"q-{label(recipe)}"
     if not (q / "sqdeploy.json").exists():
         quantize_to_dir(model, recipe, q, Calibration(calib), Runtime(progress=False), force=True)
     return q
@@ -66,20 +71,21 @@ def sweep_recipe(model: Path, recipe: str, args, windows) -> list[dict]:
     base = score(qm, windows)
     rows = [{"recipe": recipe, "variant": "quantized model (sq-eval)", "tp": None, **base}]
     asym = qm.scheme.weight is not None and qm.scheme.weight.bits == 4 and not qm.scheme.weight.symmetric
-    variants = [("", "", False, clip) for clip in args.requant_clip[:1]]
+    default_clip, *other_clips = args.requant_clip
+    variants = [("", "", False, default_clip)]  # (label, directory suffix, zero points, clip search)
     if asym:
-        variants += [(f" clip {clip}", f"-clip{clip}", False, clip) for clip in args.requant_clip[1:]]
+        variants += [(f" clip {clip}", f"-clip{clip}", False, clip) for clip in other_clips]
         variants.append((" zero-point (experimental)", "-zp", True, "search"))
     for tp in (1, 2):
-        for label, suffix, zp, clip in variants:
-            out = args.work / f"trtllm-{q.name[2:]}-tp{tp}{suffix}"
+        for name, suffix, zp, clip in variants:
+            out = args.work / f"trtllm-{label(recipe)}-tp{tp}{suffix}"
             try:
                 report = export(q, out, tp, zp, clip)
             except SqDeployError as exc:
-                rows.append({"recipe": recipe, "variant": f"trtllm{label}", "tp": tp, "refused": str(exc)})
+                rows.append({"recipe": recipe, "variant": f"trtllm{name}", "tp": tp, "refused": str(exc)})
                 continue
             ppl = score(TrtllmCheckpoint(out), windows)
-            variant = f"trtllm {report['quant_algo'] or 'float'}{label}"
+            variant = f"trtllm {report['quant_algo'] or 'float'}{name}"
             if report["requantized_from"]:
                 variant += f" (from {report['requantized_from']})"
             rows.append({"recipe": recipe, "variant": variant, "tp": tp, **ppl, "vs_quantized": ppl["ppl"] / base["ppl"] - 1})
@@ -102,6 +108,13 @@ def markdown(rows: list[dict], text: str, n: int, validation: bool) -> str:
     return head + "\n\n" + markdown_table(cols, table)
 
 
+def clip_list(value: str) -> list[str]:
+    clips = value.split(",")
+    if not set(clips) <= {"search", "none"}:
+        raise argparse.ArgumentTypeError("takes search and/or none, comma-separated")
+    return clips
+
+
 def main(argv: list[str] | None = None) -> int:
     from sqdeploy.exporter.evaluate import eval_windows, read_text
     from sqdeploy.exporter.pipeline import load_tokenizer
@@ -115,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", default=None)
     ap.add_argument("--windows", type=int, default=24)
     ap.add_argument("--validation", action="store_true", help="also score on the validation windows (240 at offset 0.5)")
-    ap.add_argument("--requant-clip", type=lambda v: v.split(","), default=["search"],
+    ap.add_argument("--requant-clip", type=clip_list, default=["search"],
                     help="comma-separated --int4-requant-clip values for asymmetric INT4 recipes (default: search)")
     ap.add_argument("--recipe", action="append", help=f"default: {', '.join(RECIPES)}")
     ap.add_argument("--extra", action="append", default=[], help="NAME=DIR: also score this TensorRT-LLM checkpoint")
@@ -123,8 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", default=None)
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    if not set(args.requant_clip) <= {"search", "none"} or not args.requant_clip:
-        ap.error("--requant-clip takes search and/or none")
     tok, text = load_tokenizer(args.model), read_text(args.text)
     windows = {"ppl": eval_windows(tok, text, args.windows, 512)}
     if args.validation:

@@ -8,6 +8,7 @@ TensorRT-LLM checkpoint reader. Sources that carry quantization also implement
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -25,7 +26,9 @@ class TensorSource(Protocol):
     def has(self, canonical: str) -> bool: ...
 
 
-def quantize_activations(block: Block, cfg: ModelConfig, scheme, input_scale) -> None:
+def quantize_activations(
+    block: Block, cfg: ModelConfig, scheme, input_scale: Callable[[int, str], torch.Tensor | None]
+) -> None:
     """Give every linear of ``block`` the scheme's activation quantization and, for static
     schemes, its calibrated scale (``input_scale(layer, name)``): what a quantized source
     prescribes beyond its weights, so the reference model reproduces the deployed arithmetic."""
