@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sqdeploy.errors import SqDeployError
 from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
 from sqdeploy.exporter.qmodel import QuantizedModel
 from sqdeploy.exporter.trtllm.check import check_dir
@@ -115,6 +116,29 @@ def test_sq_eval_opens_a_checkpoint(quantized, tmp_path):
         torch.testing.assert_close(opened.logits_fn(IDS), _logits(QuantizedModel(qdir)), rtol=0, atol=1e-5)
 
 
+def test_sq_eval_pairs_a_checkpoint_with_its_quantized_dir(quantized, tmp_path, calib_file, capsys):
+    """``sq-eval QDIR CKPT ...`` scores each on the same windows, with the change's paired standard error:
+    zero for an exact export, non-zero where TensorRT-LLM rounds per rank."""
+    from sqdeploy.cli.eval import main as eval_main
+
+    qdir = quantized("llama", SQ_TOKEN)
+    export(qdir, tmp_path / "tp1", 1)
+    export(qdir, tmp_path / "tp2", 2)
+    text, js = tmp_path / "t.txt", tmp_path / "r.json"
+    text.write_text(calib_file.read_text() * 4)
+    args = [str(qdir), str(tmp_path / "tp1"), str(tmp_path / "tp2"), "--text", str(text), "--windows", "4", "--seq-len", "64"]
+    assert eval_main([*args, "--json", str(js), "--quiet"]) == 0
+    first, tp1, tp2 = json.loads(js.read_text())["results"]
+    assert first["delta_vs_first_stderr"] is None and len(first["per_window_nll"]) == 4
+    assert tp1["per_window_nll"] == first["per_window_nll"] and tp1["delta_vs_first"] == 0 == tp1["delta_vs_first_stderr"]
+    assert tp2["per_window_nll"] != first["per_window_nll"] and tp2["delta_vs_first_stderr"] > 0
+    assert "± 0.00%" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        eval_main([*args, "--recipe", "w8a8-sq"])
+    with pytest.raises(SqDeployError, match="nope does not exist"):
+        eval_main([str(qdir), str(tmp_path / "nope"), "--text", str(text)])
+
+
 def test_config_and_layout_follow_tensorrt_llm(quantized, tmp_path):
     """Llama/GQA at tp 4: fused qkv rows per rank, KV heads split, padded lm_head, plugin names."""
     out = tmp_path / "ckpt"
@@ -205,6 +229,17 @@ def test_int4_symmetric_requant_every_tp(int4_model, quantized, tmp_path):
     assert r0[p + "qkv.weight"].shape == (96, 512) and r0[p + "qkv.weight"].dtype == torch.int8
     assert r0[p + "qkv.weights_scaling_factor"].shape == (192, 8) and r0[p + "qkv.prequant_scaling_factor"].shape == (512,)
     assert r0[p + "dense.weight"].shape == (256, 64) and r0[p + "dense.weights_scaling_factor"].shape == (512, 1)
+
+
+def test_eval_text_reports_both_models_and_their_paired_error(int4_model, quantized, tmp_path, calib_file):
+    """``--eval-text``: the re-quantized checkpoint next to the asymmetric model it came from, on the same windows."""
+    text = tmp_path / "t.txt"
+    text.write_text(calib_file.read_text() * 4)
+    report = export(quantized(int4_model, int4_recipe(64)), tmp_path / "ck", 1, eval_text=str(text), eval_windows=3)
+    ppl = report["perplexity"]
+    quantized_ppl, checkpoint_ppl = ppl["values"].values()
+    assert quantized_ppl != checkpoint_ppl and ppl["relative_difference"] == pytest.approx(checkpoint_ppl / quantized_ppl - 1)
+    assert ppl["relative_difference_stderr"] > 0 and "paired s.e., 3 windows" in report["summary"]
 
 
 def test_int4_gptq_recipe_is_requantized_with_gptq(quantized, tmp_path):

@@ -29,13 +29,30 @@ RECIPES = ("fp16", "w8a8-sq", "w8a8-sq-pertoken", "w8a16-rtn", "w4a16-awq", "w4a
 VALIDATION = (240, 0.5)  # sq-eval --windows 240 --window-offset 0.5: disjoint from the standard 24
 
 
-def score(src, windows: dict[str, torch.Tensor]) -> dict[str, float]:
+def score(src, windows: dict[str, torch.Tensor]) -> dict:
     """Perplexity on each window set (``ppl``: the standard windows, ``val_ppl``: validation)."""
     from sqdeploy.exporter.evaluate import model_logits_fn, perplexity
     from sqdeploy.model.loading import load_model
 
     fn = model_logits_fn(load_model(src, torch.float32))
-    return {key: perplexity(fn, w).ppl for key, w in windows.items()}
+    return {key: perplexity(fn, w) for key, w in windows.items()}
+
+
+def versus(result: dict, base: dict | None) -> dict:
+    """A row's perplexities, and with ``base`` their paired change against it (``vs_quantized``, ``val_vs_quantized``)."""
+    from sqdeploy.exporter.evaluate import paired_change
+
+    row = {key: p.ppl for key, p in result.items()}
+    for key, p in (base or {}).items():
+        change = paired_change(p, result[key])
+        prefix = "" if key == "ppl" else "val_"
+        row[f"{prefix}vs_quantized"], row[f"{prefix}vs_quantized_stderr"] = change.relative, change.stderr
+    return row
+
+
+def relative(row: dict, prefix: str = "") -> str:
+    key = f"{prefix}vs_quantized"
+    return f"{100 * row[key]:+.3f}% ± {100 * row[key + '_stderr']:.3f}%" if key in row else ""
 
 
 def export(qdir: Path, out: Path, tp: int, zero_point: bool = False, clip: str = "search") -> dict:
@@ -69,7 +86,7 @@ def sweep_recipe(model: Path, recipe: str, args, windows) -> list[dict]:
     q = quantized_dir(model, recipe, args.work, args.calib)
     qm = QuantizedModel(q)
     base = score(qm, windows)
-    rows = [{"recipe": recipe, "variant": "quantized model (sq-eval)", "tp": None, **base}]
+    rows = [{"recipe": recipe, "variant": "quantized model (sq-eval)", "tp": None, **versus(base, None)}]
     asym = qm.scheme.weight is not None and qm.scheme.weight.bits == 4 and not qm.scheme.weight.symmetric
     default_clip, *other_clips = args.requant_clip
     variants = [("", "", False, default_clip)]  # (label, directory suffix, zero points, clip search)
@@ -88,7 +105,7 @@ def sweep_recipe(model: Path, recipe: str, args, windows) -> list[dict]:
             variant = f"trtllm {report['quant_algo'] or 'float'}{name}"
             if report["requantized_from"]:
                 variant += f" (from {report['requantized_from']})"
-            rows.append({"recipe": recipe, "variant": variant, "tp": tp, **ppl, "vs_quantized": ppl["ppl"] / base["ppl"] - 1})
+            rows.append({"recipe": recipe, "variant": variant, "tp": tp, **versus(ppl, base)})
     return rows
 
 
@@ -98,13 +115,15 @@ def markdown(rows: list[dict], text: str, n: int, validation: bool) -> str:
     table = []
     for r in rows:
         ppl = "refused" if "refused" in r else f"{r['ppl']:.4f}"
-        rel = f"{100 * r['vs_quantized']:+.3f}%" if "vs_quantized" in r else ""
-        row = [r["recipe"], r["variant"], r["tp"] or "", ppl, rel]
-        table.append(row + ([f"{r['val_ppl']:.4f}" if "val_ppl" in r else ""] if validation else []))
+        row = [r["recipe"], r["variant"], r["tp"] or "", ppl, relative(r)]
+        if validation:
+            row += [f"{r['val_ppl']:.4f}" if "val_ppl" in r else "", relative(r, "val_")]
+        table.append(row)
     head = f"perplexity on {text}, {n} windows x 512 tokens (reference reader, float32)"
     if validation:
         head += f"; validation: {VALIDATION[0]} windows at offset {VALIDATION[1]}"
-    cols = ["recipe", "checkpoint", "tp", "perplexity", "vs quantized model"] + (["validation"] if validation else [])
+    cols = ["recipe", "checkpoint", "tp", "perplexity", "vs quantized model (± paired s.e.)"]
+    cols += ["validation", "vs quantized model"] if validation else []
     return head + "\n\n" + markdown_table(cols, table)
 
 
@@ -148,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     for extra in args.extra:
         name, path = extra.split("=", 1)
         ck = TrtllmCheckpoint(path)
-        rows.append({"recipe": name, "variant": f"{ck.quant_algo} (other producer)", "tp": ck.tp, **score(ck, windows)})
+        rows.append({"recipe": name, "variant": f"{ck.quant_algo} (other producer)", "tp": ck.tp, **versus(score(ck, windows), None)})
     md = markdown(rows, args.text, args.windows, args.validation)
     print(md)
     if args.json:

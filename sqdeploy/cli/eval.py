@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from ..report import markdown_table
 from .common import add_calibration_arguments, add_runtime_arguments, calibration_from, run_cli, runtime_from
@@ -14,9 +15,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="sq-eval",
         description="Perplexity of a model and of each --recipe applied to it (fake-quantized with the scheme's exact "
-        "arithmetic, float32), or of an already quantized or exported directory.",
+        "arithmetic, float32), or of already quantized or exported directories, side by side on the same windows: "
+        "each row's change against the first comes with its paired standard error.",
     )
-    ap.add_argument("model", help="HF model directory, quantized directory, or an export (onnx, trtllm) directory")
+    ap.add_argument("model", nargs="+",
+                    help="HF model directory (with --recipe), or one or more quantized / export (onnx, trtllm) directories")
     ap.add_argument("--recipe", action="append", default=[], help="recipe to apply and score (repeatable)")
     ap.add_argument("--text", required=True, help="held-out text, .txt or .txt.gz")
     ap.add_argument("--windows", type=int, default=24, help="number of evaluation windows (default 24)")
@@ -42,7 +45,8 @@ def _score(name, opened_model, logits_fn, tokenizer, windows, args, extra) -> di
 
     t0 = time.perf_counter()
     ppl = perplexity(logits_fn, windows)
-    row = {"name": name, "perplexity": ppl.ppl, "nll": ppl.nll, "tokens": ppl.tokens, "eval_seconds": time.perf_counter() - t0, **extra}
+    row = {"name": name, "perplexity": ppl.ppl, "nll": ppl.nll, "tokens": ppl.tokens, "per_window_nll": ppl.per_window_nll,
+           "eval_seconds": time.perf_counter() - t0, "_ppl": ppl, **extra}
     if args.humaneval:
         if opened_model is None:
             row["humaneval"] = "not available for this directory kind"
@@ -59,20 +63,25 @@ def _score(name, opened_model, logits_fn, tokenizer, windows, args, extra) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
     from ..errors import SqDeployError
-    from ..exporter.evaluate import eval_windows, read_text, model_logits_fn
+    from ..exporter.evaluate import eval_windows, model_logits_fn, paired_change, read_text
     from ..exporter.pipeline import load_tokenizer, quantize_in_memory
     from ..readers import open_model
     from ..report import write_json_atomic
 
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.recipe and len(args.model) > 1:
+        ap.error("--recipe quantizes one HF model: give a single model directory")
     runtime = runtime_from(args)
     rows: list[dict] = []
     if args.recipe:
         from ..model.checkpoint import HFCheckpoint
         from ..model.loading import load_model
 
-        ck = HFCheckpoint(args.model)
+        ck = HFCheckpoint(args.model[0])
         tokenizer = load_tokenizer(ck.path)
         windows = eval_windows(tokenizer, read_text(args.text), args.windows, args.seq_len, args.window_offset)
         if not args.no_baseline:
@@ -86,23 +95,35 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_score(result.recipe.name, model, model_logits_fn(model), tokenizer, windows, args, extra))
             del model
     else:
-        opened = open_model(args.model, runtime.device)
-        tokenizer = load_tokenizer(opened.tokenizer_path)
-        windows = eval_windows(tokenizer, read_text(args.text), args.windows, args.seq_len, args.window_offset)
-        rows.append(_score(f"{opened.kind}: {args.model}", opened.model, opened.logits_fn, tokenizer, windows, args, {}))
+        missing = [m for m in args.model if not Path(m).exists()]
+        if missing:  # before minutes of scoring the others
+            raise SqDeployError(f"{', '.join(missing)} does not exist")
+        windows, text = None, read_text(args.text)
+        for path in args.model:  # one at a time: only one model is in memory
+            opened = open_model(path, runtime.device)
+            tokenizer = load_tokenizer(opened.tokenizer_path)
+            ids = eval_windows(tokenizer, text, args.windows, args.seq_len, args.window_offset)
+            if windows is None:
+                windows = ids
+            elif not torch.equal(ids, windows):
+                raise SqDeployError(f"{path} tokenizes the text differently from {args.model[0]}: no paired comparison")
+            rows.append(_score(f"{opened.kind}: {path}", opened.model, opened.logits_fn, tokenizer, windows, args, {}))
+            del opened
     if not rows:
         raise SqDeployError("nothing to evaluate")
-    base = rows[0]["perplexity"]
+    base = rows[0].pop("_ppl")
     table = []
-    for r in rows:
-        r["delta_vs_first"] = r["perplexity"] / base - 1
+    for i, r in enumerate(rows):
+        change = paired_change(base, r.pop("_ppl")) if i else None
+        r["delta_vs_first"] = r["perplexity"] / rows[0]["perplexity"] - 1
+        r["delta_vs_first_stderr"] = None if change is None else change.stderr
         he = r.get("humaneval")
-        table.append([r["name"], round(r["perplexity"], 4), f"{100 * r['delta_vs_first']:+.2f}%",
+        table.append([r["name"], round(r["perplexity"], 4), "" if change is None else str(change),
                       "" if not isinstance(he, dict) else f"{100 * he['pass@1']:.1f}%",
                       round(r.get("quantize_seconds", 0.0), 1), round(r["eval_seconds"], 1)])
     offset = f", offset {args.window_offset}" if args.window_offset else ""
     print(f"\nperplexity on {args.text}: {args.windows} windows x {args.seq_len} tokens{offset}")
-    print(markdown_table(["model", "perplexity", "vs first", "HumanEval pass@1", "quantize s", "eval s"], table))
+    print(markdown_table(["model", "perplexity", "vs first (± paired s.e.)", "HumanEval pass@1", "quantize s", "eval s"], table))
     if args.json:
         write_json_atomic(args.json, {"text": args.text, "windows": args.windows, "seq_len": args.seq_len,
                                          "window_offset": args.window_offset, "results": rows})
