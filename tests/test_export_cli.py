@@ -155,15 +155,15 @@ def test_paired_change_is_the_mean_log_ratio_and_its_standard_error():
 
     base = ppl([2.0, 1.0, 3.0, 2.5])
     other = ppl([2.1, 1.0, 3.3, 2.5])  # differences 0.1, 0, 0.3, 0: mean 0.1, squared deviations 0.06
-    c = paired_change(base, other)
+    c = paired_change(base.per_window_nll, other.per_window_nll)
     assert c.relative == pytest.approx(math.exp(0.1) - 1) == pytest.approx(other.ppl / base.ppl - 1)
     assert c.stderr == pytest.approx(math.exp(0.1) * math.sqrt(0.06 / 3) / 2)  # s.e. = sd / sqrt(4)
     assert str(c) == f"+{100 * (math.exp(0.1) - 1):.2f}% ± {100 * c.stderr:.2f}%"
     # a constant shift on every window is a certain difference, however hard each window is
-    assert paired_change(base, ppl([2.05, 1.05, 3.05, 2.55])).stderr == pytest.approx(0, abs=1e-12)
-    assert paired_change(base, base).relative == 0
+    assert paired_change(base.per_window_nll, ppl([2.05, 1.05, 3.05, 2.55]).per_window_nll).stderr == pytest.approx(0, abs=1e-12)
+    assert paired_change(base.per_window_nll, base.per_window_nll).relative == 0
     with pytest.raises(SqDeployError, match="same windows"):
-        paired_change(base, ppl([2.0]))
+        paired_change(base.per_window_nll, [2.0])
 
 
 def test_list_recipes_needs_no_model(capsys):

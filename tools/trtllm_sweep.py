@@ -38,21 +38,23 @@ def score(src, windows: dict[str, torch.Tensor]) -> dict:
     return {key: perplexity(fn, w) for key, w in windows.items()}
 
 
-def versus(result: dict, base: dict | None) -> dict:
+def versus(result: dict, base: dict | None = None) -> dict:
     """A row's perplexities, and with ``base`` their paired change against it (``vs_quantized``, ``val_vs_quantized``)."""
     from sqdeploy.exporter.evaluate import paired_change
 
     row = {key: p.ppl for key, p in result.items()}
     for key, p in (base or {}).items():
-        change = paired_change(p, result[key])
+        change = paired_change(p.per_window_nll, result[key].per_window_nll)
         prefix = "" if key == "ppl" else "val_"
         row[f"{prefix}vs_quantized"], row[f"{prefix}vs_quantized_stderr"] = change.relative, change.stderr
     return row
 
 
 def relative(row: dict, prefix: str = "") -> str:
+    from sqdeploy.exporter.evaluate import format_change
+
     key = f"{prefix}vs_quantized"
-    return f"{100 * row[key]:+.3f}% ± {100 * row[key + '_stderr']:.3f}%" if key in row else ""
+    return format_change(row[key], row[key + "_stderr"], 3) if key in row else ""
 
 
 def export(qdir: Path, out: Path, tp: int, zero_point: bool = False, clip: str = "search") -> dict:
@@ -86,7 +88,7 @@ def sweep_recipe(model: Path, recipe: str, args, windows) -> list[dict]:
     q = quantized_dir(model, recipe, args.work, args.calib)
     qm = QuantizedModel(q)
     base = score(qm, windows)
-    rows = [{"recipe": recipe, "variant": "quantized model (sq-eval)", "tp": None, **versus(base, None)}]
+    rows = [{"recipe": recipe, "variant": "quantized model (sq-eval)", "tp": None, **versus(base)}]
     asym = qm.scheme.weight is not None and qm.scheme.weight.bits == 4 and not qm.scheme.weight.symmetric
     default_clip, *other_clips = args.requant_clip
     variants = [("", "", False, default_clip)]  # (label, directory suffix, zero points, clip search)
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     for extra in args.extra:
         name, path = extra.split("=", 1)
         ck = TrtllmCheckpoint(path)
-        rows.append({"recipe": name, "variant": f"{ck.quant_algo} (other producer)", "tp": ck.tp, **versus(score(ck, windows), None)})
+        rows.append({"recipe": name, "variant": f"{ck.quant_algo} (other producer)", "tp": ck.tp, **versus(score(ck, windows))})
     md = markdown(rows, args.text, args.windows, args.validation)
     print(md)
     if args.json:

@@ -46,7 +46,7 @@ def _score(name, opened_model, logits_fn, tokenizer, windows, args, extra) -> di
     t0 = time.perf_counter()
     ppl = perplexity(logits_fn, windows)
     row = {"name": name, "perplexity": ppl.ppl, "nll": ppl.nll, "tokens": ppl.tokens, "per_window_nll": ppl.per_window_nll,
-           "eval_seconds": time.perf_counter() - t0, "_ppl": ppl, **extra}
+           "eval_seconds": time.perf_counter() - t0, **extra}
     if args.humaneval:
         if opened_model is None:
             row["humaneval"] = "not available for this directory kind"
@@ -111,10 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             del opened
     if not rows:
         raise SqDeployError("nothing to evaluate")
-    base = rows[0].pop("_ppl")
     table = []
     for i, r in enumerate(rows):
-        change = paired_change(base, r.pop("_ppl")) if i else None
+        change = paired_change(rows[0]["per_window_nll"], r["per_window_nll"]) if i else None
         r["delta_vs_first"] = r["perplexity"] / rows[0]["perplexity"] - 1
         r["delta_vs_first_stderr"] = None if change is None else change.stderr
         he = r.get("humaneval")

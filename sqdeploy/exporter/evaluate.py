@@ -15,7 +15,7 @@ import gzip
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -87,12 +87,18 @@ class Change:
     windows: int
 
     def __str__(self) -> str:
-        return f"{100 * self.relative:+.2f}% ± {100 * self.stderr:.2f}%"
+        return format_change(self.relative, self.stderr)
 
 
-def paired_change(base: Perplexity, other: Perplexity) -> Change:
-    """``other`` relative to ``base`` (``ppl_other / ppl_base - 1``) and its paired standard error (delta method)."""
-    a, b = base.per_window_nll, other.per_window_nll
+def format_change(relative: float, stderr: float, digits: int = 2) -> str:
+    """``+0.48% ± 0.27%``: a relative change and its standard error, in percent."""
+    return f"{100 * relative:+.{digits}f}% ± {100 * stderr:.{digits}f}%"
+
+
+def paired_change(base_nll: Sequence[float], other_nll: Sequence[float]) -> Change:
+    """Perplexity change ``exp(mean(other - base)) - 1`` from two models' per-window NLLs on the same
+    windows (:attr:`Perplexity.per_window_nll`), and its paired standard error (delta method)."""
+    a, b = base_nll, other_nll
     if len(a) != len(b):
         raise SqDeployError(f"paired comparison needs the same windows ({len(a)} vs {len(b)})")
     d = torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64)

@@ -29,6 +29,6 @@ def compare_perplexity(qdir: Path, export: Path, text: str, windows: int = 24, s
         model = load_model(src, torch.float32)
         values[name] = perplexity(model_logits_fn(model), ids)
         del model
-    change = paired_change(*values.values())
+    change = paired_change(*(v.per_window_nll for v in values.values()))
     return {"text": str(text), "windows": windows, "seq_len": seq_len, "values": {k: v.ppl for k, v in values.items()},
             "relative_difference": change.relative, "relative_difference_stderr": change.stderr}

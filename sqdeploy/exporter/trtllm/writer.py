@@ -151,14 +151,15 @@ def _report(qm: QuantizedModel, spec: CheckpointSpec, source: LinearSource, out:
     }
     eval_text = getattr(args, "eval_text", None)
     if eval_text:
+        from ..evaluate import format_change
         from .evaluate import compare_perplexity
 
         report["perplexity"] = compare_perplexity(qm.path, out, eval_text, int(getattr(args, "eval_windows", 24) or 24))
         ppl = report["perplexity"]
         for name, value in ppl["values"].items():
             rows.append([f"perplexity: {name}", round(value, 4)])
-        rows.append(["checkpoint vs quantized model", f"{100 * ppl['relative_difference']:+.3f}% ± "
-                     f"{100 * ppl['relative_difference_stderr']:.3f}% (paired s.e., {ppl['windows']} windows)"])
+        change = format_change(ppl["relative_difference"], ppl["relative_difference_stderr"], 3)
+        rows.append(["checkpoint vs quantized model", f"{change} (paired s.e., {ppl['windows']} windows)"])
     notes = "".join(f"\nnote: {n}" for n in source.notes)
     report["summary"] = f"\nTensorRT-LLM checkpoint {shown}\n{markdown_table(['field', 'value'], rows)}{notes}"
     return report
