@@ -47,6 +47,9 @@ def open_model(path: str | Path, device: str = "cpu") -> OpenedModel:
     p = Path(path)
     if not p.is_dir():
         raise SqDeployError(f"model directory {p} does not exist")
+    from .integrity import verify_recorded_files
+
+    verify_recorded_files(p)  # before the (possibly long) load: a swapped tokenizer or edited config is refused
     for reader in READERS:
         if reader.detect(p):
             return reader.open(p, device)

@@ -92,6 +92,11 @@ def _header(title: str, argv: list[str] | None) -> str:
     )
 
 
+def _inputs(args) -> list:
+    """Everything a benchmark reads from disk: its --out must not touch any of it."""
+    return [*getattr(args, "engine_dirs", []), *(getattr(args, k, None) for k in ("tokenizer", "corpus", "trace"))]
+
+
 def offline(args, argv) -> int:
     from ..output import atomic_output_dir
     from ..runtime.bench.offline import EngineSpec, OfflineGrid, run_offline
@@ -101,7 +106,7 @@ def offline(args, argv) -> int:
     grid = OfflineGrid(args.batch_sizes, args.input_lens, args.output_lens, args.repeat, args.warmup, args.seed)
     specs = [EngineSpec(d, args.backend, args.device, args.threads) for d in args.engine_dirs]
     out = args.out or f"sq-bench-offline-{time.strftime('%Y%m%d-%H%M%S')}"
-    with atomic_output_dir(out, args.force) as tmp:
+    with atomic_output_dir(out, args.force, _inputs(args)) as tmp:
         results = run_offline(specs, grid, isolate=not args.in_process, progress=not args.quiet)
         table = offline_table(results)
         plot = offline_bars(results, tmp / "offline.png")
@@ -148,7 +153,7 @@ def online(args, argv) -> int:
     if args.trace:
         plan.append((LoadPoint("trace", 0), read_trace(args.trace)))
     out = args.out or f"sq-bench-online-{time.strftime('%Y%m%d-%H%M%S')}"
-    with atomic_output_dir(out, args.force) as tmp:
+    with atomic_output_dir(out, args.force, _inputs(args)) as tmp:
         points = []
         with Progress(sum(len(s) for _, s in plan), "online benchmark", not args.quiet) as bar:
             for point, specs in plan:
@@ -184,7 +189,7 @@ def overhead(args, argv) -> int:
         args.batch_size, args.input_len, args.output_len, args.rounds, args.requests_per_round, args.threads, args.seed
     )
     out = args.out or f"sq-bench-overhead-{time.strftime('%Y%m%d-%H%M%S')}"
-    with atomic_output_dir(out, args.force) as tmp:
+    with atomic_output_dir(out, args.force, _inputs(args)) as tmp:
         results = [measure_overhead(d, args.backend, cfg, not args.quiet) for d in args.engine_dirs]
         rows = [
             [

@@ -76,8 +76,9 @@ def _plan_then_build(plan, build, args: argparse.Namespace) -> dict:
     print(plan.summary())
     if args.dry_run:
         return {"plan": plan.to_dict()}
-    check_output_dir(args.out, args.force)
-    with atomic_output_dir(args.out, args.force) as tmp:
+    inputs = [args.source, args.tokenizer]
+    check_output_dir(args.out, args.force, inputs)
+    with atomic_output_dir(args.out, args.force, inputs) as tmp:
         result = build(plan, tmp)
     return {"plan": plan.to_dict(), "build": result}
 
@@ -111,8 +112,9 @@ def _onnxruntime(args: argparse.Namespace) -> dict:
     print(plan.summary())
     if args.dry_run:
         return {"plan": plan.session_json()}
-    check_output_dir(args.out, args.force)
-    with atomic_output_dir(args.out, args.force) as tmp:
+    inputs = [args.source, args.tokenizer]
+    check_output_dir(args.out, args.force, inputs)
+    with atomic_output_dir(args.out, args.force, inputs) as tmp:
         result = build_ort(plan, tmp)
     v = result["verification"]
     print(markdown_table(["nodes before", "nodes after", "optimise s", "logits vs source", "decode vs full pass"],

@@ -3,32 +3,75 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 from ..errors import SqDeployError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, Kubernetes, Slurm, timeout), raised like Ctrl-C so the same cleanup runs."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn the first SIGTERM into :class:`Terminated`; later ones wait for that cleanup to finish."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run ``main``; a user error becomes one line on stderr and exit code 2."""
+    """Run ``main``; a user error becomes one line on stderr and exit code 2, SIGINT/SIGTERM 130/143."""
     prog = os.path.basename(sys.argv[0]) if argv is None else "sq"
     try:
-        code = main(argv)
+        with _sigterm_as_interrupt():
+            code = main(argv)
         return 0 if code is None else int(code)
     except SqDeployError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM); temporary files removed, no output written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        print(f"{prog}: interrupted; temporary files removed, no output written", file=sys.stderr)
         return 130
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 must not silently mean 'the default')."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
 
 
 def add_calibration_arguments(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("calibration")
     g.add_argument("--calib", default=None, help="humaneval | pile | c4 | wikitext | a .txt/.jsonl(.gz) file (default: the recipe's)")
-    g.add_argument("--calib-samples", type=int, default=None, help="number of calibration sequences (default: recipe, 128)")
-    g.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration sequence (default: recipe, 512)")
+    g.add_argument("--calib-samples", type=positive_int, default=None, help="number of calibration sequences (default: recipe, 128)")
+    g.add_argument("--calib-seq-len", type=positive_int, default=None,
+                   help="tokens per calibration sequence, at most the model's positions (default: recipe, 512)")
 
 
 def add_runtime_arguments(ap: argparse.ArgumentParser) -> None:

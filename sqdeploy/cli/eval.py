@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..errors import SqDeployError
     from ..exporter.evaluate import eval_windows, model_logits_fn, paired_change, read_text
-    from ..exporter.pipeline import load_tokenizer, quantize_in_memory
+    from ..exporter.pipeline import check_tokenizer_fits, load_tokenizer, quantize_in_memory
     from ..readers import open_model
     from ..report import write_json_atomic
 
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ck = HFCheckpoint(args.model[0])
         tokenizer = load_tokenizer(ck.path)
+        check_tokenizer_fits(tokenizer, ck.config.vocab_size, ck.path)
         windows = eval_windows(tokenizer, read_text(args.text), args.windows, args.seq_len, args.window_offset)
         if not args.no_baseline:
             model = load_model(ck, device=runtime.device)
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.model:  # one at a time: only one model is in memory
             opened = open_model(path, runtime.device)
             tokenizer = load_tokenizer(opened.tokenizer_path)
+            with torch.no_grad():  # the vocabulary the model scores: one token's logits
+                vocab = opened.logits_fn(torch.zeros(1, 1, dtype=torch.long)).shape[-1]
+            check_tokenizer_fits(tokenizer, vocab, opened.tokenizer_path)
             ids = eval_windows(tokenizer, text, args.windows, args.seq_len, args.window_offset)
             if windows is None:
                 windows = ids

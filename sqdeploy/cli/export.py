@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("the model directory is required (or --list-recipes)")
     if not args.out:
         ap.error("--out is required")
-    check_output_dir(args.out, args.force)
+    check_output_dir(args.out, args.force, inputs=[args.model, args.calib])
     t0 = time.perf_counter()
     if args.target != "quantized":
         from ..exporter.export_target import export_target

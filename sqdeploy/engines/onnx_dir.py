@@ -87,6 +87,9 @@ class OnnxExport:
         self.graph_path = self.path / GRAPH
         if not self.graph_path.exists():
             raise SqDeployError(f"{self.path} has no {GRAPH}; pass the --out of 'sq-export --target onnx'")
+        from ..integrity import verify_recorded_files
+
+        verify_recorded_files(self.path)
         self.meta = _read_meta(self.path / META)
         import onnx
 
@@ -101,6 +104,8 @@ class OnnxExport:
         self.op_counts = Counter(f"{n.domain}::{n.op_type}" if n.domain not in STANDARD_DOMAINS else n.op_type for n in g.node)
         self.initializer_bytes = sum(_initializer_bytes(t) for t in g.initializer)
         self.external_data = sorted({e.value for t in g.initializer for e in t.external_data if e.key == "location"})
+        for name in self.external_data:
+            contained_file(self.path, name, f"{self.graph_path}: external data")
         self._check_interface()
 
     @property
@@ -165,6 +170,23 @@ class OnnxExport:
             "weights_bytes": self.initializer_bytes, "quantize_ops": self.quantize_ops(),
             "nonstandard_ops": self.nonstandard_ops(), "opset": self.opset,
         }
+
+
+def contained_file(base: Path, name: str, what: str) -> Path:
+    """``base / name`` if it is a plain relative name that stays inside ``base`` (symlinks resolved).
+
+    A graph names its external-data files itself; a crafted one could name ``../../x``
+    or ``/etc/passwd`` to make a copier read or overwrite files elsewhere.
+    """
+    import os
+
+    if not name or os.path.isabs(name) or "\0" in name:
+        raise SqDeployError(f"{what} location {name!r} is not a relative file name inside {base}; refusing it")
+    root = os.path.realpath(base)
+    real = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, real]) != root or real == root:
+        raise SqDeployError(f"{what} location {name!r} leads outside {base}; refusing it")
+    return base / name
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
+import contextlib
 import time
 from pathlib import Path
 
 from ..cli.common import calibration_from, runtime_from
-from ..output import atomic_output_dir
+from ..output import atomic_output_dir, output_lock, scratch_dir
 from .pipeline import quantize_to_dir
 from .qmodel import QuantizedModel, is_quantized_dir
 from .recipes import load_recipe
@@ -20,8 +19,9 @@ def export_target(args: argparse.Namespace) -> dict:
     """Returns the target's report (with a ``summary`` string to print)."""
     target = get_target(args.target)
     t0 = time.perf_counter()
-    scratch = None
-    try:
+    inputs = [args.model, getattr(args, "calib", None)]
+    # the intermediate quantized model lives beside --out (same disk, cleaned up however the run ends)
+    with output_lock(args.out), contextlib.ExitStack() as stack:
         if is_quantized_dir(args.model):
             qdir = Path(args.model)
             target.precheck(QuantizedModel(qdir), args)
@@ -30,12 +30,9 @@ def export_target(args: argparse.Namespace) -> dict:
 
             ck = HFCheckpoint(args.model)
             target.precheck((load_recipe(args.recipe), ck.config, ck.family), args)
-            scratch = Path(tempfile.mkdtemp(prefix="sqdeploy-quantized-"))
-            qdir, _ = quantize_to_dir(ck.path, args.recipe, scratch / "quantized", calibration_from(args), runtime_from(args))
-        with atomic_output_dir(args.out, args.force) as tmp:
+            scratch = stack.enter_context(scratch_dir(args.out, "quantized"))
+            qdir, _ = quantize_to_dir(ck.path, args.recipe, scratch, calibration_from(args), runtime_from(args))
+        with atomic_output_dir(args.out, args.force, inputs=inputs) as tmp:
             report = target.write(qdir, tmp, args)
-        report.setdefault("seconds", round(time.perf_counter() - t0, 2))
-        return report
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+    report.setdefault("seconds", round(time.perf_counter() - t0, 2))
+    return report

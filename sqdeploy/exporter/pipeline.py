@@ -48,8 +48,8 @@ class Calibration:
         c = recipe.calibration
         return {
             "source": self.source or c["source"],
-            "samples": self.samples or c["samples"],
-            "seq_len": self.seq_len or c["seq_len"],
+            "samples": c["samples"] if self.samples is None else self.samples,
+            "seq_len": c["seq_len"] if self.seq_len is None else self.seq_len,
         }
 
 
@@ -144,7 +144,19 @@ def load_tokenizer(path: Path):
 
 def calibration_set(ck: HFCheckpoint, recipe: Recipe, calib: Calibration) -> CalibrationSet:
     c = calib.resolve(recipe)
-    return build_calibration(load_tokenizer(ck.path), c["source"], c["samples"], c["seq_len"])
+    if c["seq_len"] > ck.config.max_positions:
+        raise SqDeployError(f"--calib-seq-len {c['seq_len']} is longer than the model's {ck.config.max_positions} positions; "
+                            f"use at most {ck.config.max_positions}")
+    tokenizer = load_tokenizer(ck.path)
+    check_tokenizer_fits(tokenizer, ck.config.vocab_size, ck.path)
+    return build_calibration(tokenizer, c["source"], c["samples"], c["seq_len"])
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, where: Path) -> None:
+    """A tokenizer with more tokens than the embedding has rows would index past it."""
+    if len(tokenizer) > vocab_size:
+        raise SqDeployError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab_size}; "
+                            "the tokenizer belongs to another model")
 
 
 def quantize(
@@ -263,7 +275,7 @@ def quantize_to_dir(
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     validate_recipe(recipe, ck.config, ck.family)
     dtype = storage_dtype(recipe, ck.config)
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs=[ck.path, calib.source]) as tmp:
         writer = QuantizedModelWriter(tmp, ck.family, ck.config, recipe.scheme, dtype)
         result = quantize(ck, recipe, calib, runtime, lambda r: writer.add_layer(r.block, r.result.qweights, r.result.smoothing))
         writer.add_globals(global_tensors(ck, dtype))

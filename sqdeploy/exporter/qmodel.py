@@ -247,7 +247,10 @@ class QuantizedModel:
     """A QuantizedModel directory opened lazily; a tensor source for the reference model."""
 
     def __init__(self, path: str | Path):
+        from ..integrity import verify_recorded_files
+
         self.path = Path(path)
+        verify_recorded_files(self.path)
         self.manifest = read_json(self.path / MANIFEST, "quantized model manifest")
         if self.manifest.get("format") != FORMAT:
             raise SqDeployError(f"{self.path / MANIFEST} is not a sq-deploy quantized model manifest")

@@ -48,7 +48,7 @@ def write_repository(src: str | Path, out: str | Path, options: TritonOptions, f
 
     src, out = Path(src), Path(out)
     kind = detect_source(src)
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs=[src, options.tokenizer]) as tmp:
         if kind == "trtllm-engine":
             result = write_trtllm_repo(src, tmp, options, out)
         elif kind == "onnx":

@@ -76,13 +76,36 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         meta = json.loads(meta_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise SqDeployError(f"{meta_file} is unreadable ({exc}); re-export the model") from None
-    if meta.get("format") != FORMAT:
+    from ...integrity import verify_recorded_files
+
+    verify_recorded_files(path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SqDeployError(f"{meta_file} is not an sq-deploy ONNX description (format {meta.get('format')!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    if not isinstance(meta.get("format_version", 0), int) or meta.get("format_version", 0) > FORMAT_VERSION:
         raise SqDeployError(f"{path} was written by a newer sq-deploy (ONNX format {meta['format_version']}); upgrade sq-deploy")
+    _check_fields(meta_file, meta)
     if not (path / meta.get("model_file", MODEL)).exists():
         raise SqDeployError(f"{path / MODEL} is missing; the export is incomplete, re-export it")
     return meta
+
+
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "num_layers": int, "num_heads": int, "num_kv_heads": int, "head_dim": int, "vocab_size": int,
+    "dtype": str, "variant": str, "inputs": list, "outputs": list, "quantization": dict,
+}
+
+
+def _check_fields(meta_file: Path, meta: dict[str, Any]) -> None:
+    """An edited description fails here with its field named, not later with a KeyError."""
+    for key, kind in _FIELDS.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+            raise SqDeployError(f"{meta_file}: field '{key}' is missing or invalid ({value!r}); re-export the model")
+    if meta["dtype"] not in ("float16", "float32"):
+        raise SqDeployError(f"{meta_file}: field 'dtype' is {meta['dtype']!r}, not float16 or float32; re-export the model")
+    if len(meta["inputs"]) != 3 + 2 * meta["num_layers"] or len(meta["outputs"]) != 1 + 2 * meta["num_layers"]:
+        raise SqDeployError(f"{meta_file}: 'num_layers' ({meta['num_layers']}) does not match its inputs and outputs; "
+                            "re-export the model")
 
 
 def reference_dir(path: Path, meta: dict[str, Any], override: str | Path | None = None) -> Path:

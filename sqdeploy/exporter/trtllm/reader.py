@@ -78,7 +78,10 @@ class TrtllmCheckpoint:
     """A validated TensorRT-LLM checkpoint directory (tensor-parallel ranks, pp 1)."""
 
     def __init__(self, path: str | Path, validate: bool = True, spec: CheckpointSpec | None = None):
+        from ...integrity import verify_recorded_files
+
         self.path = Path(path)
+        verify_recorded_files(self.path)
         if spec is None or validate:
             res = CheckResult()
             check_layout(self.path, res)
