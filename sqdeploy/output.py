@@ -179,7 +179,10 @@ def _lock_path(out: Path) -> Path:
 def output_lock(out: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on ``out`` (re-entrant in this process); a second process is refused."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SqDeployError(f"cannot create the parent of --out {out}: {exc.strerror or exc}") from None
     path = _lock_path(_abs(out))
     if path in _HELD:
         fd, depth = _HELD[path]

@@ -8,6 +8,17 @@ import sys
 from .common import run_cli
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1-65535 (0 would bind a random port nobody is told about)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..runtime import BACKENDS
 
@@ -23,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or an HF / quantized model directory (torch)",
     )
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    ap.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    ap.add_argument("--port", type=port_number, default=8000, help="port (default 8000)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS, help="default: chosen from the directory's kind")
     ap.add_argument("--model-name", default=None, help="name clients use (default: the directory's name)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (onnxruntime needs onnxruntime-gpu for cuda)")

@@ -91,12 +91,7 @@ class OnnxExport:
 
         verify_recorded_files(self.path)
         self.meta = _read_meta(self.path / META)
-        import onnx
-
-        try:
-            model = onnx.load(str(self.graph_path), load_external_data=False)
-        except Exception as exc:  # noqa: BLE001 - onnx raises several types for a truncated or foreign file
-            raise SqDeployError(f"{self.graph_path} is not a readable ONNX model ({exc}); re-export it") from None
+        model = read_graph(self.graph_path)
         g = model.graph
         self.opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}
         self.inputs = [_spec(v) for v in g.input if v.name not in {i.name for i in g.initializer}]
@@ -170,6 +165,17 @@ class OnnxExport:
             "weights_bytes": self.initializer_bytes, "quantize_ops": self.quantize_ops(),
             "nonstandard_ops": self.nonstandard_ops(), "opset": self.opset,
         }
+
+
+def read_graph(path: Path):
+    """The graph without its external weights; a truncated or foreign file is one line, not a traceback."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types for a truncated or foreign file
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise SqDeployError(f"{path} is not a readable ONNX model ({reason}); it may be truncated: re-export it") from None
 
 
 def contained_file(base: Path, name: str, what: str) -> Path:

@@ -58,13 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def graph_rows(path: Path, meta: dict) -> list[Row]:
+    from ...engines.onnx_dir import read_graph
+
     rows = []
+    model = read_graph(path / MODEL)  # first: a truncated file is refused before the checker chokes on it
     try:
         onnx.checker.check_model(str(path / MODEL), full_check=True)
         rows.append(Row("onnx.checker (full, shape inference)", True, f"opset {meta['opset']}"))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         rows.append(Row("onnx.checker (full, shape inference)", False, str(exc).splitlines()[0][:200]))
-    model = onnx.load(str(path / MODEL), load_external_data=False)
     rows.append(_signature_row(model, meta))
     rows.append(_count_row(model, meta))
     return rows

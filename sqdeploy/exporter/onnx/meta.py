@@ -101,6 +101,8 @@ def _check_fields(meta_file: Path, meta: dict[str, Any]) -> None:
         value = meta.get(key)
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
             raise SqDeployError(f"{meta_file}: field '{key}' is missing or invalid ({value!r}); re-export the model")
+    if not isinstance(meta["quantization"].get("recipe"), str):
+        raise SqDeployError(f"{meta_file}: field 'quantization.recipe' is missing or invalid; re-export the model")
     if meta["dtype"] not in ("float16", "float32"):
         raise SqDeployError(f"{meta_file}: field 'dtype' is {meta['dtype']!r}, not float16 or float32; re-export the model")
     if len(meta["inputs"]) != 3 + 2 * meta["num_layers"] or len(meta["outputs"]) != 1 + 2 * meta["num_layers"]:

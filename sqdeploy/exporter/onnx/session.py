@@ -51,7 +51,11 @@ def make_session(path: Path, cfg: SessionConfig = SessionConfig()):
         providers.insert(0, "CUDAExecutionProvider")
     elif cfg.provider != "cpu":
         raise SqDeployError(f"device {cfg.provider!r}: ONNX exports run on cpu or cuda")
-    return ort.InferenceSession(str(path / MODEL), so, providers=providers)
+    try:
+        return ort.InferenceSession(str(path / MODEL), so, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... types
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise SqDeployError(f"ONNX Runtime cannot load {path / MODEL} ({reason}); re-export it") from None
 
 
 class OnnxDecoder:
