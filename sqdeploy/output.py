@@ -88,6 +88,15 @@ def check_output_dir(out: str | Path, force: bool, inputs: Iterable[str | Path |
     return out
 
 
+def write_output_record(path: Path, written_by: str = "sq-deploy") -> None:
+    """Mark ``path`` as an sq-deploy output, with the hashes readers check (:mod:`sqdeploy.integrity`)."""
+    from . import __version__
+    from .integrity import record_files
+
+    record = {"written_by": written_by, "version": __version__, "files_sha256": record_files(path)}
+    (path / OUTPUT_MARKER).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -276,11 +285,7 @@ def atomic_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str
             work = tmp / "out"
             work.mkdir()
             yield work
-            from . import __version__
-            from .integrity import record_files
-
-            record = {"written_by": written_by, "version": __version__, "files_sha256": record_files(work)}
-            (work / OUTPUT_MARKER).write_text(json.dumps(record, indent=2) + "\n")
+            write_output_record(work, written_by)
             apply_umask(work)
             _swap(work, out)
         finally:

@@ -91,7 +91,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 _FIELDS: dict[str, type | tuple[type, ...]] = {
     "num_layers": int, "num_heads": int, "num_kv_heads": int, "head_dim": int, "vocab_size": int,
-    "dtype": str, "variant": str, "inputs": list, "outputs": list, "quantization": dict,
+    "dtype": str, "variant": str, "inputs": list, "outputs": list, "quantization": (dict, type(None)),
 }
 
 
@@ -101,7 +101,7 @@ def _check_fields(meta_file: Path, meta: dict[str, Any]) -> None:
         value = meta.get(key)
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
             raise SqDeployError(f"{meta_file}: field '{key}' is missing or invalid ({value!r}); re-export the model")
-    if not isinstance(meta["quantization"].get("recipe"), str):
+    if isinstance(meta["quantization"], dict) and not isinstance(meta["quantization"].get("recipe"), str):
         raise SqDeployError(f"{meta_file}: field 'quantization.recipe' is missing or invalid; re-export the model")
     if meta["dtype"] not in ("float16", "float32"):
         raise SqDeployError(f"{meta_file}: field 'dtype' is {meta['dtype']!r}, not float16 or float32; re-export the model")
