@@ -35,7 +35,7 @@ def test_export_writes_compressed_tensors_dir(tiny_models, tmp_path, calib_file,
     q = QuantizedModel(out)
     model = load_model(q)
     assert torch.isfinite(model(torch.randint(0, 100, (1, 16)))).all()
-    assert not list(tmp_path.glob(".q.tmp-*"))  # nothing left behind
+    assert not list(tmp_path.glob(".q.sqdeploy-*"))  # nothing left behind
 
 
 def test_in_memory_model_equals_saved_model(tiny_models, tmp_path, calib_file):
@@ -60,8 +60,13 @@ def test_existing_out_refused_then_forced(tiny_models, tmp_path, calib_file):
     with pytest.raises(SqDeployError, match="already exists.*--force"):
         _export(tiny_models["llama"], out, "w4a16-rtn", calib_file)
     assert (out / "keep.txt").read_text() == "precious"
-    assert _export(tiny_models["llama"], out, "w4a16-rtn", calib_file, "--force") == 0
-    assert not (out / "keep.txt").exists() and (out / "sqdeploy.json").exists()
+    with pytest.raises(SqDeployError, match="--force refused.*not an sq-deploy output"):
+        _export(tiny_models["llama"], out, "w4a16-rtn", calib_file, "--force")
+    assert (out / "keep.txt").read_text() == "precious"
+    shutil.rmtree(out)
+    assert _export(tiny_models["llama"], out, "w4a16-rtn", calib_file) == 0
+    assert _export(tiny_models["llama"], out, "w4a16-rtn", calib_file, "--force") == 0  # a previous export: replaced
+    assert (out / "sqdeploy.json").exists()
 
 
 def _cli(*args):

@@ -13,6 +13,7 @@ from sqdeploy.cli.eval import main as eval_main
 from sqdeploy.cli.export import main as export_main
 from sqdeploy.exporter.onnx.meta import read_meta
 from sqdeploy.random_model import make_random_model
+from sqdeploy.errors import SqDeployError
 
 CALIB = ["--calib-samples", "4", "--calib-seq-len", "64", "--quiet"]
 
@@ -69,6 +70,9 @@ def test_checker_fails_on_a_wrong_reference_and_wrong_counts(tiny_models, tmp_pa
     meta = json.loads((out / "sqdeploy-onnx.json").read_text())
     meta["quantization"]["quantized_matmuls"] = 7
     (out / "sqdeploy-onnx.json").write_text(json.dumps(meta))
+    with pytest.raises(SqDeployError, match="sqdeploy-onnx.json differs from the file written at export"):
+        check_main(["onnx", str(out), "--skip-runtime"])
+    (out / ".sqdeploy-output.json").unlink()  # as written before hashes were recorded: the counts are checked
     assert check_main(["onnx", str(out), "--skip-runtime"]) == 1
     assert "| quantization op counts" in capsys.readouterr().out
 
@@ -85,7 +89,7 @@ def test_refused_before_anything_is_written(tiny_models, tmp_path, calib_file, r
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
-    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.sqdeploy-*"))
 
 
 def test_unsupported_head_layout(tmp_path, calib_file):

@@ -171,7 +171,7 @@ def test_export_refusals_happen_before_any_work(tiny_models, tmp_path, calib_fil
         with pytest.raises(SqDeployError) as e:
             export_main([m, *target, "--out", str(out), "--quiet", "--calib", str(calib_file), *extra])
         assert msg in str(e.value)
-        assert not out.exists() and not list(tmp_path.glob(".o.tmp-*"))
+        assert not out.exists() and not list(tmp_path.glob(".o.sqdeploy-*"))
     r = subprocess.run([sys.executable, "-m", "sqdeploy.cli.export", m, "--target", "trtllm", "--tp", "3", "--out", str(out)],
                        capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()

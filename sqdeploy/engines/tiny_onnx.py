@@ -157,9 +157,6 @@ def write_tiny_onnx_dir(out: str | Path, tokenizer_from: str | Path | None = Non
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_from) / name).exists():
                 shutil.copy(Path(tokenizer_from) / name, out / name)
-    from ..output import write_output_record
-
-    write_output_record(out, "write_tiny_onnx_dir")
     return out
 
 
