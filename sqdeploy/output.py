@@ -19,7 +19,8 @@ through :func:`atomic_output_dir`:
 * at the end, files get the modes the umask gives (0644/0755 under 022), not
   ``mkdtemp``'s 0700, so a container running as another user can read them; then a
   previous output is moved aside, the new one renamed in and the old one removed.
-  If the rename fails the previous output is put back and the new one removed.
+  If the rename fails the previous output is put back and the new one removed; SIGINT and
+  SIGTERM wait for the two renames.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import stat
 from pathlib import Path
@@ -160,6 +162,9 @@ def remove_stale_temps(parent: Path) -> list[Path]:
         return removed
     host = socket.gethostname()
     for p in entries:
+        if p.name.startswith(".") and p.name.endswith(_LOCK_SUFFIX) and p.is_file() and not p.is_symlink():
+            _remove_unheld_lock(p)
+            continue
         m = _TEMP_RE.match(p.name)
         if m is None or p.is_symlink() or not p.is_dir():
             continue
@@ -168,16 +173,37 @@ def remove_stale_temps(parent: Path) -> list[Path]:
         except (OSError, ValueError):
             continue
         pid = int(m["pid"])
-        if marker.get("pid") != pid or marker.get("host") != host or _pid_alive(pid):
+        if not isinstance(marker, dict) or marker.get("pid") != pid or marker.get("host") != host or _pid_alive(pid):
             continue
         target = parent / m["name"]
         if m["kind"] == "old" and not target.exists() and not target.is_symlink():
-            (p / TEMP_MARKER).unlink()
-            p.rename(target)
+            try:
+                p.rename(target)
+            except OSError:
+                continue  # cannot put it back now: keep it for a later run, never delete it
+            (target / TEMP_MARKER).unlink(missing_ok=True)
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
     return removed
+
+
+def _remove_unheld_lock(path: Path) -> None:
+    """A lock file left by a killed writer: removed while holding it (a waiting writer then retries)."""
+    if _abs(path) in _HELD:
+        return
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino == os.stat(path).st_ino:
+            path.unlink()
+    except OSError:
+        pass  # held by a live writer, or already gone
+    finally:
+        os.close(fd)
 
 
 def _lock_path(out: Path) -> Path:
@@ -252,8 +278,26 @@ def scratch_dir(out: str | Path, label: str = "work") -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM wait until the block is done: the two renames of a swap are not separated."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _swap(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; a previous ``out`` is moved aside first and removed after."""
+    with _signals_deferred():
+        old = _swap_renames(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap_renames(tmp: Path, out: Path) -> Path | None:
     old = None
     try:
         if out.exists():
@@ -267,8 +311,7 @@ def _swap(tmp: Path, out: Path) -> None:
             (out / TEMP_MARKER).unlink(missing_ok=True)
         raise SqDeployError(f"cannot move the output into place at {out}: {exc.strerror or exc}; "
                             "nothing was changed there") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return old
 
 
 @contextlib.contextmanager

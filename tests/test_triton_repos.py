@@ -51,7 +51,7 @@ def test_trtllm_engine_repository(engine_dir, tmp_path, capsys):
     assert build_main(["--triton", str(engine_dir), "--out", str(repo), "--kv-cache-fraction", "0.85"]) == 0
     out = capsys.readouterr().out
     assert "mpirun --allow-run-as-root" in out and "generate_stream" in out
-    assert sorted(p.name for p in repo.iterdir()) == ["ensemble", "launch.sh", "postprocessing", "preprocessing", "tensorrt_llm"]
+    assert sorted(p.name for p in repo.iterdir()) == [".sqdeploy-output.json", "ensemble", "launch.sh", "postprocessing", "preprocessing", "tensorrt_llm"]
     llm = load(repo, "tensorrt_llm")
     p = params(llm)
     assert llm.backend == "tensorrtllm" and llm.max_batch_size == 32 and llm.model_transaction_policy.decoupled

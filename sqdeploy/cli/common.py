@@ -48,10 +48,10 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except Terminated:
-        print(f"{prog}: terminated (SIGTERM); temporary files removed, no output written", file=sys.stderr)
+        print(f"{prog}: terminated (SIGTERM); temporary files removed", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; temporary files removed, no output written", file=sys.stderr)
+        print(f"{prog}: interrupted; temporary files removed", file=sys.stderr)
         return 130
 
 
