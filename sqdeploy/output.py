@@ -109,7 +109,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask, read without changing it where /proc allows."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
@@ -123,7 +124,7 @@ def _umask() -> int:
 
 def apply_umask(root: Path) -> None:
     """Give every file and directory under ``root`` the mode a plain write would (umask applied)."""
-    mask = _umask()
+    mask = umask()
     for dirpath, dirnames, filenames in os.walk(root):
         os.chmod(dirpath, 0o777 & ~mask)
         for f in filenames:

@@ -21,6 +21,7 @@ from sqdeploy.cli.common import run_cli
 from sqdeploy.cli.export import main as export_main
 from sqdeploy.errors import SqDeployError
 from sqdeploy.output import OUTPUT_MARKER, TEMP_MARKER, atomic_output_dir, remove_stale_temps
+from sqdeploy.report import write_json_atomic
 from tests.runtime_support import tiny_onnx
 
 FAST = ["--calib-samples", "4", "--calib-seq-len", "64", "--quiet"]
@@ -140,6 +141,7 @@ def test_output_modes_follow_the_umask(tmp_path, mask, file_mode, dir_mode):
             (tmp / "sub").mkdir(mode=0o700)
             (tmp / "sub" / "run.sh").write_text("#!/bin/sh\n")
             os.chmod(tmp / "sub" / "run.sh", 0o700)
+        write_json_atomic(tmp_path / "report.json", {"a": 1})  # --json reports
     finally:
         os.umask(old)
     out = tmp_path / "o"
@@ -147,6 +149,7 @@ def test_output_modes_follow_the_umask(tmp_path, mask, file_mode, dir_mode):
     assert stat.S_IMODE((out / "sub").stat().st_mode) == dir_mode
     assert stat.S_IMODE((out / "private").stat().st_mode) == file_mode
     assert stat.S_IMODE((out / "sub" / "run.sh").stat().st_mode) == dir_mode  # executable stays executable
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == file_mode
 
 
 def test_exported_files_are_readable_by_others(tiny_models, calib_file, tmp_path):
