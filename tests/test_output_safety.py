@@ -261,6 +261,10 @@ def test_swapped_tokenizer_or_edited_config_is_refused(quantized, calib_file, tm
     (swapped / "tokenizer.json").write_text(json.dumps(other))
     err = _one_line_error(capsys, eval_main, _eval(swapped, calib_file))
     assert "tokenizer.json differs from the file written at export" in err
+    from sqdeploy.runtime.backends.torch import TorchBackend
+
+    with pytest.raises(SqDeployError, match="tokenizer.json differs"):  # sq-serve and sq-bench read it the same way
+        TorchBackend(swapped)
 
     edited = shutil.copytree(quantized, tmp_path / "edited")
     cfg = json.loads((edited / "config.json").read_text())
