@@ -79,8 +79,10 @@ def check_output_dir(out: str | Path, force: bool, inputs: Iterable[str | Path |
         if _within(real, src) or _within(src, real):
             where = "is" if real == src else ("lies inside" if _within(real, src) else "contains")
             raise SqDeployError(f"--out {out} {where} the input {inp}; choose an output directory outside the inputs")
-    if out.exists() or out.is_symlink():
-        if not out.is_dir() or out.is_symlink():
+    if out.is_symlink():
+        raise SqDeployError(f"--out {out} is a symbolic link; pass the directory itself or choose another --out")
+    if out.exists():
+        if not out.is_dir():
             raise SqDeployError(f"output path {out} exists and is not a directory; choose another --out")
         if not force:
             raise SqDeployError(f"output directory {out} already exists; choose another --out or pass --force to replace it")
@@ -90,12 +92,12 @@ def check_output_dir(out: str | Path, force: bool, inputs: Iterable[str | Path |
     return out
 
 
-def write_output_record(path: Path, written_by: str = "sq-deploy") -> None:
+def write_output_record(path: Path) -> None:
     """Mark ``path`` as an sq-deploy output, with the hashes readers check (:mod:`sqdeploy.integrity`)."""
     from . import __version__
     from .integrity import record_files
 
-    record = {"written_by": written_by, "version": __version__, "files_sha256": record_files(path)}
+    record = {"written_by": "sq-deploy", "version": __version__, "files_sha256": record_files(path)}
     (path / OUTPUT_MARKER).write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -316,8 +318,7 @@ def _swap_renames(tmp: Path, out: Path) -> Path | None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = (),
-                      written_by: str = "sq-deploy") -> Iterator[Path]:
+def atomic_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
     """Yield an empty directory beside ``out`` that becomes ``out`` when the block succeeds."""
     inputs = list(inputs)
     out = check_output_dir(out, force, inputs)
@@ -329,7 +330,7 @@ def atomic_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str
             work = tmp / "out"
             work.mkdir()
             yield work
-            write_output_record(work, written_by)
+            write_output_record(work)
             apply_umask(work)
             _swap(work, out)
         finally:
