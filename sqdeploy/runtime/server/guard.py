@@ -82,13 +82,13 @@ class GuardedH11Protocol(H11Protocol):
 
     def _make_room(self) -> None:
         limit = self.config.sq_limits.max_connections
-        if len(self.connections) <= limit:
+        live = [c for c in self.connections if not c.transport.is_closing()]
+        if len(live) <= limit:
             return
-        idle = [c for c in self.connections if c is not self and getattr(c, "waiting_for_request", False)]
+        idle = [c for c in live if c is not self and getattr(c, "waiting_for_request", False)]
         victim = min(idle, key=lambda c: c._idle_since) if idle else self
         log.warning(
-            "%d connections are open (--max-connections %d): closed %s",
-            len(self.connections),
+            "more than %d connections are open (--max-connections): closed %s",
             limit,
             "the longest-idle one" if victim is not self else "the new one (every other is busy with a request)",
         )
