@@ -178,3 +178,26 @@ def test_api_key(engine, monkeypatch):  # noqa: F811
     args = build_parser().parse_args(["dir"])
     assert args.api_key is None and args.host == "127.0.0.1"
     assert "s3cret" not in repr(ServeOptions(api_key="s3cret"))
+
+
+class _BrokenStats:
+    """An engine whose statistics fail: /metrics raises inside the application."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def stats(self):
+        raise RuntimeError("boom")
+
+
+def test_an_internal_error_is_json_and_keeps_the_connection(engine):  # noqa: F811
+    with ServerThread(_BrokenStats(engine), LIMITS) as u, httpx.Client(base_url=u) as h:
+        r = h.get("/metrics")
+        assert r.status_code == 500 and "internal error (RuntimeError)" in r.json()["error"]
+        ok = h.get("/v1/models")
+        assert ok.status_code == 200
+        addr = lambda resp: resp.extensions["network_stream"].get_extra_info("client_addr")
+        assert addr(r) == addr(ok)

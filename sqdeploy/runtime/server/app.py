@@ -33,6 +33,17 @@ async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, by
     await send({"type": "http.response.body", "body": data})
 
 
+class TrackedSend:
+    """An ASGI ``send`` that remembers whether the response has started (after which no error can be sent)."""
+
+    def __init__(self, send):
+        self.send, self.started = send, False
+
+    async def __call__(self, message) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self.send(message)
+
+
 class BodyLimit:
     """Refuse bodies over ``limit`` bytes with 413, by Content-Length or while reading a chunked body, and
     bodies that have not arrived ``timeout_s`` after their headers with 408 (the connection is then closed)."""
@@ -48,7 +59,6 @@ class BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await self._reject(scope, send)
         seen = 0
-        started = False
         more_body = True
         deadline = asyncio.get_running_loop().time() + self.timeout_s
 
@@ -68,18 +78,14 @@ class BodyLimit:
                     raise _TooLarge()
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, tracked)
         except _TooLarge:
-            if not started:
+            if not tracked.started:
                 await self._reject(scope, send)
         except _BodyTimeout:
-            if not started:
+            if not tracked.started:
                 message = f"the request body did not arrive within {self.timeout_s:g} s of its headers"
                 body = error_body(scope["path"], 408, message, "request_timeout")
                 await send_json(send, 408, body, [(b"connection", b"close")])
@@ -129,19 +135,13 @@ class InternalErrors:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except ClientDisconnect:
             return  # the client left while sending its body: nobody to answer
         except Exception as exc:
-            if started:
+            if tracked.started:
                 raise
             log.error("internal error on %s %s", scope.get("method"), scope["path"], exc_info=exc)
             message = f"internal error ({type(exc).__name__}); the server keeps serving"
