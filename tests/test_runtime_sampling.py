@@ -111,7 +111,9 @@ def test_repetition_penalty_and_min_tokens_constrain_the_logits():
 def test_min_tokens_also_defers_stop_strings(tokenizer):
     ids = tokenizer("alpha beta gamma delta").input_ids
     seq = Sequence(
-        GenerationRequest([1], SamplingParams(max_new_tokens=20, stop=("beta",), min_tokens=len(ids))), None, tokenizer,
+        GenerationRequest([1], SamplingParams(max_new_tokens=20, stop=("beta",), min_tokens=len(ids))),
+        None,
+        tokenizer,
         frozenset({2}),
     )
     events = [seq.append(t) for t in ids]

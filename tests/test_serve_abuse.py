@@ -98,7 +98,9 @@ def test_slow_headers_and_slow_bodies_are_cut(engine):  # noqa: F811
                 time.sleep(0.4)
             assert _closed(s, 3.0) and time.monotonic() - t0 < GUARDED.header_timeout_s + 1.5
         with socket.create_connection((host, int(port)), timeout=5) as s:
-            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            s.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
             s.settimeout(5)
             reply = b""
             while not reply.endswith(b"}"):

@@ -3,8 +3,6 @@ the API key, and bad bodies that must be a 400 on a connection that stays usable
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import numpy as np
 import pytest
@@ -108,12 +106,17 @@ def test_completions_fields_and_vllm_extensions(engine, url):  # noqa: F811
     c.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, presence_penalty=0, n=1, logit_bias={})  # defaults
     want = generate(engine, [PROMPT], SamplingParams(max_new_tokens=8, repetition_penalty=1.3, min_tokens=8))[0]
     r = c.completions.create(
-        model="tiny", prompt=PROMPT, temperature=0, extra_body={"max_completion_tokens": 8, "repetition_penalty": 1.3, "min_tokens": 8}
+        model="tiny",
+        prompt=PROMPT,
+        temperature=0,
+        extra_body={"max_completion_tokens": 8, "repetition_penalty": 1.3, "min_tokens": 8},
     )
     assert r.choices[0].text == want.text and r.usage.completion_tokens == 8
     r = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0.8, seed=-1)  # -1: no seed, as vLLM
     assert r.usage.completion_tokens <= 4
-    seeded = [c.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=7).choices[0].text for _ in "ab"]
+    seeded = [
+        c.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=7).choices[0].text for _ in "ab"
+    ]
     assert seeded[0] == seeded[1]
 
 
@@ -183,8 +186,8 @@ def test_api_key(engine, monkeypatch):  # noqa: F811
 class _BrokenStats:
     """An engine whose statistics fail: /metrics raises inside the application."""
 
-    def __init__(self, engine):
-        self._engine = engine
+    def __init__(self, wrapped):
+        self._engine = wrapped
 
     def __getattr__(self, name):
         return getattr(self._engine, name)

@@ -10,7 +10,6 @@ from typing import Any
 from ..engine import GenerationRequest, InvalidRequestError, SamplingParams, check_length, encode_prompt
 from .limits import RequestError, ServeLimits, bad_request
 
-
 MAX_JSON_DEPTH = 64
 
 

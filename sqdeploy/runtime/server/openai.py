@@ -71,8 +71,12 @@ async def completions(request: Request):
         return EventStream(gen, _sse(gen, head, prefix, include_usage))
     finals, usage = await collect(st.bridge.open(reqs, request.receive))
     choices = [
-        {"index": i, "text": prefix[i] + finals[r.request_id].completion.text, "logprobs": None,
-         "finish_reason": finals[r.request_id].finish_reason}
+        {
+            "index": i,
+            "text": prefix[i] + finals[r.request_id].completion.text,
+            "logprobs": None,
+            "finish_reason": finals[r.request_id].finish_reason,
+        }
         for i, r in enumerate(reqs)
     ]
     return JSONResponse({**head, "choices": choices, "usage": usage})

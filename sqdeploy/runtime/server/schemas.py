@@ -109,7 +109,12 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
     logprobs: int | None = None
 
-    DEFAULTS: ClassVar[dict[str, tuple]] = {**SamplingFields.DEFAULTS, "suffix": (None, ""), "best_of": (None, 1), "logprobs": (None,)}
+    DEFAULTS: ClassVar[dict[str, tuple]] = {
+        **SamplingFields.DEFAULTS,
+        "suffix": (None, ""),
+        "best_of": (None, 1),
+        "logprobs": (None,),
+    }
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
