@@ -133,8 +133,24 @@ def test_a_plain_request_is_cancelled_when_its_client_leaves(engine):  # noqa: F
             time.sleep(0.05)
         generated = _metric(url, "sqdeploy_generation_tokens_total") - tokens0
         assert generated < 32 * 240 / 2, generated
+        assert _metric(url, 'sqdeploy_sequences_finished_total{reason="cancelled"}') == 32
         stats = httpx.get(f"{url}/v2/models/tiny/stats").json()["model_stats"][0]
         assert stats["inference_stats"]["fail"]["count"] == 32 and stats["inference_count"] == 0
         assert _metric(url, 'sqdeploy_requests_total{route="/v1/completions",status="499"}') == 1
         r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2}, timeout=5)
         assert r.status_code == 200
+
+
+def test_the_connection_bound_fits_the_open_file_limit(monkeypatch):
+    import resource
+
+    from sqdeploy.errors import SqDeployError
+    from sqdeploy.runtime.server import guard
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (256, 1024))
+    raised = []
+    monkeypatch.setattr(resource, "setrlimit", lambda _, limits: raised.append(limits))
+    guard.ensure_fd_limit(512)
+    assert raised == [(640, 1024)]  # 512 connections + the process's own files
+    with pytest.raises(SqDeployError, match="lower --max-connections to 896"):
+        guard.ensure_fd_limit(4096)

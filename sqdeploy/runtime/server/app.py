@@ -67,9 +67,8 @@ class BodyLimit:
             if not more_body:  # after the body: waiting for a disconnect, which may take as long as it takes
                 return await receive()
             try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
                 raise _BodyTimeout() from None
             if message["type"] == "http.request":
                 more_body = message.get("more_body", False)

@@ -121,8 +121,9 @@ class Generation:
         now = time.perf_counter()
         for r in self.requests:
             b.queues.pop(r.request_id, None)
-            if r.request_id in self.pending:
+            if r.request_id in self.pending:  # cancelled: its own final event will not be routed here any more
                 b.stats.failed(now - r.arrival)
+                b.metrics.finished.labels("cancelled").inc()
         b.inflight -= len(self.requests)
         b.open_generations.discard(self)
         if self._succeeded:
