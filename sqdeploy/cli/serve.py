@@ -1,10 +1,13 @@
-"""sq-serve: serve an engine over HTTP (OpenAI completions and KServe v2 / Triton), with Prometheus metrics."""
+"""sq-serve: serve an engine over HTTP (OpenAI completions and chat, KServe v2 / Triton), with Prometheus metrics."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
+from ..errors import SqDeployError
 from .common import run_cli
 
 
@@ -24,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(
         prog="sq-serve",
-        description="Serve a model directory with continuous batching: OpenAI-compatible /v1/completions and /v1/models, "
+        description="Serve a model directory with continuous batching: OpenAI-compatible /v1/completions, "
+        "/v1/chat/completions and /v1/models, "
         "KServe v2 / Triton /v2/... (infer, generate, generate_stream), Prometheus /metrics. SIGTERM drains "
         "requests in flight, then exits.",
     )
@@ -61,13 +65,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--max-prefill-tokens", type=int, default=4096, help="padded prompt tokens per prefill step (default 4096)")
     g.add_argument("--drain-timeout", type=float, default=60.0, help="seconds SIGTERM waits for requests in flight (default 60)")
+    g.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="open connections; beyond that the longest-idle one without a request is closed (default 512)",
+    )
+    g.add_argument(
+        "--header-timeout", type=float, default=10.0, help="seconds a client has to send its request headers (default 10)"
+    )
+    g.add_argument(
+        "--body-timeout", type=float, default=30.0, help="seconds a client has to send its request body; then 408 (default 30)"
+    )
+    ap.add_argument(
+        "--api-key",
+        default=os.environ.get("SQDEPLOY_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' on every route but /health and /v2/health/* "
+        "(default: $SQDEPLOY_API_KEY; none: no authentication)",
+    )
+    ap.add_argument(
+        "--chat-template",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="Jinja chat template for /v1/chat/completions (default: the tokenizer's own)",
+    )
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     from ..runtime import BatchConfig, open_engine
-    from ..runtime.server.limits import ServeLimits
+    from ..runtime.server.limits import ServeLimits, ServeOptions
     from ..runtime.server.run import serve
 
     args = build_parser().parse_args(argv)
@@ -78,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         args.max_queue,
         args.request_timeout,
         args.max_body_bytes,
+        max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
     )
+    options = ServeOptions(api_key=args.api_key, chat_template=read_template(args.chat_template))
     engine = open_engine(
         args.engine_dir,
         args.backend,
@@ -87,14 +120,44 @@ def main(argv: list[str] | None = None) -> int:
         BatchConfig(args.max_concurrent, args.max_prefill_tokens),
         args.model_name,
     )
+    if options.chat_template is not None:
+        check_template(engine, options.chat_template, args.chat_template)
     print(
         f"sq-serve: {engine.info.name} ({engine.info.description}) on http://{args.host}:{args.port} "
-        f"[batch {args.max_concurrent}, queue {args.max_queue}]",
+        f"[batch {args.max_concurrent}, queue {args.max_queue}, "
+        f"{'API key required' if options.api_key else 'no API key'}]",
         file=sys.stderr,
         flush=True,
     )
-    serve(engine, args.host, args.port, limits, args.drain_timeout, args.log_level)
+    cut = serve(engine, args.host, args.port, limits, args.drain_timeout, args.log_level, options)
+    if cut:
+        print(
+            f"sq-serve: the {args.drain_timeout:g} s drain timeout expired with {cut} sequences in flight; "
+            "they were answered with HTTP 503",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def read_template(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SqDeployError(f"--chat-template {path}: cannot read it ({exc})") from None
+
+
+def check_template(engine, template: str, path: Path) -> None:
+    """Render a one-message conversation, so a broken template fails at start, not on the first request."""
+    try:
+        engine.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hello"}], chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+    except Exception as exc:  # noqa: BLE001 - jinja syntax and runtime errors alike
+        engine.shutdown(drain=False)
+        raise SqDeployError(f"--chat-template {path} is not a usable chat template: {exc}") from None
 
 
 def entry() -> None:

@@ -121,7 +121,7 @@ class Scheduler:
             mask[i, t - lens[i] :] = 1
         pos = np.clip(mask.cumsum(axis=1) - 1, 0, None)
         logits, cache = self.backend.forward(ids, mask, pos, None)
-        tokens = sample(logits, [s.params for s in seqs], [s.rng for s in seqs])
+        tokens = sample(logits, [s.params for s in seqs], [s.rng for s in seqs], seqs)
         self._merge(Batch(seqs, cache, mask, np.asarray(tokens, dtype=np.int64)))
         return [s.append(tok) for s, tok in zip(seqs, tokens)]
 
@@ -142,7 +142,7 @@ class Scheduler:
         pos = b.mask.sum(axis=1, keepdims=True)
         logits, b.cache = self.backend.forward(b.last[:, None], mask, pos, b.cache)
         b.mask = mask
-        tokens = sample(logits, [s.params for s in b.seqs], [s.rng for s in b.seqs])
+        tokens = sample(logits, [s.params for s in b.seqs], [s.rng for s in b.seqs], b.seqs)
         b.last = np.asarray(tokens, dtype=np.int64)
         return [s.append(tok) for s, tok in zip(b.seqs, tokens)]
 

@@ -33,7 +33,10 @@ class SamplingParams:
     """How to continue one prompt. ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 disable those filters.
 
     ``ignore_eos`` keeps generating past the end-of-sequence token, so benchmarks get the
-    output length they asked for.
+    output length they asked for. ``min_tokens`` and ``repetition_penalty`` mean what they
+    mean in vLLM (and Hugging Face's ``min_new_tokens`` / ``repetition_penalty``): no end of
+    sequence and no stop string before ``min_tokens`` tokens; the logit of every token already
+    in the prompt or the output divided by the penalty when positive, multiplied when negative.
     """
 
     max_new_tokens: int = 16
@@ -43,6 +46,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -55,6 +60,11 @@ class SamplingParams:
             (self.top_k >= 0, f"top_k must be >= 0 (got {self.top_k}); 0 disables it"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p}); 1 disables it"),
             (all(isinstance(s, str) and s for s in self.stop), "stop sequences must be non-empty strings"),
+            (
+                0 <= self.min_tokens <= self.max_new_tokens,
+                f"min_tokens must be between 0 and max_tokens ({self.max_new_tokens}) (got {self.min_tokens})",
+            ),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (got {self.repetition_penalty}); 1 disables it"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -176,10 +186,14 @@ class Engine(Protocol):
     def shutdown(self, drain: bool = True) -> None: ...
 
 
-def encode_prompt(tokenizer, prompt: str | Sequence[int], vocab_size: int) -> list[int]:
-    """Token ids of a text prompt (the tokenizer's default special tokens), or validated ids."""
+def encode_prompt(tokenizer, prompt: str | Sequence[int], vocab_size: int, special_tokens: bool = True) -> list[int]:
+    """Token ids of a text prompt, or validated ids.
+
+    ``special_tokens`` adds the tokenizer's default ones (BOS); a rendered chat template
+    already holds them, so chat prompts are encoded without.
+    """
     if isinstance(prompt, str):
-        ids = list(tokenizer(prompt).input_ids)
+        ids = list(tokenizer(prompt, add_special_tokens=special_tokens).input_ids)
     else:
         ids = [int(t) for t in prompt]
         bad = [t for t in ids if not 0 <= t < vocab_size]

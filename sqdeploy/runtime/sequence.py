@@ -72,6 +72,7 @@ class Sequence:
         self.sink = sink
         self.eos_ids = frozenset() if request.params.ignore_eos else eos_ids
         self.tokens: list[int] = []
+        self.seen: set[int] = set(request.prompt_ids) if request.params.repetition_penalty != 1.0 else set()
         self.text = ""
         self.emitted = 0  # characters of ``text`` already sent
         self.finish_reason: str | None = None
@@ -101,11 +102,13 @@ class Sequence:
         if token in self.eos_ids:
             return self.finish("stop", now)
         self.tokens.append(token)
+        if self.params.repetition_penalty != 1.0:
+            self.seen.add(token)
         delta = self._detok.push(token)
         if len(self.tokens) >= self.params.max_new_tokens:
             delta += self._detok.flush()
         self.text += delta
-        if self.params.stop and self._hit_stop(len(delta)):
+        if self.params.stop and len(self.tokens) >= self.params.min_tokens and self._hit_stop(len(delta)):
             return self.finish("stop", now, token)
         if len(self.tokens) >= self.params.max_new_tokens:
             return self.finish("length", now, token)

@@ -61,6 +61,10 @@ def request_kwargs(prompt_ids: list[int], params: SamplingParams, eos_id: int | 
             sampling["top_k"] = int(params.top_k)
     if params.seed is not None:
         sampling["seed"] = int(params.seed)
+    if params.min_tokens:
+        sampling["min_tokens"] = int(params.min_tokens)
+    if params.repetition_penalty != 1.0:
+        sampling["repetition_penalty"] = float(params.repetition_penalty)
     end_id = -1 if params.ignore_eos or eos_id is None else int(eos_id)
     return {
         "input_token_ids": list(prompt_ids),

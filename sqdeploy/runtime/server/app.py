@@ -1,36 +1,55 @@
-"""The ASGI application: both protocols, metrics, the body-size limit and JSON errors everywhere."""
+"""The ASGI application: both protocols, metrics, authentication, body limits and JSON errors everywhere."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine import Engine
-from . import kserve, openai
-from .bridge import Bridge
-from .limits import RequestError, ServeLimits
+from . import chat, kserve, openai
+from .bridge import Bridge, ClientGone
+from .limits import RequestError, ServeLimits, ServeOptions, error_body
 from .metrics import CONTENT_TYPE
 
+log = logging.getLogger("sqdeploy.serve")
 
-def error_body(path: str, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
-    """OpenAI's error object under /v1, KServe's ``{"error": message}`` elsewhere."""
-    if path.startswith("/v1"):
-        group = "invalid_request_error" if status < 500 else "server_error"
-        return {"error": {"message": message, "type": group, "param": param, "code": kind}}
-    return {"error": message}
+# probes need no key (as vLLM's --api-key leaves /health open)
+OPEN_PATHS = frozenset({"/health", "/v2/health/live", "/v2/health/ready"})
+
+
+async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    data = json.dumps(body).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": data})
+
+
+class TrackedSend:
+    """An ASGI ``send`` that remembers whether the response has started (after which no error can be sent)."""
+
+    def __init__(self, send):
+        self.send, self.started = send, False
+
+    async def __call__(self, message) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self.send(message)
 
 
 class BodyLimit:
-    """Refuse bodies over ``limit`` bytes with 413, by Content-Length or while reading a chunked body."""
+    """Refuse bodies over ``limit`` bytes with 413, by Content-Length or while reading a chunked body, and
+    bodies that have not arrived ``timeout_s`` after their headers with 408 (the connection is then closed)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout_s: float):
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -40,44 +59,92 @@ class BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await self._reject(scope, send)
         seen = 0
-        started = False
+        more_body = True
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, more_body
+            if not more_body:  # after the body: waiting for a disconnect, which may take as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                raise _BodyTimeout() from None
             if message["type"] == "http.request":
+                more_body = message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     raise _TooLarge()
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, tracked)
         except _TooLarge:
-            if not started:
+            if not tracked.started:
                 await self._reject(scope, send)
+        except _BodyTimeout:
+            if not tracked.started:
+                message = f"the request body did not arrive within {self.timeout_s:g} s of its headers"
+                body = error_body(scope["path"], 408, message, "request_timeout")
+                await send_json(send, 408, body, [(b"connection", b"close")])
 
     async def _reject(self, scope, send):
-        body = json.dumps(
-            error_body(scope["path"], 413, f"the request body exceeds the server's {self.limit} byte limit", "request_too_large")
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        message = f"the request body exceeds the server's {self.limit} byte limit"
+        await send_json(send, 413, error_body(scope["path"], 413, message, "request_too_large"))
 
 
 class _TooLarge(Exception):
     pass
+
+
+class _BodyTimeout(Exception):
+    pass
+
+
+class RequireKey:
+    """``Authorization: Bearer <key>`` on every route but the health probes; OpenAI's 401 otherwise."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        message = "a valid API key is required: send it as 'Authorization: Bearer <key>' (the key sq-serve was given)"
+        body = error_body(scope["path"], 401, message, "invalid_api_key")
+        await send_json(send, 401, body, [(b"www-authenticate", b"Bearer")])
+
+
+class InternalErrors:
+    """An unexpected exception becomes a JSON 500 on a connection that stays usable.
+
+    (Starlette's fallback re-raises after its 500, and uvicorn then closes the connection,
+    so a keep-alive client's next request would fail too.) A response already under way
+    cannot be turned into an error: it is cut, as it must be.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        tracked = TrackedSend(send)
+        try:
+            await self.app(scope, receive, tracked)
+        except ClientDisconnect:
+            return  # the client left while sending its body: nobody to answer
+        except Exception as exc:
+            if tracked.started:
+                raise
+            log.error("internal error on %s %s", scope.get("method"), scope["path"], exc_info=exc)
+            message = f"internal error ({type(exc).__name__}); the server keeps serving"
+            await send_json(send, 500, error_body(scope["path"], 500, message, "server_error"))
 
 
 class CountRequests:
@@ -106,7 +173,7 @@ class CountRequests:
                 bridge.metrics.requests.labels(route, str(status)).inc()
 
 
-def create_app(engine: Engine, limits: ServeLimits = ServeLimits()) -> FastAPI:
+def create_app(engine: Engine, limits: ServeLimits = ServeLimits(), options: ServeOptions = ServeOptions()) -> FastAPI:
     """The server for one engine; the engine's lifetime stays with the caller (see ``run.py``)."""
 
     @asynccontextmanager
@@ -116,7 +183,9 @@ def create_app(engine: Engine, limits: ServeLimits = ServeLimits()) -> FastAPI:
 
     app = FastAPI(title="sq-deploy", version=engine.info.name, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.limits, app.state.started = engine, limits, int(time.time())
+    app.state.options = options
     app.include_router(openai.router)
+    app.include_router(chat.router)
     app.include_router(kserve.router)
 
     @app.get("/metrics")
@@ -140,11 +209,14 @@ def create_app(engine: Engine, limits: ServeLimits = ServeLimits()) -> FastAPI:
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return JSONResponse(error_body(request.url.path, exc.status_code, message, kind), exc.status_code)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        message = f"internal error ({type(exc).__name__}: {exc}); the server keeps serving"
-        return JSONResponse(error_body(request.url.path, 500, message, "server_error"), 500)
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it, metrics count it
 
-    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    # the last added runs first: count, authenticate, catch what escapes, bound the body, then the routes
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
+    app.add_middleware(InternalErrors)
+    if options.api_key:
+        app.add_middleware(RequireKey, key=options.api_key)
     app.add_middleware(CountRequests, fastapi_app=app)
     return app

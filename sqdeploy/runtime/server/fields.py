@@ -10,12 +10,30 @@ from typing import Any
 from ..engine import GenerationRequest, InvalidRequestError, SamplingParams, check_length, encode_prompt
 from .limits import RequestError, ServeLimits, bad_request
 
+MAX_JSON_DEPTH = 64
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
 
 def parse_json(raw: bytes) -> dict[str, Any]:
+    """A JSON object, or a 400: also for nesting deeper than any request needs (which would exhaust the stack)."""
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad_request(f"the request body is not valid JSON ({exc}); send a JSON object") from None
+    except RecursionError:
+        body = None
+    if body is None or json_depth(body) > MAX_JSON_DEPTH:
+        raise bad_request(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, not {type(body).__name__}")
     return body
@@ -83,14 +101,18 @@ def make_params(limits: ServeLimits, max_tokens: int, **kw: Any) -> SamplingPara
 
 
 async def build_requests(
-    engine, prompts: Sequence[str | list[int]], params: SamplingParams | list[SamplingParams], limits: ServeLimits
+    engine,
+    prompts: Sequence[str | list[int]],
+    params: SamplingParams | list[SamplingParams],
+    limits: ServeLimits,
+    special_tokens: bool = True,
 ) -> list[GenerationRequest]:
     """Tokenize and check every prompt (one params or one per prompt); long texts are tokenized off the event loop."""
     plist = [params] * len(prompts) if isinstance(params, SamplingParams) else params
     total = sum(len(p) for p in prompts if isinstance(p, str))
 
     def encode() -> list[list[int]]:
-        return [encode_prompt(engine.tokenizer, p, engine.info.vocab_size) for p in prompts]
+        return [encode_prompt(engine.tokenizer, p, engine.info.vocab_size, special_tokens) for p in prompts]
 
     try:
         ids = await asyncio.to_thread(encode) if total > 4096 else encode()

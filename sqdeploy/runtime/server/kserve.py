@@ -61,6 +61,19 @@ async def ready(request: Request):
     return Response(status_code=503 if request.app.state.bridge.draining else 200)
 
 
+@router.get("/v2/models/stats")
+async def all_statistics(request: Request):
+    """Triton's statistics of every model (this server has one); before ``/v2/models/{name}`` so it is not a name."""
+    return {"model_stats": [request.app.state.bridge.stats.model_stats(request.app.state.engine.info.name, VERSION)]}
+
+
+@router.get("/v2/models/{name}/stats")
+@router.get("/v2/models/{name}/versions/{version}/stats")
+async def model_statistics(request: Request, name: str, version: str | None = None):
+    engine = _model(request, name, version)
+    return {"model_stats": [request.app.state.bridge.stats.model_stats(engine.info.name, VERSION)]}
+
+
 @router.get("/v2/models/{name}")
 @router.get("/v2/models/{name}/versions/{version}")
 async def model_metadata(request: Request, name: str, version: str | None = None):
@@ -167,7 +180,7 @@ async def infer(request: Request, name: str, version: str | None = None):
     reqs = await build_requests(engine, prompts, params, st.limits)
     texts = [""] * len(reqs)
     index = {r.request_id: i for i, r in enumerate(reqs)}
-    async with st.bridge.open(reqs) as gen:
+    async with st.bridge.open(reqs, request.receive) as gen:
         async for e in gen.events():
             if e.finish_reason == "error":
                 raise RequestError(500, f"generation failed: {e.error}")
@@ -204,7 +217,7 @@ async def generate(request: Request, name: str, version: str | None = None):
     st = request.app.state
     text, params = _generate_request(parse_json(await request.body()), st.limits)
     reqs = await build_requests(engine, [text], params, st.limits)
-    async with st.bridge.open(reqs) as gen:
+    async with st.bridge.open(reqs, request.receive) as gen:
         async for e in gen.events():
             if e.finish_reason == "error":
                 raise RequestError(500, f"generation failed: {e.error}")

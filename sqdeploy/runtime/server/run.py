@@ -2,11 +2,15 @@
 
 On the signal the server reports not-ready, refuses new generation requests with 503,
 lets every request in flight finish (up to ``drain_timeout_s``), then stops the
-engine and exits.
+engine and exits. Requests still running when the drain timeout expires are answered
+properly (a JSON 503, or an error event and ``[DONE]`` on a stream) and
+:func:`serve` reports them, so the process exits non-zero.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import signal
 import socket
 import threading
@@ -16,15 +20,42 @@ import uvicorn
 
 from ..engine import Engine
 from .app import create_app
-from .limits import ServeLimits
+from .guard import GuardedH11Protocol, ensure_fd_limit, rate_limit_logs
+from .limits import ServeLimits, ServeOptions
+
+log = logging.getLogger("sqdeploy.serve")
+
+# after the drain timeout, how long answering the cut requests may take before uvicorn cancels them
+_ABORT_GRACE_S = 5.0
 
 
 class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, drain_timeout_s: float):
+        super().__init__(config)
+        self.drain_timeout_s = drain_timeout_s
+
+    @property
+    def bridge(self):
+        return getattr(self.config.app.state, "bridge", None)
+
     def handle_exit(self, sig, frame) -> None:
-        bridge = getattr(self.config.app.state, "bridge", None)
-        if bridge is not None:
-            bridge.draining = True  # not ready, no new generations; requests in flight go on
+        if self.bridge is not None:
+            self.bridge.draining = True  # not ready, no new generations; requests in flight go on
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets=None) -> None:
+        if self.bridge is not None:
+            self.bridge.draining = True
+        timer = asyncio.get_running_loop().call_later(self.drain_timeout_s, self._abort)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+    def _abort(self) -> None:
+        cut = self.bridge.abort(self.drain_timeout_s) if self.bridge is not None else 0
+        if cut:
+            log.error("the %g s drain timeout expired: %d sequences in flight were cut short", self.drain_timeout_s, cut)
 
 
 def make_server(
@@ -35,26 +66,39 @@ def make_server(
     drain_timeout_s: float = 60.0,
     log_level: str = "info",
     access_log: bool = False,
+    options: ServeOptions = ServeOptions(),
 ) -> DrainingServer:
-    app = create_app(engine, limits)
+    app = create_app(engine, limits, options)
+    ensure_fd_limit(limits.max_connections)
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=GuardedH11Protocol,
         log_level=log_level,
         access_log=access_log,
-        timeout_graceful_shutdown=drain_timeout_s,
+        timeout_graceful_shutdown=drain_timeout_s + _ABORT_GRACE_S,
         lifespan="on",
         timeout_keep_alive=30,
+        h11_max_incomplete_event_size=16 * 1024,  # request line and headers
     )
-    return DrainingServer(config)
+    config.sq_limits = limits  # read by GuardedH11Protocol
+    rate_limit_logs()
+    return DrainingServer(config, drain_timeout_s)
 
 
 def serve(
-    engine: Engine, host: str, port: int, limits: ServeLimits, drain_timeout_s: float = 60.0, log_level: str = "info"
-) -> None:
-    """Serve until SIGTERM/SIGINT, drain, then shut the engine down."""
-    server = make_server(engine, host, port, limits, drain_timeout_s, log_level)
+    engine: Engine,
+    host: str,
+    port: int,
+    limits: ServeLimits,
+    drain_timeout_s: float = 60.0,
+    log_level: str = "info",
+    options: ServeOptions = ServeOptions(),
+) -> int:
+    """Serve until SIGTERM/SIGINT, drain, then shut the engine down; the number of sequences the drain
+    timeout cut short (0 after a complete drain)."""
+    server = make_server(engine, host, port, limits, drain_timeout_s, log_level, options=options)
     # uvicorn re-raises the signal once it has drained, with the handler it found installed; a no-op
     # handler here makes a completed drain end the process normally (exit code 0)
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -64,6 +108,7 @@ def serve(
         engine.shutdown(drain=False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    return server.bridge.aborted if server.bridge is not None else 0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -75,9 +120,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerThread:
     """A server on a background thread (tests, notebooks): ``with ServerThread(engine) as url: ...``."""
 
-    def __init__(self, engine: Engine, limits: ServeLimits = ServeLimits(), host: str = "127.0.0.1", port: int | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        limits: ServeLimits = ServeLimits(),
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        options: ServeOptions = ServeOptions(),
+    ):
         self.host, self.port = host, port or free_port(host)
-        self.server = make_server(engine, self.host, self.port, limits, drain_timeout_s=10.0, log_level="warning")
+        self.server = make_server(
+            engine, self.host, self.port, limits, drain_timeout_s=10.0, log_level="warning", options=options
+        )
         self.thread = threading.Thread(target=self.server.run, name="sq-serve", daemon=True)
 
     @property
