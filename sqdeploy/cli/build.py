@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("--triton")
     g.add_argument("--no-streaming", action="store_true", help="TensorRT-LLM / LLM API: not decoupled (one response per request)")
     g.add_argument("--engine-path", default=None, help="engine or checkpoint path as the server sees it (e.g. inside a container)")
-    g.add_argument("--device", choices=["gpu", "cpu"], default="gpu", help="where the ONNX decoder runs")
+    g.add_argument("--device", choices=["gpu", "cpu"], default=None,
+                   help="where the ONNX decoder runs (default: the export's device: an ONNX Runtime engine's provider; "
+                        "cpu for float32 graphs, gpu for float16/bfloat16)")
     g.add_argument("--instances", type=int, default=1, help="instances of the Python models")
     return ap
 
@@ -145,7 +147,8 @@ def _triton(args: argparse.Namespace) -> dict:
     tp = int(args.tp) if args.tp and args.tp != "auto" else 1
     result = write_repository(args.source, args.out, opts, force=args.force, tp=tp)
     print(result.pop("check"))
-    print(f"\nwrote {args.out} ({result['kind']}: {', '.join(result['models'])}); start the server with:\n\n  {result['launch']}\n")
+    where = f", decoder on {result['device']} (--device to change)" if "device" in result else ""
+    print(f"\nwrote {args.out} ({result['kind']}: {', '.join(result['models'])}{where}); start the server with:\n\n  {result['launch']}\n")
     print(f"then POST /v2/models/{result['entry_model']}/{result['endpoint']}")
     return result
 

@@ -15,10 +15,20 @@ CHECKERS = {
 }
 
 
+def _usage_of_every_checker() -> str:
+    """Each subcommand's own option list, so ``sq-check --help`` shows every option in one place."""
+    parts = []
+    for kind in sorted(CHECKERS):
+        parts.append(importlib.import_module(CHECKERS[kind]).build_parser().format_help().rstrip())
+    return "\n\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in CHECKERS:
-        ap = argparse.ArgumentParser(prog="sq-check", description=__doc__)
+        ap = argparse.ArgumentParser(prog="sq-check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="subcommands (sq-check KIND --help shows one):\n\n" + _usage_of_every_checker()
+                                     if argv and argv[0] in ("-h", "--help") else "sq-check KIND --help lists that check's options")
         ap.add_argument("kind", choices=sorted(CHECKERS))
         ap.add_argument("dir")
         ap.parse_args(argv)

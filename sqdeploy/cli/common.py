@@ -97,4 +97,4 @@ def runtime_from(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SqDeployError(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
-    return Runtime(device=args.device, batch=args.batch, progress=not args.quiet and sys.stderr.isatty())
+    return Runtime(device=args.device, batch=args.batch, progress=not args.quiet)  # one line per step when not a TTY

@@ -45,6 +45,12 @@ def list_recipes() -> None:
 
 
 def summary(result, out: Path, seconds: float) -> str:
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    return f"{layer_summary(result)}\nwrote {out} ({size / 2**20:.1f} MiB) in {seconds:.1f} s"
+
+
+def layer_summary(result) -> str:
+    """The recipe, the searched alpha and one row per layer (also printed before an export target is written)."""
     rows = []
     for layer in result.manifest["layers"]:
         info = layer["info"]
@@ -53,11 +59,10 @@ def summary(result, out: Path, seconds: float) -> str:
         acc = layer["accumulated_error"]
         rows.append([layer["index"], alpha, f"{layer['error']:.2e}", "" if acc is None else f"{acc:.2e}", layer["seconds"]])
     table = markdown_table(["layer", "alpha", "layer rel. error", "accumulated rel. error", "seconds"], rows)
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     head = f"\n{result.recipe.name}: {result.recipe.scheme.describe()}, {result.config.num_layers} layers"
     if result.search:
         head += f", SmoothQuant+ alpha {result.search['alpha']} (searched in {result.search['seconds']:.1f} s)"
-    return f"{head}\n{table}\nwrote {out} ({size / 2**20:.1f} MiB) in {seconds:.1f} s"
+    return f"{head}\n{table}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.target != "quantized":
         from ..exporter.export_target import export_target
 
-        report = export_target(args)
+        report = export_target(args, on_quantized=lambda result: print(layer_summary(result), flush=True))
         print(report.get("summary", ""))
+        print(f"done in {time.perf_counter() - t0:.1f} s")
     else:
         from ..exporter.qmodel import is_quantized_dir
 

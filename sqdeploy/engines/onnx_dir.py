@@ -128,6 +128,12 @@ class OnnxExport:
         itemsize = {"float16": 2, "bfloat16": 2, "float32": 4}[self.input("past_key_values.0.key").dtype]
         return 2 * self.num_layers * int(self.meta["num_kv_heads"]) * int(self.meta["head_dim"]) * itemsize
 
+    def companion_files(self) -> list[Path]:
+        """config.json, generation_config.json, genai_config.json: what Optimum and ONNX Runtime GenAI read."""
+        from ..exporter.onnx.companions import COMPANIONS
+
+        return [self.path / n for n in COMPANIONS if (self.path / n).exists()]
+
     def tokenizer_files(self) -> list[Path]:
         names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                  "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")

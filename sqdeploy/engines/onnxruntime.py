@@ -7,7 +7,8 @@ for the chosen execution provider and saves the result with the session options 
 server must use, so ``sq-serve`` creates its session with optimisations *off*.
 
 ``OUT/`` holds ``model.onnx`` (+ ``model.onnx.data``), ``session.json``,
-``sqdeploy-onnx.json`` and the tokenizer files. ``session.json``::
+``sqdeploy-onnx.json``, the tokenizer files and the export's ``config.json`` /
+``genai_config.json`` (Optimum and ONNX Runtime GenAI open the engine as they open the export). ``session.json``::
 
     {"format": "sqdeploy.ort-engine", "model": "model.onnx",
      "execution_provider": "CPUExecutionProvider", "provider_options": {},
@@ -177,7 +178,7 @@ def build_ort(plan: OrtPlan, tmp: Path) -> dict[str, Any]:
     bar.update("verifying the engine")
     (tmp / SESSION).write_text(json.dumps(session, indent=2) + "\n")
     shutil.copy(plan.src.path / META, tmp / META)
-    for f in plan.src.tokenizer_files():
+    for f in plan.src.tokenizer_files() + plan.src.companion_files():  # same signature: Optimum and GenAI load it too
         shutil.copy(f, tmp / f.name)
     check = verify_engine(load_engine_session(tmp), plan.src, ids, mask, expected)
     bar.close()

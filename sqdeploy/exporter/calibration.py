@@ -119,7 +119,7 @@ def build_calibration(tokenizer, source: str, samples: int = 128, seq_len: int =
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False).input_ids)
+        stream.extend(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)  # cut into windows below: no length warning
         if eos is not None:
             stream.append(eos)
         if len(stream) >= samples * seq_len:

@@ -48,7 +48,7 @@ def eval_windows(tokenizer, text: str, windows: int = 24, seq_len: int = 512, of
     """
     if not 0.0 <= offset < 1.0:
         raise SqDeployError(f"--window-offset must be in [0, 1), got {offset}")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False).input_ids, dtype=torch.long)  # windowed below
     t = ids.numel()
     if t < seq_len:
         raise SqDeployError(f"the text has {t} tokens, fewer than one window of {seq_len}")

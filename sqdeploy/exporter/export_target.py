@@ -6,17 +6,19 @@ import argparse
 import contextlib
 import time
 from pathlib import Path
+from typing import Callable
 
 from ..cli.common import calibration_from, runtime_from
 from ..output import atomic_output_dir, output_lock, scratch_dir
-from .pipeline import quantize_to_dir
+from .pipeline import QuantizeResult, quantize_to_dir
 from .qmodel import QuantizedModel, is_quantized_dir
 from .recipes import load_recipe
 from .targets import get_target
 
 
-def export_target(args: argparse.Namespace) -> dict:
-    """Returns the target's report (with a ``summary`` string to print)."""
+def export_target(args: argparse.Namespace, on_quantized: Callable[[QuantizeResult], None] | None = None) -> dict:
+    """Returns the target's report (with a ``summary`` string to print); ``on_quantized`` receives
+    the quantization's result when the export starts from a float model (for its per-layer summary)."""
     target = get_target(args.target)
     t0 = time.perf_counter()
     inputs = [args.model, getattr(args, "calib", None)]
@@ -31,7 +33,9 @@ def export_target(args: argparse.Namespace) -> dict:
             ck = HFCheckpoint(args.model)
             target.precheck((load_recipe(args.recipe), ck.config, ck.family), args)
             scratch = stack.enter_context(scratch_dir(args.out, "quantized"))
-            qdir, _ = quantize_to_dir(ck.path, args.recipe, scratch, calibration_from(args), runtime_from(args))
+            qdir, result = quantize_to_dir(ck.path, args.recipe, scratch, calibration_from(args), runtime_from(args))
+            if on_quantized is not None:
+                on_quantized(result)
         with atomic_output_dir(args.out, args.force, inputs=inputs) as tmp:
             report = target.write(qdir, tmp, args)
     report.setdefault("seconds", round(time.perf_counter() - t0, 2))

@@ -27,10 +27,12 @@ On disk it is a Hugging Face model directory in the **compressed-tensors** forma
     (chosen alphas, errors), the calibration set (source, sizes, sha256), KV-cache
     abs-max per layer and the source model, so every target can be produced from
     this directory without recalibrating.
-``smoothing.safetensors``
+``sqdeploy/smoothing.safetensors``
     the smoothing vector of every group, for targets that must re-quantize the
     smoothed float weights (e.g. TensorRT-LLM's symmetric INT4 from an asymmetric
-    scheme).
+    scheme). In a subfolder, so loaders that glob ``*.safetensors`` beside the
+    weights never take it for a weight shard; directories written before it moved
+    keep it at the top level, where :meth:`QuantizedModel.smoothing` still reads it.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ from .schemes import QuantScheme
 FORMAT = "sqdeploy.quantized"
 FORMAT_VERSION = 1
 MANIFEST = "sqdeploy.json"
-SMOOTHING = "smoothing.safetensors"
+SMOOTHING = "sqdeploy/smoothing.safetensors"
+OLD_SMOOTHING = "smoothing.safetensors"  # where directories of format 1 written before the move keep it
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -127,7 +130,14 @@ def ct_quantization_config(scheme: QuantScheme, ignore: list[str]) -> dict[str, 
     fmt = "int-quantized" if ws.bits == 8 else "pack-quantized"
     group = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts, format=fmt)
     cfg = QuantizationConfig(config_groups={"group_0": group}, ignore=ignore, quantization_status="compressed", format=fmt)
-    return cfg.model_dump(mode="json")
+    out = cfg.model_dump(mode="json")
+    if fmt == "pack-quantized" and not ws.symmetric:
+        # transformers' own key (CompressedTensorsConfig.dequantize; vLLM ignores it): load asymmetric
+        # pack-quantized weights dequantized. Without it compressed-tensors (0.20) declares the packed
+        # zero point with its unpacked shape [out, groups] on the meta model, and transformers refuses
+        # the stored [out/8, groups] one as a size mismatch. The stored integers are the same either way.
+        out["dequantize"] = True
+    return out
 
 
 def layer_float_tensors(block: Block, cfg: ModelConfig, quantized: bool) -> dict[str, torch.Tensor]:
@@ -214,10 +224,11 @@ class QuantizedModelWriter:
             os.replace(tmp, final)
             total += final.stat().st_size
             weight_map.update({name: final.name for name in names})
-        # always indexed, so readers never mistake smoothing.safetensors for a weight shard
+        # always indexed: readers never have to guess which files are weight shards
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         if self._smoothing:
+            (self.out / SMOOTHING).parent.mkdir(exist_ok=True)
             save_file(self._smoothing, str(self.out / SMOOTHING))
         config = dict(hf_config)
         config["dtype"] = str(self.dtype).replace("torch.", "")
@@ -309,8 +320,10 @@ class QuantizedModel:
         """Smoothing vector per ``layers.{i}.{group}`` (empty for unsmoothed recipes)."""
         from safetensors.torch import load_file
 
-        path = self.path / SMOOTHING
-        return load_file(str(path)) if path.exists() else {}
+        for name in (SMOOTHING, OLD_SMOOTHING):
+            if (self.path / name).exists():
+                return load_file(str(self.path / name))
+        return {}
 
     def kv_amax(self) -> list[list[float]]:
         return [layer["kv_amax"] for layer in self.manifest.get("layers", [])]

@@ -144,6 +144,8 @@ def check_repository(repo: str | Path) -> list[Finding]:
             findings += _check_ensemble(name, cfg, configs)
     if not configs:
         findings.append(Finding(str(repo), "models", False, "no model directories"))
+    caches = sorted(str(p.relative_to(repo)) for p in repo.rglob("__pycache__"))
+    findings.append(Finding(str(repo), "no __pycache__", not caches, ", ".join(caches)))
     return findings
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ class TritonOptions:
     instances: int = 1
     engine_path: str | None = None  # the engine path written into the config (default: absolute path here)
     tokenizer: Path | None = None
-    device: str = "gpu"  # where the ONNX model runs: gpu | cpu
+    device: str | None = None  # where the ONNX decoder runs: gpu | cpu; None: the device the export was made for
     default_max_tokens: int = 256
 
 
@@ -60,12 +59,10 @@ def copy_tokenizer(files: list[Path], dest: Path) -> None:
         shutil.copy(f, dest / f.name)
 
 
-def link_or_copy(src: Path, dest: Path) -> None:
-    """Hard-link large files (same filesystem) instead of doubling the disk they take."""
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copy(src, dest)
+def copy_file(src: Path, dest: Path) -> None:
+    """A real copy, never a hard link: a link would share one inode with the export, so rewriting
+    either file in place (``onnx.save`` to the same path, an editor) would change both."""
+    shutil.copyfile(src, dest)
 
 
 def launch_command(repo: Path, world_size: int = 1, rank_models: tuple[str, ...] = ()) -> str:
@@ -84,5 +81,7 @@ def launch_command(repo: Path, world_size: int = 1, rank_models: tuple[str, ...]
 
 def write_launch_script(repo: Path, command: str) -> None:
     script = repo / "launch.sh"
-    script.write_text("#!/bin/sh\n# Start Triton on this model repository (written by sq-build).\nexec " + command + "\n")
+    # PYTHONDONTWRITEBYTECODE: the Python models' imports leave no __pycache__ inside the repository
+    script.write_text("#!/bin/sh\n# Start Triton on this model repository (written by sq-build).\n"
+                      "export PYTHONDONTWRITEBYTECODE=1\nexec " + command + "\n")
     script.chmod(0o755)

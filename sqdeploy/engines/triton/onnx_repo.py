@@ -20,7 +20,7 @@ from .common import (
     copy_tokenizer,
     install_python_model,
     launch_command,
-    link_or_copy,
+    copy_file,
     write_config,
     write_launch_script,
 )
@@ -36,18 +36,26 @@ def triton_tensor(spec: TensorSpec) -> dict[str, Any]:
     return tensor(spec.name, TRITON_TYPES[spec.dtype], [d if isinstance(d, int) and d > 0 else -1 for d in spec.dims])
 
 
-def _decoder_config(src: OnnxExport, session: dict | None, o: TritonOptions) -> dict[str, Any]:
+def export_device(src: OnnxExport, session: dict | None) -> str:
+    """The device an export was made for: an ONNX Runtime engine's provider, else its dtype
+    (float32 graphs are the CPU form, float16/bfloat16 the GPU one, as ``sq-export --dtype`` documents)."""
+    if session is not None:
+        return "gpu" if session.get("execution_provider") == "CUDAExecutionProvider" else "cpu"
+    return "cpu" if src.dtype == "float32" else "gpu"
+
+
+def _decoder_config(src: OnnxExport, session: dict | None, o: TritonOptions, device: str) -> dict[str, Any]:
     config: dict[str, Any] = {
         "name": "decoder", "backend": "onnxruntime", "max_batch_size": 0,
         "input": [triton_tensor(s) for s in src.inputs], "output": [triton_tensor(s) for s in src.outputs],
-        "instance_group": [{"count": 1, "kind": "KIND_GPU" if o.device == "gpu" else "KIND_CPU"}],
+        "instance_group": [{"count": 1, "kind": "KIND_GPU" if device == "gpu" else "KIND_CPU"}],
     }
     if session is not None:  # already optimised offline: the backend must not optimise again
         config["optimization"] = {"graph": {"level": 2}}
         config["parameters"] = parameters({"intra_op_thread_count": session.get("intra_op_num_threads", 0),
                                            "inter_op_thread_count": session.get("inter_op_num_threads", 0),
                                            "execution_mode": 1 if session.get("execution_mode") == "parallel" else 0})
-    elif o.device == "gpu":
+    elif device == "gpu":
         config["optimization"] = {"graph": {"level": 1}}  # basic + extended fusions; layout rewrites are CPU-only
     return config
 
@@ -83,14 +91,15 @@ def write_onnx_repo(src_dir: Path, repo: Path, o: TritonOptions, final_repo: Pat
         "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")) if p.exists()]
     if not tokenizer:
         raise SqDeployError(f"no tokenizer files in {o.tokenizer or src_dir}; pass --tokenizer HF_MODEL_DIR")
-    write_config(repo / "decoder", _decoder_config(src, session, o))
-    link_or_copy(src.graph_path, repo / "decoder" / "1" / GRAPH)
+    device = o.device or export_device(src, session)
+    write_config(repo / "decoder", _decoder_config(src, session, o, device))
+    copy_file(src.graph_path, repo / "decoder" / "1" / GRAPH)
     for name in src.external_data:
-        link_or_copy(src_dir / name, repo / "decoder" / "1" / name)
+        copy_file(src_dir / name, repo / "decoder" / "1" / name)
     write_config(repo / "generate", _generate_config(src, o))
     install_python_model(repo / "generate", "onnx_generate")
     copy_tokenizer(tokenizer, repo / "generate" / "1" / "tokenizer")
     command = launch_command(final_repo.resolve())
     write_launch_script(repo, command)
-    return {"kind": "onnx", "models": ["generate", "decoder"], "decoupled": True, "launch": command,
+    return {"kind": "onnx", "models": ["generate", "decoder"], "decoupled": True, "launch": command, "device": device,
             "entry_model": "generate", "endpoint": "generate_stream"}

@@ -43,13 +43,26 @@ class Row:
     detail: str
 
 
+STANDARD = (24, 512)  # sq-eval's windows x tokens: perplexities comparable with every table of the README
+RANDOM_IDS = (4, 256)  # random ids test the arithmetic only; fewer suffice
+
+
+def window_setting(args) -> tuple[int, int]:
+    """(windows, seq_len) after defaults: the standard ones on text, a smaller set of random ids."""
+    default = STANDARD if args.text else RANDOM_IDS
+    return (args.windows or default[0], args.seq_len or default[1])
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sq-check onnx", description=__doc__.splitlines()[0])
     ap.add_argument("dir", help="ONNX export directory (sq-export --target onnx)")
     ap.add_argument("--reference", default=None, help="quantized directory to compare with (default: the one recorded)")
     ap.add_argument("--text", default=None, help="held-out text (.txt/.gz) for the windows; default: random token ids")
-    ap.add_argument("--windows", type=int, default=4, help="windows to compare (24 = the sq-eval standard)")
-    ap.add_argument("--seq-len", type=int, default=256, help="tokens per window (512 = the sq-eval standard)")
+    ap.add_argument("--windows", type=int, default=None,
+                    help=f"windows to compare (default with --text: {STANDARD[0]}, sq-eval's standard and the README's tables; "
+                         f"random ids: {RANDOM_IDS[0]})")
+    ap.add_argument("--seq-len", type=int, default=None,
+                    help=f"tokens per window (default with --text: {STANDARD[1]}; random ids: {RANDOM_IDS[1]})")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime and PyTorch threads")
     ap.add_argument("--exact", action="store_true", help="also run with ONNX Runtime's QDQ fusions off")
     ap.add_argument("--skip-runtime", action="store_true", help="only the graph checks (no reference needed)")
@@ -122,9 +135,9 @@ def windows_for(args, tokenizer_dir: Path, vocab: int) -> torch.Tensor:
         from ..evaluate import eval_windows, read_text
         from ..pipeline import load_tokenizer
 
-        return eval_windows(load_tokenizer(tokenizer_dir), read_text(args.text), args.windows, args.seq_len)
+        return eval_windows(load_tokenizer(tokenizer_dir), read_text(args.text), *window_setting(args))
     g = torch.Generator().manual_seed(0)
-    return torch.randint(0, vocab, (args.windows, args.seq_len), generator=g)
+    return torch.randint(0, vocab, window_setting(args), generator=g)
 
 
 def _nll(logits: torch.Tensor, w: torch.Tensor) -> float:
@@ -176,7 +189,8 @@ def runtime_rows(dec: OnnxDecoder, ref_logits: list[torch.Tensor], windows: torc
         bar = floor - 2 * math.sqrt(floor * (1 - floor) / windows.numel())
         why = f"{100 * bar:.2f}%: the float64 reference's own agreement {100 * floor:.2f}% (INT8 rounding flips) less 2 s.e."
     rows = [Row(f"{label}: top-1 agreement", agree / total >= bar, f"{100 * agree / total:.2f}% of {total} positions (>= {why})"),
-            Row(f"{label}: perplexity", abs(p_ort / p_ref - 1) <= PPL_REL_MAX or not text,
+            Row(f"{label}: perplexity ({windows.shape[0]} x {windows.shape[1]} {'text' if text else 'random ids'})",
+                abs(p_ort / p_ref - 1) <= PPL_REL_MAX or not text,
                 f"{p_ort:.4f} vs reference {p_ref:.4f} ({100 * (p_ort / p_ref - 1):+.3f}%, "
                 + (f"limit {100 * PPL_REL_MAX:.1f}%)" if text else "random ids: informational; pass --text for the 0.5% bar)"))]
     detail = f"max |diff| / max |ref| = {worst:.2e}"

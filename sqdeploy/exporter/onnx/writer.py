@@ -1,4 +1,5 @@
-"""``sq-export --target onnx``: QuantizedModel directory -> model.onnx + sqdeploy-onnx.json + tokenizer.
+"""``sq-export --target onnx``: QuantizedModel directory -> model.onnx + sqdeploy-onnx.json + tokenizer,
+and the files Optimum and ONNX Runtime GenAI read (config.json, generation_config.json, genai_config.json).
 
 The graph's weights always stream into ``model.onnx.data`` first (memory stays near
 one layer's worth of numpy arrays); when the whole graph fits under protobuf's
@@ -21,6 +22,7 @@ from ...report import markdown_table
 from ..progress import Progress
 from ..qmodel import QuantizedModel, is_quantized_dir
 from .builder import EXTERNAL_DATA, TensorStore
+from .companions import write_companions
 from .graph import DecoderGraph
 from .meta import META, MODEL, build_meta
 from .options import OnnxOptions, resolve
@@ -50,6 +52,7 @@ def write_onnx(qdir: Path, out: Path, opts: OnnxOptions, reference: str | None, 
         shutil.copy(f, out / f.name)
     meta = build_meta(qm, opts, built.quantized_matmuls, built.fused, external, reference)
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+    write_companions(out, qm.hf_config, meta, qm.path)
     ops = _op_counts(built.model)
     report = {"meta": meta, "op_counts": ops, "bytes": store.nbytes, "seconds": round(time.perf_counter() - t0, 2)}
     report["summary"] = _summary(shown_as or out, meta, ops, store.nbytes, report["seconds"])
@@ -89,4 +92,4 @@ def _summary(out: Path, meta: dict, ops: dict[str, int], nbytes: int, seconds: f
         ["weights", f"{nbytes / 2**20:.1f} MiB"],
         ["reference", str(meta["reference"])],
     ]
-    return "\n" + markdown_table(["ONNX export", ""], rows) + f"\nwrote {out} in {seconds:.1f} s"
+    return "\n" + markdown_table(["ONNX export", ""], rows) + f"\nwrote {out} (ONNX graph: {seconds:.1f} s)"

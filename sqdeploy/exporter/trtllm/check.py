@@ -201,12 +201,16 @@ def check_dir(path: str | Path, values: bool = True) -> CheckResult:
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sq-check trtllm", description=__doc__.splitlines()[0])
     ap.add_argument("dir", help="TensorRT-LLM checkpoint directory (config.json + rank*.safetensors)")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     ap.add_argument("--no-values", action="store_true", help="check config, names, shapes and dtypes only")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     res = check_dir(args.dir, values=not args.no_values)
     print(res.table())
     failed = sum(r[1] == "FAIL" for r in res.rows)

@@ -75,7 +75,7 @@ def synthetic_prompts(n: int, input_len: int, seed: int, tokenizer=None, corpus:
     rng = np.random.default_rng(seed)
     if tokenizer is None:
         return rng.integers(16, vocab, size=(n, input_len)).tolist()
-    ids = tokenizer(corpus or _default_corpus()).input_ids
+    ids = tokenizer(corpus or _default_corpus(), verbose=False).input_ids  # cut into prompts: no length warning
     if len(ids) <= input_len:
         raise SqDeployError(f"the prompt corpus has only {len(ids)} tokens; give a longer --corpus for --input-len {input_len}")
     starts = rng.integers(0, len(ids) - input_len, size=n)
