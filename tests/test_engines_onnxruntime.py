@@ -10,6 +10,7 @@ import pytest
 from sqdeploy.cli.build import main as build_main
 from sqdeploy.cli.common import run_cli
 from sqdeploy.engines.onnx_dir import OnnxExport
+from sqdeploy.engines import onnxruntime as ort_engine
 from sqdeploy.engines.onnxruntime import OrtOptions, _feeds, build_ort, load_engine_session, plan_ort
 from sqdeploy.engines.tiny_onnx import write_tiny_onnx_dir
 from sqdeploy.errors import MissingDependencyError, SqDeployError
@@ -27,7 +28,7 @@ def test_build_and_run(tiny, tmp_path, capsys):
     session = json.loads((out / "session.json").read_text())
     assert session["execution_provider"] == "CPUExecutionProvider"
     assert session["graph_optimization_level"] == "ORT_DISABLE_ALL"  # already optimised: load as is
-    assert session["optimized_offline"]["level"] == "ORT_ENABLE_ALL"
+    assert session["optimized_offline"]["level"] == "ORT_ENABLE_ALL" and session["optimized_offline"]["refused"] == []
     assert session["intra_op_num_threads"] == 0 and session["execution_mode"] == "sequential"
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["verification"]["max_rel_diff_vs_source"] <= 1e-4
@@ -41,6 +42,53 @@ def test_build_and_run(tiny, tmp_path, capsys):
     pre = dict(zip(names, engine.run(names, _feeds(src, ids[:, :3], mask[:, :3], None))))
     step = dict(zip(names, engine.run(names, _feeds(src, ids[:, 3:], mask, pre))))
     np.testing.assert_allclose(step["logits"][:, -1], full["logits"][:, -1], rtol=1e-5, atol=1e-4)
+
+
+def _failing_levels(monkeypatch, fail: int):
+    """Make the verification of the first ``fail`` levels tried report a difference above tolerance."""
+    real, calls = ort_engine.verify_engine, []
+
+    def verify(*args):
+        check = real(*args)
+        calls.append(check)
+        if len(calls) <= fail:
+            check.update(max_rel_diff_vs_source=0.5, ok=False)
+        return check
+
+    monkeypatch.setattr(ort_engine, "verify_engine", verify)
+    return calls
+
+
+def test_default_level_falls_back(tiny, tmp_path, monkeypatch, capsys):
+    """Without --opt-level a level whose engine fails verification is refused and recorded, and the next one kept."""
+    _failing_levels(monkeypatch, fail=1)
+    out = tmp_path / "engine"
+    assert build_main(["--engine", "onnxruntime", str(tiny), "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    offline = json.loads((out / "session.json").read_text())["optimized_offline"]
+    assert offline["level"] == "ORT_ENABLE_EXTENDED"
+    assert [(r["level"], r["max_rel_diff_vs_source"], r["tolerance"]) for r in offline["refused"]] == [("ORT_ENABLE_ALL", 0.5, 1e-4)]
+    assert "refused" in offline["chosen"] and offline["verification"]["max_rel_diff_vs_source"] <= 1e-4
+    printed = capsys.readouterr().out
+    assert "ORT_ENABLE_ALL      | refused | 5.0e-01" in printed and "ORT_ENABLE_EXTENDED | kept" in printed
+    assert json.loads((tmp_path / "r.json").read_text())["level"] == "ORT_ENABLE_EXTENDED"
+    # the kept engine is the extended graph itself (the refused graph was replaced), and it runs
+    assert (out / "model.onnx").exists() and load_engine_session(out).get_outputs()[0].name == "logits"
+
+
+def test_explicit_level_that_fails_is_an_error(tiny, tmp_path, monkeypatch, capsys):
+    _failing_levels(monkeypatch, fail=1)
+    out = tmp_path / "engine"
+    assert run_cli(build_main, ["--engine", "onnxruntime", str(tiny), "--out", str(out), "--opt-level", "extended"]) == 2
+    err = capsys.readouterr().err
+    assert "ORT_ENABLE_EXTENDED: 5.00e-01 vs the source" in err and "leave out --opt-level" in err
+    assert not out.exists()
+
+
+def test_no_level_passes(tiny, tmp_path, monkeypatch):
+    calls = _failing_levels(monkeypatch, fail=4)
+    with pytest.raises(SqDeployError, match="no optimisation level .* ORT_DISABLE_ALL: 5.00e-01"):
+        build_main(["--engine", "onnxruntime", str(tiny), "--out", str(tmp_path / "engine")])
+    assert len(calls) == 4 and not (tmp_path / "engine").exists()
 
 
 def test_sq_serve_backend_reads_the_engine(tiny, tmp_path):
@@ -90,5 +138,8 @@ def test_shared_model_engine(shared_model, tmp_path):
                         "--no-reference-copy"]) == 0
     assert build_main(["--engine", "onnxruntime", str(tmp_path / "onnx"), "--out", str(tmp_path / "engine"),
                        "--json", str(tmp_path / "r.json")]) == 0
-    v = json.loads((tmp_path / "r.json").read_text())["verification"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    v = report["verification"]
     assert v["max_rel_diff_vs_source"] <= v["tolerance"] and v["max_rel_diff_decode_vs_full"] <= v["tolerance"]
+    # levels above the kept one are refused only with a measured difference above the tolerance
+    assert all(max(r["max_rel_diff_vs_source"], r["max_rel_diff_decode_vs_full"]) > r["tolerance"] for r in report["refused"])
