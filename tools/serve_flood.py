@@ -107,7 +107,6 @@ def flood(engine_dir: str, repo: Path, connections: int, seconds: float, nofile:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     return {
         "commit": commit,
-        "repo": str(repo),
         "machine": f"{_cpu()}, {platform.system()} {platform.machine()}",
         "open_file_limit": nofile,
         "connections_held": connections,
