@@ -143,9 +143,16 @@ class RateLimitedLog(logging.Filter):
 _SERVER_LOGGERS = ("uvicorn.error", "uvicorn.access", "asyncio", "sqdeploy.serve")
 
 
-def rate_limit_logs() -> None:
-    """Install one :class:`RateLimitedLog` on each logger a flood of clients can make write (idempotent)."""
+def setup_logs(level: str) -> None:
+    """Install one :class:`RateLimitedLog` on each logger a flood of clients can make write, and give the
+    server's own logger uvicorn's look on stderr (idempotent)."""
     for name in _SERVER_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RateLimitedLog) for f in logger.filters):
             logger.addFilter(RateLimitedLog())
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:  %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(level.upper())

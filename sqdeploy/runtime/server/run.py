@@ -20,7 +20,7 @@ import uvicorn
 
 from ..engine import Engine
 from .app import create_app
-from .guard import GuardedH11Protocol, ensure_fd_limit, rate_limit_logs
+from .guard import GuardedH11Protocol, ensure_fd_limit, setup_logs
 from .limits import ServeLimits, ServeOptions
 
 log = logging.getLogger("sqdeploy.serve")
@@ -83,7 +83,7 @@ def make_server(
         h11_max_incomplete_event_size=16 * 1024,  # request line and headers
     )
     config.sq_limits = limits  # read by GuardedH11Protocol
-    rate_limit_logs()
+    setup_logs(log_level)
     return DrainingServer(config, drain_timeout_s)
 
 
