@@ -33,7 +33,8 @@ def export_target(args: argparse.Namespace, on_quantized: Callable[[QuantizeResu
             ck = HFCheckpoint(args.model)
             target.precheck((load_recipe(args.recipe), ck.config, ck.family), args)
             scratch = Path(tempfile.mkdtemp(prefix="sqdeploy-quantized-"))
-            qdir, result = quantize_to_dir(ck.path, args.recipe, scratch / "quantized", calibration_from(args), runtime_from(args))
+            qdir, result = quantize_to_dir(ck.path, args.recipe, scratch / "quantized", calibration_from(args),
+                                           runtime_from(args))
             if on_quantized is not None:
                 on_quantized(result)
         with atomic_output_dir(args.out, args.force) as tmp:
