@@ -45,7 +45,8 @@ def tiny_exports(tiny_models, tmp_path_factory) -> dict[str, Path]:
     for fam in ("llama", "opt"):
         q, _ = quantize_to_dir(tiny_models[fam], "fp16", root / f"q-{fam}", Calibration(), Runtime(progress=False))
         out[f"{fam}-tensorrt"] = _export(q, root / f"{fam}-tensorrt", "--dtype", "float32")
-        out[f"{fam}-onnxruntime"] = _export(q, root / f"{fam}-onnxruntime", "--dtype", "float32", "--onnx-variant", "onnxruntime")
+    out["llama-onnxruntime"] = _export(root / "q-llama", root / "llama-onnxruntime", "--dtype", "float32",
+                                       "--onnx-variant", "onnxruntime")
     return out
 
 
