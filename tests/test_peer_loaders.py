@@ -45,7 +45,8 @@ def tiny_exports(tiny_models, tmp_path_factory) -> dict[str, Path]:
     for fam in ("llama", "opt"):
         q, _ = quantize_to_dir(tiny_models[fam], "fp16", root / f"q-{fam}", Calibration(), Runtime(progress=False))
         out[f"{fam}-tensorrt"] = _export(q, root / f"{fam}-tensorrt", "--dtype", "float32")
-        out[f"{fam}-onnxruntime"] = _export(q, root / f"{fam}-onnxruntime", "--dtype", "float32", "--onnx-variant", "onnxruntime")
+    out["llama-onnxruntime"] = _export(root / "q-llama", root / "llama-onnxruntime", "--dtype", "float32",
+                                       "--onnx-variant", "onnxruntime")
     return out
 
 
@@ -82,7 +83,8 @@ def test_genai_config_follows_the_documented_schema_and_the_graph(form, tiny_exp
     assert sorted(expanded_out) == sorted(graph_out)
     kv = next(i for i in graph.input if i.name == dec["inputs"]["past_key_names"] % 0).type.tensor_type.shape.dim
     assert (kv[1].dim_value, kv[3].dim_value) == (dec["num_key_value_heads"], dec["head_size"])
-    assert (dec["num_attention_heads"], dec["hidden_size"], model["vocab_size"]) == (meta["num_heads"], meta["hidden_size"], meta["vocab_size"])
+    assert (dec["num_attention_heads"], dec["hidden_size"]) == (meta["num_heads"], meta["hidden_size"])
+    assert model["vocab_size"] == meta["vocab_size"]
     assert model["context_length"] == search["max_length"] == meta["max_positions"]
     assert model["eos_token_id"] == meta["eos_token_id"]
     assert search["do_sample"] is False and search["top_k"] == 1

@@ -151,7 +151,8 @@ def _triton(args: argparse.Namespace) -> dict:
     result = write_repository(args.source, args.out, opts, force=args.force, tp=tp)
     print(result.pop("check"))
     where = f", decoder on {result['device']} (--device to change)" if "device" in result else ""
-    print(f"\nwrote {args.out} ({result['kind']}: {', '.join(result['models'])}{where}); start the server with:\n\n  {result['launch']}\n")
+    print(f"\nwrote {args.out} ({result['kind']}: {', '.join(result['models'])}{where}); "
+          f"start the server with:\n\n  {result['launch']}\n")
     print(f"then POST /v2/models/{result['entry_model']}/{result['endpoint']}")
     return result
 

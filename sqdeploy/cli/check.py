@@ -26,9 +26,11 @@ def _usage_of_every_checker() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in CHECKERS:
-        ap = argparse.ArgumentParser(prog="sq-check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="subcommands (sq-check KIND --help shows one):\n\n" + _usage_of_every_checker()
-                                     if argv and argv[0] in ("-h", "--help") else "sq-check KIND --help lists that check's options")
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        epilog = ("subcommands (sq-check KIND --help shows one):\n\n" + _usage_of_every_checker() if asked
+                  else "sq-check KIND --help lists that check's options")
+        ap = argparse.ArgumentParser(prog="sq-check", description=__doc__, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         ap.add_argument("kind", choices=sorted(CHECKERS))
         ap.add_argument("dir")
         ap.parse_args(argv)

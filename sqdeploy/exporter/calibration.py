@@ -119,7 +119,8 @@ def build_calibration(tokenizer, source: str, samples: int = 128, seq_len: int =
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for text in texts:
-        stream.extend(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)  # cut into windows below: no length warning
+        # verbose=False: the stream is cut into windows below, so no "longer than the maximum" warning
+        stream.extend(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
         if eos is not None:
             stream.append(eos)
         if len(stream) >= samples * seq_len:
