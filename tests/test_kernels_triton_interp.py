@@ -76,6 +76,28 @@ def test_int4_gemm_every_candidate(m, k, group, asym):
     assert torch.equal(tg.int4_dequantize(w.packed, w.scales, w.zeros, group, torch.float32).t(), dequantize_int4(w))
 
 
+@pytest.mark.parametrize("m,k,group,asym", [(3, 1024, 128, True), (20, 768, 32, False), (50, 1024, 64, True),
+                                           (300, 256, 256, False)])
+def test_int4_planes_every_candidate(m, k, group, asym):
+    """The plane-wise tensor-core kernel: groups spanning a tile, several groups per tile, split K, tails of M and N."""
+    from sqdeploy.kernels import triton_int4_planes as tp
+
+    n = 40
+    q = torch.randint(0, 16, (n, k), dtype=torch.int8, generator=GEN)
+    zeros = torch.randint(0, 16, (k // group, n), dtype=torch.uint8, generator=GEN) if asym else None
+    w = Int4Weight(pack_int4(q), torch.rand(k // group, n, generator=GEN) * 0.1 + 0.01, zeros, group, n, k)
+    x, bias = torch.randn(m, k, generator=GEN), torch.randn(n, generator=GEN)
+    expect = torch.nn.functional.linear(x, dequantize_int4(w), bias)
+    cands = [c for c in tg.int4_gemm_candidates(m, k, group, asym) if c.get("KIND") == tp.KIND]
+    assert cands and any(c["SPLIT_K"] > 1 for c in cands) == (m < 200)
+    try:
+        for cfg in cands:
+            tg._INT4.forced = cfg
+            assert _rel(tg.int4_gemm(x, w.packed, w.scales, w.zeros, group, bias), expect) < 1e-6, cfg
+    finally:
+        tg._INT4.forced = None
+
+
 def test_int4_gemv_with_fused_activation():
     n, k = 40, 512
     w = Int4Weight(pack_int4(torch.randint(0, 16, (n, k), dtype=torch.int8, generator=GEN)),

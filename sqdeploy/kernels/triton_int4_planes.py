@@ -1,0 +1,130 @@
+"""Tensor-core INT4 x FP16 GEMM for a few rows (2-256), on the packed weights as they are.
+
+The plain INT4 GEMM (:mod:`.triton_gemm`) unpacks a ``[BK/8, BN]`` tile of words into a
+``[BK, BN]`` tile whose row ``8j + i`` is nibble ``i`` of word row ``j``. That reshape puts
+neighbouring K values in different words, so Triton cannot dequantize in the layout the
+tensor cores read: every K step writes the dequantized tile to shared memory and reads it
+back as an MMA operand, and at small M that round trip, not the weight stream, sets the
+time (0.5-0.6x FP16 at M = 16-64 on an H200).
+
+This kernel reads the same words as eight *planes*: plane ``i`` is nibble ``i`` of every
+word of the tile, a ``[BK/8, BN]`` tile that holds K columns ``k0 + 8j + i``. Each plane
+is multiplied by the matching strided slice of the activations (``x[:, k0 + i :: 8]``, picked out
+of one contiguous activation tile with register-only splits),
+``acc += dot(x_i, dequant(plane_i))``, eight small dots per tile. Dequantizing a plane is
+an element-wise function of the loaded words (shift, mask, the FP16 ``1024 + q`` bit
+trick, subtract the zero point, multiply by the scale), so the compiler can load the words
+straight into the MMA operand layout (the software pipeline stages them in shared memory
+with asynchronous copies) and dequantize in registers: the Marlin recipe, without
+reshuffling the weights offline. Sum order differs from the reference's only in how the
+float32 accumulator adds up K, the same freedom every GEMM takes.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_gemm import _finish, _tile_ids
+
+KIND = "planes"
+
+
+@triton.jit
+def _plane(p, i: tl.constexpr, zf, s, dtype: tl.constexpr):
+    """Dequantized plane ``i`` of the words ``p``: ``(q - z) * s`` with ``q`` as the FP16 ``1024 + q``."""
+    q = ((p >> (4 * i)) & 0xF) | 0x6400
+    qf = q.to(tl.int16).to(tl.float16, bitcast=True)
+    return ((qf - zf).to(s.dtype) * s).to(dtype)
+
+
+@triton.jit
+def _int4_planes_kernel(a_ptr, b_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                        M, N, K, G, K_PER, SPLIT_K, stride_am, stride_om,
+                        HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr,
+                        SPLIT_P2: tl.constexpr, ONE_GROUP: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """``ONE_GROUP``: the group size is a multiple of BLOCK_K (one scale row per tile); otherwise
+    every word row of the tile fetches its own group's scale (BLOCK_K spans several groups)."""
+    KW: tl.constexpr = BLOCK_K // 8
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = offs_m % M  # rows past the end read real rows: in bounds, never stored
+    rn = offs_n % N
+    rows = tl.arange(0, KW)
+    k0 = pid_k * K_PER
+    b_ptrs = b_ptr + (k0 // 8 + rows)[:, None].to(tl.int64) * N + rn[None, :]
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + (k0 + tl.arange(0, BLOCK_K))[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k0, k0 + K_PER, BLOCK_K):
+        p = tl.load(b_ptrs)
+        if ONE_GROUP:
+            g_off = (k // G) * N + rn[None, :]
+        else:
+            g_off = ((k + rows * 8) // G)[:, None] * N + rn[None, :]
+        s = tl.load(s_ptr + g_off)
+        if HAS_ZERO:
+            zf = tl.load(z_ptr + g_off).to(tl.float16) + 1024.0
+        else:
+            zf = tl.full((1, BLOCK_N), 1032.0, tl.float16)
+        # one contiguous activation tile; plane i's columns k0 + 8j + i are picked out of each thread's neighbours
+        x_e, x_o = tl.split(tl.reshape(tl.load(a_ptrs), (BLOCK_M, KW, 2, 2, 2)))  # i even / odd
+        x_e0, x_e1 = tl.split(x_e)  # i in {0, 4} / {2, 6}
+        x_o0, x_o1 = tl.split(x_o)  # i in {1, 5} / {3, 7}
+        x0, x4 = tl.split(x_e0)
+        x2, x6 = tl.split(x_e1)
+        x1, x5 = tl.split(x_o0)
+        x3, x7 = tl.split(x_o1)
+        dt = x0.dtype
+        acc = tl.dot(x0, _plane(p, 0, zf, s, dt), acc)
+        acc = tl.dot(x1, _plane(p, 1, zf, s, dt), acc)
+        acc = tl.dot(x2, _plane(p, 2, zf, s, dt), acc)
+        acc = tl.dot(x3, _plane(p, 3, zf, s, dt), acc)
+        acc = tl.dot(x4, _plane(p, 4, zf, s, dt), acc)
+        acc = tl.dot(x5, _plane(p, 5, zf, s, dt), acc)
+        acc = tl.dot(x6, _plane(p, 6, zf, s, dt), acc)
+        acc = tl.dot(x7, _plane(p, 7, zf, s, dt), acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += KW * N
+    _finish(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, stride_om, SPLIT_K,
+            HAS_BIAS, IS_SPLIT, SPLIT_P2)
+
+
+def planes_cfg(bm: int, bn: int, bk: int, kper: int, warps: int, stages: int, group_m: int = 8) -> dict:
+    """A candidate of this kernel; BLOCK_K >= 128 (each plane's dot needs K >= 16)."""
+    return dict(KIND=KIND, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, KPER=kper, UNPACK=0, GROUP_M=group_m,
+                num_warps=warps, num_stages=stages)
+
+
+def candidates(bucket: int, m: int) -> list[dict]:
+    """Tiles per bucket of rows (see ``triton_gemm._m_bucket``), split K for few rows. Kept to tiles that
+    compile for sm_90 without spilling (ptxas report); 64+ rows use wgmma, whose B operand (the
+    dequantized weights) passes through shared memory, fewer rows ``mma.sync`` straight from registers."""
+    if bucket <= 16:
+        return [planes_cfg(16, 64, 128, 512, 4, 4), planes_cfg(16, 64, 128, 1024, 4, 4), planes_cfg(16, 64, 128, 256, 4, 4),
+                planes_cfg(16, 64, 256, 1024, 4, 3), planes_cfg(16, 128, 128, 512, 4, 3), planes_cfg(16, 64, 128, 512, 2, 4)]
+    if bucket == 64:
+        out = [planes_cfg(32, 64, 128, 1024, 4, 4), planes_cfg(32, 64, 128, 512, 4, 4), planes_cfg(32, 64, 128, 256, 4, 4)]
+        if m > 32:
+            out += [planes_cfg(64, 64, 128, 1024, 4, 4), planes_cfg(64, 64, 128, 512, 4, 3)]
+        return out
+    if bucket == 256:
+        return [planes_cfg(64, 64, 128, 0, 4, 4), planes_cfg(128, 128, 128, 0, 8, 3), planes_cfg(64, 64, 128, 1024, 4, 3),
+                planes_cfg(128, 64, 128, 0, 4, 3)]
+    return [planes_cfg(128, 128, 128, 0, 8, 3), planes_cfg(128, 256, 128, 0, 8, 3), planes_cfg(128, 64, 128, 0, 4, 3)]
+
+
+def launch(cfg: dict, x, packed, scales, zeros, bias, out, group: int, split_args: dict) -> None:
+    m, k = x.shape
+    n = packed.shape[1]
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+    _int4_planes_kernel[grid](
+        x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
+        M=m, N=n, K=k, G=group, stride_am=x.stride(0), stride_om=out.stride(0),
+        HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, ONE_GROUP=group % cfg["BLOCK_K"] == 0,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **split_args,
+    )
