@@ -275,7 +275,7 @@ def int4_gemm_candidates(m: int, k: int, group: int, asym: bool, dequant: bool =
     bucket = _m_bucket(m)
     out = _usable(_int4_candidates(m), k, group, max_split=32)
     for c in triton_int4_planes.candidates(bucket, m):
-        r = _resolve(c, k, None)  # planes handle any group size that is a multiple of 8
+        r = triton_int4_planes.resolve(c, k, SPLITK_ENABLED)  # any group size that is a multiple of 8
         if r is not None and r["SPLIT_K"] <= 64 and r not in out:
             out.append(r)
     out += gemlite_int4.candidates(bucket, group, asym)

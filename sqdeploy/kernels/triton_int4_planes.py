@@ -58,8 +58,9 @@ def _int4_planes_kernel(a_ptr, b_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, c
     k0 = pid_k * K_PER
     b_ptrs = b_ptr + (k0 // 8 + rows)[:, None].to(tl.int64) * N + rn[None, :]
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + (k0 + tl.arange(0, BLOCK_K))[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(k0, k0 + K_PER, BLOCK_K):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # even planes
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # odd planes: two independent MMA chains
+    for k in range(k0, tl.minimum(k0 + K_PER, K), BLOCK_K):  # the last K slice may be shorter
         p = tl.load(b_ptrs)
         if ONE_GROUP:
             g_off = (k // G) * N + rn[None, :]
@@ -80,15 +81,16 @@ def _int4_planes_kernel(a_ptr, b_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, c
         x3, x7 = tl.split(x_o1)
         dt = x0.dtype
         acc = tl.dot(x0, _plane(p, 0, zf, s, dt), acc)
-        acc = tl.dot(x1, _plane(p, 1, zf, s, dt), acc)
+        acc1 = tl.dot(x1, _plane(p, 1, zf, s, dt), acc1)
         acc = tl.dot(x2, _plane(p, 2, zf, s, dt), acc)
-        acc = tl.dot(x3, _plane(p, 3, zf, s, dt), acc)
+        acc1 = tl.dot(x3, _plane(p, 3, zf, s, dt), acc1)
         acc = tl.dot(x4, _plane(p, 4, zf, s, dt), acc)
-        acc = tl.dot(x5, _plane(p, 5, zf, s, dt), acc)
+        acc1 = tl.dot(x5, _plane(p, 5, zf, s, dt), acc1)
         acc = tl.dot(x6, _plane(p, 6, zf, s, dt), acc)
-        acc = tl.dot(x7, _plane(p, 7, zf, s, dt), acc)
+        acc1 = tl.dot(x7, _plane(p, 7, zf, s, dt), acc1)
         a_ptrs += BLOCK_K
         b_ptrs += KW * N
+    acc += acc1
     _finish(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, stride_om, SPLIT_K,
             HAS_BIAS, IS_SPLIT, SPLIT_P2)
 
@@ -100,21 +102,29 @@ def planes_cfg(bm: int, bn: int, bk: int, kper: int, warps: int, stages: int, gr
 
 
 def candidates(bucket: int, m: int) -> list[dict]:
-    """Tiles per bucket of rows (see ``triton_gemm._m_bucket``), split K for few rows. Kept to tiles that
-    compile for sm_90 without spilling (ptxas report); 64+ rows use wgmma, whose B operand (the
-    dequantized weights) passes through shared memory, fewer rows ``mma.sync`` straight from registers."""
+    """Tiles per bucket of rows (see ``triton_gemm._m_bucket``), K split over programs. Kept to tiles that
+    compile for sm_90 without spilling (ptxas report); 64 rows use wgmma, whose B operand (the
+    dequantized weights) passes through shared memory, fewer rows ``mma.sync`` straight from registers.
+    From 65 rows on, the plain kernel or dequantize-then-cuBLAS won every 7B shape on an H200: none here."""
     if bucket <= 16:
         return [planes_cfg(16, 64, 128, 512, 4, 4), planes_cfg(16, 64, 128, 1024, 4, 4), planes_cfg(16, 64, 128, 256, 4, 4),
                 planes_cfg(16, 64, 256, 1024, 4, 3), planes_cfg(16, 128, 128, 512, 4, 3), planes_cfg(16, 64, 128, 512, 2, 4)]
     if bucket == 64:
-        out = [planes_cfg(32, 64, 128, 1024, 4, 4), planes_cfg(32, 64, 128, 512, 4, 4), planes_cfg(32, 64, 128, 256, 4, 4)]
+        out = [planes_cfg(32, 64, 128, 1024, 4, 4), planes_cfg(32, 64, 128, 512, 4, 4), planes_cfg(16, 64, 128, 1024, 4, 4)]
         if m > 32:
-            out += [planes_cfg(64, 64, 128, 1024, 4, 4), planes_cfg(64, 64, 128, 512, 4, 3)]
+            out += [planes_cfg(64, 64, 128, 1024, 4, 4), planes_cfg(64, 64, 128, 512, 4, 3), planes_cfg(64, 64, 128, 2048, 4, 4)]
         return out
-    if bucket == 256:
-        return [planes_cfg(64, 64, 128, 0, 4, 4), planes_cfg(128, 128, 128, 0, 8, 3), planes_cfg(64, 64, 128, 1024, 4, 3),
-                planes_cfg(128, 64, 128, 0, 4, 3)]
-    return [planes_cfg(128, 128, 128, 0, 8, 3), planes_cfg(128, 256, 128, 0, 8, 3), planes_cfg(128, 64, 128, 0, 4, 3)]
+    return []
+
+
+def resolve(cfg: dict, k: int, split_ok: bool) -> dict | None:
+    """The candidate for this K: K_PER a multiple of BLOCK_K, the last program's slice possibly shorter
+    (K = 11008 splits as 10 x 1024 + 768 instead of 43 x 256: far fewer partial sums to add up)."""
+    bk = cfg["BLOCK_K"]
+    if k % bk:
+        return None
+    kper = k if not cfg["KPER"] or not split_ok else max(bk, min(cfg["KPER"], k) // bk * bk)
+    return dict(cfg, K_PER=kper, SPLIT_K=triton.cdiv(k, kper))
 
 
 def launch(cfg: dict, x, packed, scales, zeros, bias, out, group: int, split_args: dict) -> None:
