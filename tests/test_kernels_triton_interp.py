@@ -88,8 +88,12 @@ def test_int4_planes_every_candidate(m, k, group, asym):
     w = Int4Weight(pack_int4(q), torch.rand(k // group, n, generator=GEN) * 0.1 + 0.01, zeros, group, n, k)
     x, bias = torch.randn(m, k, generator=GEN), torch.randn(n, generator=GEN)
     expect = torch.nn.functional.linear(x, dequantize_int4(w), bias)
-    cands = [c for c in tg.int4_gemm_candidates(m, k, group, asym) if c.get("KIND") == tp.KIND]
-    assert cands and any(c["SPLIT_K"] > 1 for c in cands)
+    offered = [c for c in tg.int4_gemm_candidates(m, k, group, asym) if c.get("KIND") == tp.KIND]
+    assert offered and all(c["MATH"] == 0 for c in offered)  # the PTX unpacking is GPU-only
+    tiles = [tp.planes_cfg(16, 64, 128, 256, 4, 4, 0), tp.planes_cfg(32, 64, 128, 512, 4, 4, 0),
+             tp.planes_cfg(64, 64, 256, 512, 4, 3, 0)]
+    cands = offered + [c for c in (tp.resolve(t, k, True) for t in tiles) if c is not None]
+    assert any(c["SPLIT_K"] > 1 for c in cands)
     assert k % 1024 == 0 or any(k % c["K_PER"] for c in cands)  # K = 1152: a shorter last slice
     try:
         for cfg in cands:

@@ -294,6 +294,16 @@ def gemv_candidates(k: int, group: int) -> list[dict]:
     return out or _usable(_int4_candidates(1), k, group)
 
 
+def one_row_candidates(k: int, group: int, asym: bool, fused_act: bool) -> list[dict]:
+    """What the one-row tuner times: the GEMVs, and (plain input) the plane-wise tensor-core kernel's
+    PTX-unpacking tiles (one real row of 16) and gemlite's one-row kernel where installed."""
+    if fused_act:
+        return gemv_candidates(k, group)
+    planes = [triton_int4_planes.resolve(c, k, SPLITK_ENABLED) for c in triton_int4_planes.candidates(16, 1)]
+    planes = [c for c in planes if c is not None and c["MATH"] == 2 and Tuner.usable("int4_gemv", c)][:3]
+    return gemv_candidates(k, group) + planes + gemlite_int4.candidates(1, group, asym)
+
+
 def _meta(cfg: dict, *names: str) -> dict:
     return {n: cfg[n] for n in names + ("num_warps", "num_stages")}
 
@@ -351,12 +361,15 @@ def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         def launch(cfg):
             if cfg.get("KIND") == gemlite_int4.KIND:
                 return gemlite_int4.run(cfg, x, packed, scales, zeros, group, bias)
+            if cfg.get("KIND") == triton_int4_planes.KIND:
+                triton_int4_planes.launch(cfg, x, packed, scales, zeros, bias, out, group, _split_args(cfg, 1, n, x.device))
+                return out
             triton_gemv.launch(cfg, x, packed, scales, zeros, bias, out, group, ACT_CODES[act or "identity"],
                                act is not None, _split_args(cfg, 1, n, x.device))
             return out
 
-        extra = gemlite_int4.candidates(1, group, zeros is not None) if act is None else []
-        return _INT4_GEMV.run((n, k, group, act), lambda: gemv_candidates(k, group) + extra, launch)
+        return _INT4_GEMV.run((n, k, group, act), lambda: one_row_candidates(k, group, zeros is not None, act is not None),
+                              launch)
     if act is not None:
         raise ValueError("the fused activation input is a decode (one-row) path")
 
