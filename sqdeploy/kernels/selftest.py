@@ -161,7 +161,7 @@ def check_int4_gemm_candidates(rows: list) -> None:
     """Every INT4 GEMM configuration the tuner may time for 2+ rows (plain and plane-wise tensor-core
     kernels, dequantize-then-cuBLAS), per bucket of rows, for a group that spans a tile and groups
     smaller than one, against the reference and twice bit for bit; a failing one is disabled."""
-    for m in (8, 40, 200):
+    for m in (8, 24, 40, 200):
         for g, asym in ((128, True), (32, False)):
             w = _int4_case(1536, 4096, g, asym)
             dense = dequantize_int4(w, torch.float32)

@@ -188,7 +188,7 @@ def _cfg(bm, bn, bk, kper, warps, stages, unpack=0, group_m=8) -> dict:
 
 
 def _m_bucket(m: int) -> int:
-    return 1 if m == 1 else 16 if m <= 16 else 64 if m <= 64 else 256 if m <= 256 else 4096
+    return 1 if m == 1 else 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 256 if m <= 256 else 4096
 
 
 def _int8_candidates(m: int) -> list[dict]:
@@ -197,7 +197,7 @@ def _int8_candidates(m: int) -> list[dict]:
         return [_cfg(16, 64, 128, 0, 4, 4), _cfg(16, 32, 128, 0, 4, 5), _cfg(16, 64, 256, 0, 4, 3),
                 _cfg(16, 64, 128, 1024, 4, 4), _cfg(16, 128, 128, 512, 4, 4), _cfg(16, 64, 256, 512, 4, 3),
                 _cfg(16, 128, 256, 1024, 4, 3), _cfg(16, 32, 256, 1024, 4, 3)]
-    if b == 64:
+    if b in (32, 64):  # decode at batch 17-32 and 33-64: tuned apart
         bm = 32 if m <= 32 else 64
         return [_cfg(bm, 64, 128, 0, 4, 4), _cfg(bm, 128, 128, 0, 4, 4), _cfg(bm, 64, 128, 1024, 4, 4),
                 _cfg(bm, 128, 128, 1024, 4, 3), _cfg(bm, 128, 256, 2048, 4, 3)]
@@ -219,7 +219,7 @@ def _int4_candidates(m: int) -> list[dict]:
         return [_cfg(16, 64, 128, 512, 4, 4, 1), _cfg(16, 64, 128, 512, 4, 4, 0), _cfg(16, 128, 128, 1024, 4, 3, 1),
                 _cfg(16, 32, 128, 512, 4, 4, 1), _cfg(16, 64, 64, 256, 4, 4, 1), _cfg(16, 128, 64, 512, 4, 4, 1),
                 _cfg(16, 64, 128, 0, 4, 4, 1)]
-    if b == 64:
+    if b in (32, 64):  # decode at batch 17-32 and 33-64: tuned apart
         bm = 32 if m <= 32 else 64
         return [_cfg(bm, 64, 128, 1024, 4, 4, 1), _cfg(bm, 128, 128, 1024, 4, 3, 1), _cfg(bm, 64, 128, 512, 4, 4, 0),
                 _cfg(bm, 128, 64, 512, 4, 4, 1), _cfg(bm, 64, 128, 0, 4, 4, 1)]
@@ -278,7 +278,7 @@ def int4_gemm_candidates(m: int, k: int, group: int, asym: bool, dequant: bool =
         r = triton_int4_planes.resolve(c, k, SPLITK_ENABLED)  # any group size that is a multiple of 8
         if r is not None and r["SPLIT_K"] <= 64 and r not in out:
             out.append(r)
-    out += gemlite_int4.candidates(bucket, group, asym)
+    out += gemlite_int4.candidates(64 if bucket == 32 else bucket, group, asym)
     if dequant and bucket >= 64:
         out.append(dict(KIND=DEQUANT_KIND, KPER=0, K_PER=k, SPLIT_K=1))
     usable = [c for c in out if Tuner.usable("int4_gemm", c)]

@@ -161,7 +161,7 @@ def candidates(bucket: int, m: int) -> list[dict]:
     if bucket <= 16:
         out = [planes_cfg(16, 64, 128, 512, 4, 4), planes_cfg(16, 64, 128, 1024, 4, 4), planes_cfg(16, 128, 128, 512, 4, 3),
                planes_cfg(16, 64, 128, 256, 4, 4), planes_cfg(16, 64, 128, 512, 4, 4, 0), planes_cfg(16, 64, 128, 1024, 4, 4, 0)]
-    elif bucket == 64:
+    elif bucket in (32, 64):
         out = [planes_cfg(32, 64, 128, 1024, 4, 4), planes_cfg(16, 64, 128, 1024, 4, 4), planes_cfg(32, 64, 128, 512, 4, 4),
                planes_cfg(32, 64, 128, 1024, 4, 4, 0)]
         if m > 32:
