@@ -7,12 +7,14 @@ forceable in tests (the Triton interpreter on the CPU cannot time anything).
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable
 
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+log = logging.getLogger(__name__)
 
 
 class Tuner:
@@ -65,6 +67,9 @@ class Tuner:
                 ms = do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
             except Exception as e:  # noqa: BLE001 - a configuration the compiler rejects is skipped
                 ms, error = float("inf"), e
+                # e.g. a tile whose shared memory this GPU lacks, or PTX it cannot run: the others stay
+                log.warning("%s %s: %s skipped on this GPU (%s: %s)", self.name, key, cfg, type(e).__name__,
+                            str(e)[:200])
             results.append((cfg, float(ms)))
         best, ms = min(results, key=lambda r: r[1])
         if ms == float("inf"):
