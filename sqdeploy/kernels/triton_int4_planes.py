@@ -46,27 +46,19 @@ def _plane(p, i: tl.constexpr, zf, s, dtype: tl.constexpr):
 
 # Two words of one output column and neighbouring K rows (the pair an MMA operand register holds) ->
 # eight registers, plane i's two nibbles as the FP16 pair (1024 + q_row, 1024 + q_row+1): two byte
-# permutes, then one shift and one and-or (lop3) per plane: 16 integer operations per 16 nibbles, where
-# the compiler's own unpacking of the same pairs takes about 45.
-_PAIR_ASM = tl.constexpr("""{
-.reg .b32 lo, hi, t;
-prmt.b32 lo, $8, $9, 0x5410;
-prmt.b32 hi, $8, $9, 0x7632;
-lop3.b32 $0, lo, 0x000f000f, 0x64006400, 0xea;
-shr.b32 t, lo, 4;
-lop3.b32 $1, t, 0x000f000f, 0x64006400, 0xea;
-shr.b32 t, lo, 8;
-lop3.b32 $2, t, 0x000f000f, 0x64006400, 0xea;
-shr.b32 t, lo, 12;
-lop3.b32 $3, t, 0x000f000f, 0x64006400, 0xea;
-lop3.b32 $4, hi, 0x000f000f, 0x64006400, 0xea;
-shr.b32 t, hi, 4;
-lop3.b32 $5, t, 0x000f000f, 0x64006400, 0xea;
-shr.b32 t, hi, 8;
-lop3.b32 $6, t, 0x000f000f, 0x64006400, 0xea;
-shr.b32 t, hi, 12;
-lop3.b32 $7, t, 0x000f000f, 0x64006400, 0xea;
-}""")
+# permutes, then one shift and one and-or (lop3) per plane: 16 integer operations per 16 nibbles (on sm_90
+# the loop's integer operations per thread and 128x64 tile drop from 181 to 99: tools/triton_sm90_report.py).
+def _pair_asm() -> str:
+    lines = ["{", ".reg .b32 lo, hi, t;", "prmt.b32 lo, $8, $9, 0x5410;", "prmt.b32 hi, $8, $9, 0x7632;"]
+    for half, src in enumerate(("lo", "hi")):  # lo: planes 0-3 of both words, hi: planes 4-7
+        for j in range(4):
+            if j:
+                lines.append(f"shr.b32 t, {src}, {4 * j};")
+            lines.append(f"lop3.b32 ${4 * half + j}, {'t' if j else src}, 0x000f000f, 0x64006400, 0xea;")  # (a & b) | c
+    return "\n".join(lines + ["}"])
+
+
+_PAIR_ASM = tl.constexpr(_pair_asm())
 
 
 @triton.jit
