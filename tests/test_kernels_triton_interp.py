@@ -55,16 +55,20 @@ def test_int8_gemm_every_candidate(m, n, k):
         tg._INT8.forced = None
 
 
-@pytest.mark.parametrize("m,k,group,asym", [(1, 1024, 128, True), (1, 1408, 64, False), (3, 1024, 128, True),
-                                           (20, 1024, 64, False)])
-def test_int4_gemm_every_candidate(m, k, group, asym):
-    """One row: the narrow and the wide GEMVs (K = 1408 leaves a masked tail slice); more rows: the GEMM."""
-    n = 40
+def _int4_problem(m: int, n: int, k: int, group: int, asym: bool):
+    """Random packed INT4 weights (uint8 zero points, float32 scales as on the CPU), input, bias, reference output."""
     q = torch.randint(0, 16, (n, k), dtype=torch.int8, generator=GEN)
     zeros = torch.randint(0, 16, (k // group, n), dtype=torch.uint8, generator=GEN) if asym else None
     w = Int4Weight(pack_int4(q), torch.rand(k // group, n, generator=GEN) * 0.1 + 0.01, zeros, group, n, k)
     x, bias = torch.randn(m, k, generator=GEN), torch.randn(n, generator=GEN)
-    expect = torch.nn.functional.linear(x, dequantize_int4(w), bias)
+    return w, x, bias, torch.nn.functional.linear(x, dequantize_int4(w), bias)
+
+
+@pytest.mark.parametrize("m,k,group,asym", [(1, 1024, 128, True), (1, 1408, 64, False), (3, 1024, 128, True),
+                                           (20, 1024, 64, False)])
+def test_int4_gemm_every_candidate(m, k, group, asym):
+    """One row: the narrow and the wide GEMVs (K = 1408 leaves a masked tail slice); more rows: the GEMM."""
+    w, x, bias, expect = _int4_problem(m, 40, k, group, asym)
     tuner = tg._INT4_GEMV if m == 1 else tg._INT4
     try:
         cands = tg.gemv_candidates(k, group) if m == 1 else tg._usable(tg._int4_candidates(m), k, group, max_split=32)
@@ -74,6 +78,28 @@ def test_int4_gemm_every_candidate(m, k, group, asym):
     finally:
         tuner.forced = None
     assert torch.equal(tg.int4_dequantize(w.packed, w.scales, w.zeros, group, torch.float32).t(), dequantize_int4(w))
+
+
+@pytest.mark.parametrize("m,k,group,asym", [(3, 1024, 128, True), (20, 768, 32, False), (50, 1024, 64, True),
+                                           (40, 1152, 128, False)])
+def test_int4_planes_every_candidate(m, k, group, asym):
+    """The plane-wise tensor-core kernel: groups spanning a tile, several groups per tile, split K, tails of M and N."""
+    from sqdeploy.kernels import triton_int4_planes as tp
+
+    w, x, bias, expect = _int4_problem(m, 40, k, group, asym)
+    offered = [c for c in tg.int4_gemm_candidates(m, k, group, asym) if c.get("KIND") == tp.KIND]
+    assert offered and all(c["MATH"] == 0 for c in offered)  # the PTX unpacking is GPU-only
+    tiles = [tp.planes_cfg(16, 64, 128, 256, 4, 4, 0), tp.planes_cfg(32, 64, 128, 512, 4, 4, 0),
+             tp.planes_cfg(64, 64, 256, 512, 4, 3, 0)]
+    cands = offered + [c for c in (tp.resolve(t, k, True) for t in tiles) if c is not None]
+    assert any(c["SPLIT_K"] > 1 for c in cands)
+    assert k % 1024 == 0 or any(k % c["K_PER"] for c in cands)  # K = 1152: a shorter last slice
+    try:
+        for cfg in cands:
+            tg._INT4.forced = cfg
+            assert _rel(tg.int4_gemm(x, w.packed, w.scales, w.zeros, group, bias), expect) < 1e-6, cfg
+    finally:
+        tg._INT4.forced = None
 
 
 def test_int4_gemv_with_fused_activation():

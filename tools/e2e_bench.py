@@ -140,7 +140,7 @@ def _prefill_trials(models: dict, ids: torch.Tensor, quick: bool) -> tuple[dict,
 
 def _decode_all(model, cfg, quick: bool, r: dict) -> dict:
     out = {}
-    for batch in (1, 8) if quick else (1, 8, 32):
+    for batch in (1, 8) if quick else (1, 8, 32, 64):
         ms, dec = decode_ms(model, batch, cfg.vocab_size)
         out[str(batch)] = {"ms_per_step": ms, "tokens_per_s": batch * 1000.0 / ms}
         if batch == 1:

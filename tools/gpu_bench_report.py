@@ -6,6 +6,11 @@ from sqdeploy.report import markdown_table
 
 GOALS = {
     "w4a16_decode_b1_speedup": (">=", 2.5),
+    "w4a16_decode_b8_speedup": (">=", 2.0),
+    "w4a16_decode_b32_speedup": (">=", 1.3),
+    "w4a16_decode_b64_speedup": (">=", 1.0),
+    "w8a8_decode_b1_speedup": (">=", 1.5),
+    "w8a8_decode_b32_speedup": (">=", 1.3),
     "w8a8_linears_m2048_speedup": (">=", 1.35),
     "w8a8_prefill_2048_speedup": (">=", 1.2),
     "w4a16_weight_memory_ratio": ("<=", 0.30),
@@ -30,7 +35,11 @@ def goal_values(data: dict) -> dict:
     e2e = (data.get("e2e") or {}).get("variants", {})
     fp = e2e.get("fp16")
     if fp and "w4a16" in e2e:
-        out["w4a16_decode_b1_speedup"] = e2e["w4a16"]["decode"]["1"]["tokens_per_s"] / fp["decode"]["1"]["tokens_per_s"]
+        for b in ("1", "8", "32", "64"):
+            for v in ("w4a16", "w8a8"):
+                d, f = (e2e.get(v) or {}).get("decode", {}).get(b), fp.get("decode", {}).get(b)
+                if d and f:
+                    out[f"{v}_decode_b{b}_speedup"] = d["tokens_per_s"] / f["tokens_per_s"]
     pipe = {(r["M"], r["variant"]): r["ms"] for r in (data.get("pipeline") or {}).get("rows", [])}
     for v, suffix in (("w8a8", ""), ("w8a8-token", "_per_token")):
         if pipe.get((2048, "fp16")) and pipe.get((2048, v)):
@@ -96,7 +105,8 @@ def _detail_table(data: dict) -> str:
     for r in data.get("layers", []):
         extra = ""
         if r["variant"] == "w4a16":
-            extra = f"fused {_f(r.get('int4_fused_ms'))} / dequant+cuBLAS {_f(r.get('int4_dequant_cublas_ms'))}"
+            extra = (f"INT4 kernels {_f(r.get('int4_fused_ms'), 4)} / dequant+cuBLAS {_f(r.get('int4_dequant_cublas_ms'), 4)}; "
+                     f"tuner chose {r.get('int4_choice', '-')}")
         if r["variant"] == "w8a8":
             extra = f"per-token quant {_f(r.get('quant_ms'))}"
         rows.append([r["model"], r["gemm"], f"{r['N']}x{r['K']}", r["M"], r["variant"], _f(r["ms"], 4),
@@ -116,7 +126,7 @@ def _e2e_tables(data: dict) -> list[str]:
         b1_floor = (wb["total"] / (c["copy_gbps"] * 1e9)) * 1e3 if c else None
         rows.append([v, f"{wb['total'] / 2**30:.2f}", f"{wb['linears'] / 2**30:.2f}", _f(r["prefill_2048_ms"], 1),
                      _f(r.get("prefill_2048_graph_ms"), 1)]
-                    + [_f(dec.get(b, {}).get("tokens_per_s"), 1) for b in ("1", "8", "32")]
+                    + [_f(dec.get(b, {}).get("tokens_per_s"), 1) for b in ("1", "8", "32", "64")]
                     + [_f(dec["1"]["ms_per_step"], 2), _f(b1_floor, 2)])
         for cat, ms in (r.get("decode_profile_b1_ms") or {}).items():
             prof.append([v, "decode b1 step", cat, _f(ms, 3)])
@@ -129,7 +139,7 @@ def _e2e_tables(data: dict) -> list[str]:
         "position, wall clock, median of interleaved trials: eager (`model(ids)`, one Python launch per kernel) and "
         "replayed from a CUDA graph (`GraphedForward`).\n",
         markdown_table(["variant", "weights GiB", "linears GiB", "prefill 2048 ms eager", "prefill 2048 ms graph",
-                        "tok/s b1", "tok/s b8", "tok/s b32",
+                        "tok/s b1", "tok/s b8", "tok/s b32", "tok/s b64",
                         "ms/step b1", "b1 floor ms (weights/copy BW)"], rows),
         "\nKernel time by category (CUDA profiler, one call):\n",
         markdown_table(["variant", "what", "category", "ms"], prof) if prof else "(no profile)",

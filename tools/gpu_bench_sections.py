@@ -229,6 +229,7 @@ def _layer_bench(b: Bench, label: str, hf: dict, ms: tuple[int, ...]) -> None:
                     rec["quant_ms"] = quant_ms[(m, k)]
                     rec["torch_int_mm_ms"] = _timed(_torch_int_mm_fns(mods, x)) if m > 16 else None
                 if variant == "w4a16":
+                    rec["int4_choice"] = triton_gemm.int4_choice(m, n, k, probe.group_size)
                     rec.update(_int4_alternatives(mods, x))
                     rec["torch_int4pack_ms"] = _timed(_int4pack_fns(n, k, copies, x))
                 out.append(rec)
@@ -239,15 +240,17 @@ def _layer_bench(b: Bench, label: str, hf: dict, ms: tuple[int, ...]) -> None:
 
 
 def _int4_alternatives(mods, x) -> dict:
+    """The INT4 kernels alone (no dequantize-then-cuBLAS candidate) and dequantize-then-cuBLAS alone."""
     keep = ops.INT4_FUSED_MAX_M
     res = {}
     try:
-        ops.INT4_FUSED_MAX_M = 1 << 30
+        ops.INT4_TUNE_DEQUANT = False
         res["int4_fused_ms"] = _timed([lambda mod=mod: mod(x) for mod in mods])
+        ops.INT4_TUNE_DEQUANT = True
         ops.INT4_FUSED_MAX_M = 0
         res["int4_dequant_cublas_ms"] = _timed([lambda mod=mod: mod(x) for mod in mods])
     finally:
-        ops.INT4_FUSED_MAX_M = keep
+        ops.INT4_FUSED_MAX_M, ops.INT4_TUNE_DEQUANT = keep, True
     return res
 
 

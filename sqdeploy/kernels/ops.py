@@ -10,9 +10,11 @@ from . import reference as ref
 from .packing import Int4Weight, Int8Weight
 from .reference import InputQuant, QAct
 
-# INT4 products with more rows than this dequantize the weight once and call cuBLAS
-# (a full FP16 GEMM beats the in-register dequantizing kernel once M is large).
-INT4_FUSED_MAX_M = 128
+# INT4 products with more rows than this dequantize the weight once and call cuBLAS without asking the
+# tuner; up to it, the tuner times the INT4 kernels and (64+ rows, INT4_TUNE_DEQUANT) dequantize-then-cuBLAS
+# per shape and keeps the fastest (the GPU benchmark reports which).
+INT4_FUSED_MAX_M = 1 << 30
+INT4_TUNE_DEQUANT = True
 # Decode (one row) W4A16 MLPs may compute act(gate) * up inside the down projection's GEMV. Off: on an
 # H100 the separate act*mul kernel plus the plain GEMV took 19.0 us for a 7B layer, the fused GEMV 23.4 us
 # (the activation is recomputed by every thread that holds a column of the row).
@@ -75,7 +77,7 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> to
     if x.shape[0] > INT4_FUSED_MAX_M:
         dense = triton_gemm.int4_dequantize(w.packed, w.scales, w.zeros, w.group_size, x.dtype)
         return F.linear(x, dense.t(), bias)
-    return triton_gemm.int4_gemm(x, w.packed, w.scales, w.zeros, w.group_size, bias)
+    return triton_gemm.int4_gemm(x, w.packed, w.scales, w.zeros, w.group_size, bias, dequant=INT4_TUNE_DEQUANT)
 
 
 def _pow2(d: int) -> bool:

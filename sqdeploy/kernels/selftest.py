@@ -121,7 +121,7 @@ def _splitk_cases():
     return [
         (tg._INT8, tg._usable(tg._int8_candidates(8), 4096, max_split=32), run8),
         (tg._INT4_GEMV, tg._usable(tg._int4_candidates(1), 4096, 128), run4(x1)),
-        (tg._INT4, tg._usable(tg._int4_candidates(8), 4096, 128, max_split=32), run4(x8)),
+        (tg._INT4, tg.int4_gemm_candidates(8, 4096, 128, True, dequant=False), run4(x8)),
     ]
 
 
@@ -135,7 +135,8 @@ def check_candidates(rows: list) -> None:
     gu = torch.randn(1, 8192, device="cuda", dtype=torch.float16) * 2
     gated = F.linear(tf.act_mul(gu, "silu", True, InputQuant()).float(), dense)
     cases = [(tg._INT4_GEMV, cfg, lambda: tg.int4_gemm(x1, w4.packed, w4.scales, w4.zeros, 128, None),
-              lambda: F.linear(x1.float(), dense), (1, 1536)) for cfg in tg.gemv_candidates(4096, 128)]
+              lambda: F.linear(x1.float(), dense), (1, 1536))
+             for cfg in tg.one_row_candidates(4096, 128, True, False) if cfg.get("KIND") != "gemlite"]
     cases += [(tg._INT4_GEMV, cfg, lambda: tg.int4_gemm(gu, w4.packed, w4.scales, w4.zeros, 128, None, act="silu"),
                lambda: gated, (1, 1536)) for cfg in tg.gemv_candidates(4096, 128)]
     cases += _tma_cases(300) + _tma_cases(200)  # the large-M and the mid-M (65..256 rows) TMA tiles
@@ -154,6 +155,36 @@ def check_candidates(rows: list) -> None:
         rows.append(_row(f"candidate_{tuner.name}", _brief(cfg), err, limit))
         if not err <= limit:
             Tuner.disable(tuner.name, cfg)
+
+
+def check_int4_gemm_candidates(rows: list) -> None:
+    """Every INT4 GEMM configuration the tuner may time for 2+ rows (plain and plane-wise tensor-core
+    kernels, dequantize-then-cuBLAS), per bucket of rows, for a group that spans a tile and groups
+    smaller than one, against the reference and twice bit for bit; a failing one is disabled."""
+    for m in (8, 24, 40, 200):
+        for g, asym in ((128, True), (32, False)):
+            w = _int4_case(1536, 4096, g, asym)
+            dense = dequantize_int4(w, torch.float32)
+            x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+            bias = torch.randn(1536, device="cuda", dtype=torch.float16)
+            want = F.linear(x.float(), dense, bias.float())
+            for cfg in tg.int4_gemm_candidates(m, 4096, g, asym):
+                if cfg.get("KIND") == "gemlite":
+                    continue  # check_gemlite's
+                tg._INT4.forced = cfg
+                try:
+                    _poison((m, 1536), torch.float16)
+                    first = tg.int4_gemm(x, w.packed, w.scales, w.zeros, g, bias)
+                    again = tg.int4_gemm(x, w.packed, w.scales, w.zeros, g, bias)
+                    err = _rel(first, want) if torch.equal(first, again) else float("inf")
+                except Exception as e:  # noqa: BLE001 - a configuration that does not compile is disabled too
+                    err = float("inf")
+                    print(f"   int4_gemm {cfg}: {type(e).__name__}: {e}"[:400], flush=True)
+                finally:
+                    tg._INT4.forced = None
+                rows.append(_row("candidate_int4_gemm", f"M={m} g={g} " + _brief(cfg), err, 2e-3))
+                if not err <= 2e-3:
+                    Tuner.disable("int4_gemm", cfg)
 
 
 def check_gemlite(rows: list) -> None:
@@ -311,7 +342,8 @@ def run_all() -> tuple[list[dict], bool]:
     splitk_ok = _guarded(rows, "splitk", check_splitk) is True
     if not splitk_ok:
         tg.SPLITK_ENABLED = False
-    for name, fn in (("candidates", check_candidates), ("gemlite", check_gemlite), ("int8_gemm", check_int8),
+    for name, fn in (("candidates", check_candidates), ("int4_gemm_candidates", check_int4_gemm_candidates),
+                     ("gemlite", check_gemlite), ("int8_gemm", check_int8),
                      ("int4_gemm", check_int4), ("fused", check_fused)):
         _guarded(rows, name, fn)
     if _guarded(rows, "int4_gemv_act_fused", check_gated_gemv) is not True:

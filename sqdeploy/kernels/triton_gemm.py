@@ -188,7 +188,7 @@ def _cfg(bm, bn, bk, kper, warps, stages, unpack=0, group_m=8) -> dict:
 
 
 def _m_bucket(m: int) -> int:
-    return 1 if m == 1 else 16 if m <= 16 else 64 if m <= 64 else 256 if m <= 256 else 4096
+    return 1 if m == 1 else 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 256 if m <= 256 else 4096
 
 
 def _int8_candidates(m: int) -> list[dict]:
@@ -197,7 +197,7 @@ def _int8_candidates(m: int) -> list[dict]:
         return [_cfg(16, 64, 128, 0, 4, 4), _cfg(16, 32, 128, 0, 4, 5), _cfg(16, 64, 256, 0, 4, 3),
                 _cfg(16, 64, 128, 1024, 4, 4), _cfg(16, 128, 128, 512, 4, 4), _cfg(16, 64, 256, 512, 4, 3),
                 _cfg(16, 128, 256, 1024, 4, 3), _cfg(16, 32, 256, 1024, 4, 3)]
-    if b == 64:
+    if b in (32, 64):  # decode at batch 17-32 and 33-64: tuned apart
         bm = 32 if m <= 32 else 64
         return [_cfg(bm, 64, 128, 0, 4, 4), _cfg(bm, 128, 128, 0, 4, 4), _cfg(bm, 64, 128, 1024, 4, 4),
                 _cfg(bm, 128, 128, 1024, 4, 3), _cfg(bm, 128, 256, 2048, 4, 3)]
@@ -219,7 +219,7 @@ def _int4_candidates(m: int) -> list[dict]:
         return [_cfg(16, 64, 128, 512, 4, 4, 1), _cfg(16, 64, 128, 512, 4, 4, 0), _cfg(16, 128, 128, 1024, 4, 3, 1),
                 _cfg(16, 32, 128, 512, 4, 4, 1), _cfg(16, 64, 64, 256, 4, 4, 1), _cfg(16, 128, 64, 512, 4, 4, 1),
                 _cfg(16, 64, 128, 0, 4, 4, 1)]
-    if b == 64:
+    if b in (32, 64):  # decode at batch 17-32 and 33-64: tuned apart
         bm = 32 if m <= 32 else 64
         return [_cfg(bm, 64, 128, 1024, 4, 4, 1), _cfg(bm, 128, 128, 1024, 4, 3, 1), _cfg(bm, 64, 128, 512, 4, 4, 0),
                 _cfg(bm, 128, 64, 512, 4, 4, 1), _cfg(bm, 64, 128, 0, 4, 4, 1)]
@@ -268,10 +268,40 @@ def int8_candidates(m: int, k: int, device: torch.device) -> list[dict]:
     return out or _usable(_int8_candidates(m), k, max_split=32)
 
 
+def int4_gemm_candidates(m: int, k: int, group: int, asym: bool, dequant: bool = True) -> list[dict]:
+    """Every configuration the W4A16 tuner times for ``m > 1`` rows: the plain tensor-core kernel, the
+    plane-wise one (:mod:`.triton_int4_planes`), gemlite's where installed, and (``dequant``) the dense
+    weight through cuBLAS, so that the fastest path is chosen per shape and reported."""
+    bucket = _m_bucket(m)
+    out = _usable(_int4_candidates(m), k, group, max_split=32)
+    for c in triton_int4_planes.candidates(bucket, m):
+        r = triton_int4_planes.resolve(c, k, SPLITK_ENABLED)  # any group size that is a multiple of 8
+        if r is not None and r["SPLIT_K"] <= 64 and r not in out:
+            out.append(r)
+    out += gemlite_int4.candidates(64 if bucket == 32 else bucket, group, asym)
+    if dequant and bucket >= 64:
+        out.append(dict(KIND=DEQUANT_KIND, KPER=0, K_PER=k, SPLIT_K=1))
+    usable = [c for c in out if Tuner.usable("int4_gemm", c)]
+    return usable or out[:1]
+
+
+DEQUANT_KIND = "dequant_cublas"
+
+
 def gemv_candidates(k: int, group: int) -> list[dict]:
     """Every usable configuration of the one-row GEMV (:mod:`.triton_gemv`) for this K and group."""
     out = [c for c in _usable(_int4_candidates(1), k, group) if Tuner.usable("int4_gemv", c)]
     return out or _usable(_int4_candidates(1), k, group)
+
+
+def one_row_candidates(k: int, group: int, asym: bool, fused_act: bool) -> list[dict]:
+    """What the one-row tuner times: the GEMVs, and (plain input) the plane-wise tensor-core kernel's
+    PTX-unpacking tiles (one real row of 16) and gemlite's one-row kernel where installed."""
+    if fused_act:
+        return gemv_candidates(k, group)
+    planes = [triton_int4_planes.resolve(c, k, SPLITK_ENABLED) for c in triton_int4_planes.candidates(16, 1)]
+    planes = [c for c in planes if c is not None and c["MATH"] == 2 and Tuner.usable("int4_gemv", c)][:3]
+    return gemv_candidates(k, group) + planes + gemlite_int4.candidates(1, group, asym)
 
 
 def _meta(cfg: dict, *names: str) -> dict:
@@ -312,11 +342,12 @@ def int8_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Te
 
 
 def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-              group: int, bias: torch.Tensor | None, act: str | None = None) -> torch.Tensor:
+              group: int, bias: torch.Tensor | None, act: str | None = None, dequant: bool = True) -> torch.Tensor:
     """``x`` [M, K] float16/bfloat16, weights in the :mod:`.packing` layout; returns [M, N] in x's dtype.
 
     ``act``: ``x`` is a gate|up row ``[1, 2K]`` and the input is ``act(gate) * up``, computed in the
-    GEMV (decode only: one row)."""
+    GEMV (decode only: one row). ``dequant``: the tuner may answer 64+ rows with the dense weight
+    through cuBLAS (off: the INT4 kernels only)."""
     m = x.shape[0]
     k = packed.shape[0] * 8
     n = packed.shape[1]
@@ -330,27 +361,45 @@ def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
         def launch(cfg):
             if cfg.get("KIND") == gemlite_int4.KIND:
                 return gemlite_int4.run(cfg, x, packed, scales, zeros, group, bias)
+            if cfg.get("KIND") == triton_int4_planes.KIND:
+                triton_int4_planes.launch(cfg, x, packed, scales, zeros, bias, out, group, _split_args(cfg, 1, n, x.device))
+                return out
             triton_gemv.launch(cfg, x, packed, scales, zeros, bias, out, group, ACT_CODES[act or "identity"],
                                act is not None, _split_args(cfg, 1, n, x.device))
             return out
 
-        extra = gemlite_int4.candidates(1, group, zeros is not None) if act is None else []
-        return _INT4_GEMV.run((n, k, group, act), lambda: gemv_candidates(k, group) + extra, launch)
+        return _INT4_GEMV.run((n, k, group, act), lambda: one_row_candidates(k, group, zeros is not None, act is not None),
+                              launch)
     if act is not None:
         raise ValueError("the fused activation input is a decode (one-row) path")
 
     def launch(cfg):
-        if cfg.get("KIND") == gemlite_int4.KIND:
+        kind = cfg.get("KIND")
+        if kind == gemlite_int4.KIND:
             return gemlite_int4.run(cfg, x, packed, scales, zeros, group, bias)
+        if kind == DEQUANT_KIND:
+            return torch.nn.functional.linear(x, int4_dequantize(packed, scales, zeros, group, x.dtype).t(), bias)
+        if kind == triton_int4_planes.KIND:
+            triton_int4_planes.launch(cfg, x, packed, scales, zeros, bias, out, group, _split_args(cfg, m, n, x.device))
+            return out
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         _int4_gemm_kernel[grid](x, packed, **common, M=m, stride_am=x.stride(0), stride_om=out.stride(0),
                                 **_split_args(cfg, m, n, x.device),
                                 **_meta(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "UNPACK"))
         return out
 
-    return _INT4.run((_m_bucket(m), n, k, group),
-                     lambda: _usable(_int4_candidates(m), k, group, max_split=32) + gemlite_int4.candidates(_m_bucket(m), group, zeros is not None),
-                     launch)
+    return _INT4.run((_m_bucket(m), n, k, group, dequant),
+                     lambda: int4_gemm_candidates(m, k, group, zeros is not None, dequant), launch)
+
+
+def int4_choice(m: int, n: int, k: int, group: int, dequant: bool = True) -> str:
+    """The configuration the W4A16 tuner chose for this shape, in brief ('-' if none was chosen yet)."""
+    cfg = _INT4_GEMV.best.get((n, k, group, None)) if m == 1 else _INT4.best.get((_m_bucket(m), n, k, group, dequant))
+    if cfg is None:
+        return "-"
+    kind = cfg.get("KIND") or ("gemv" if m == 1 else "tc")
+    tile = "x".join(str(cfg[x]) for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if x in cfg)
+    return f"{kind} {tile} split{cfg.get('SPLIT_K', 1)} w{cfg.get('num_warps', '-')}s{cfg.get('num_stages', '-')}".strip()
 
 
 def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int,
@@ -366,4 +415,4 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return out
 
 
-from . import gemlite_int4, triton_int8_tma  # noqa: E402 - needs the helpers above
+from . import gemlite_int4, triton_int4_planes, triton_int8_tma  # noqa: E402 - needs the helpers above
