@@ -50,15 +50,20 @@ def top2_margin(ref: torch.Tensor) -> torch.Tensor:
 class RoundingNoise:
     """The float64 re-evaluation's distance from the float32 reference, per position."""
 
-    msd: torch.Tensor  # [positions] mean squared logit difference
+    msd: torch.Tensor  # [windows, positions] mean squared logit difference
     gap: float  # largest change of any logit gap (max - min of the difference) at any position
+
+    def first(self, windows: int, positions: int) -> "RoundingNoise":
+        """The noise of the first ``positions`` of the first ``windows`` (a causal model's logits there are
+        those of the shorter windows); the gap stays the whole set's, an upper bound."""
+        return RoundingNoise(self.msd[:windows, :positions], self.gap)
 
     @classmethod
     def measure(cls, ref32: Iterable[torch.Tensor], ref64: Iterable[torch.Tensor]) -> "RoundingNoise":
         msd, gap = [], 0.0
         for a, b in zip(ref32, ref64):  # one window at a time: ref64 may be a generator
             d = b.double() - a.double()
-            msd.append(d.pow(2).mean(-1).flatten())
+            msd.append(d.pow(2).mean(-1).reshape(-1, d.shape[-2]))
             gap = max(gap, float((d.amax(-1) - d.amin(-1)).max()))
         return cls(torch.cat(msd), gap)
 
@@ -105,13 +110,14 @@ def compare(logits: list[torch.Tensor], ref32: list[torch.Tensor], noise: Roundi
 def compare_stats(stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], noise: RoundingNoise) -> NoiseComparison:
     """:func:`compare` from each window's :func:`window_stats` (so the logits need not be kept)."""
     msd, agree, margin = (torch.cat(t) for t in zip(*stats))
-    if msd.numel() != noise.msd.numel():
-        raise ValueError(f"{msd.numel()} positions compared, the noise was measured on {noise.msd.numel()}")
+    base = noise.msd.flatten()
+    if msd.numel() != base.numel():
+        raise ValueError(f"{msd.numel()} positions compared, the noise was measured on {base.numel()}")
     size = BLOCK if msd.numel() >= 8 * BLOCK else max(1, msd.numel() // 8)  # short checks: at least 8 blocks
     blocks = msd.numel() // size
-    a, b = msd[: blocks * size].view(blocks, size).mean(1), noise.msd[: blocks * size].view(blocks, size).mean(1)
-    d = (a - b) / noise.msd.mean()
+    a, b = msd[: blocks * size].view(blocks, size).mean(1), base[: blocks * size].view(blocks, size).mean(1)
+    d = (a - b) / base.mean()
     stderr = float(d.std(correction=1)) / math.sqrt(blocks) if blocks > 1 else 0.0
-    return NoiseComparison(ratio=float(msd.mean() / noise.msd.mean()), stderr=stderr, top1=float(agree.double().mean()),
+    return NoiseComparison(ratio=float(msd.mean() / base.mean()), stderr=stderr, top1=float(agree.double().mean()),
                            disagreements=int((~agree).sum()), unexplained=int(((~agree) & (margin > noise.gap)).sum()),
                            gap=noise.gap)
