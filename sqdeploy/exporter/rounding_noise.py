@@ -19,6 +19,9 @@ that re-evaluation on the same positions:
   change of a logit gap the float64 evaluation caused at any position: a flip can only
   overturn a lead it could have produced.
 
+Both need the noise to be common (:attr:`RoundingNoise.saturated`); where flips are rare a plain
+top-1 bar works and is used instead.
+
 A wrong scale or weight in one layer raises the first ratio by 20% or more on the shared
 model (5 or more standard errors, see the README's ONNX section), while top-1 agreement
 cannot tell it from a correct export.
@@ -52,20 +55,29 @@ class RoundingNoise:
 
     msd: torch.Tensor  # [windows, positions] mean squared logit difference
     gap: float  # largest change of any logit gap (max - min of the difference) at any position
+    top1: float = 0.0  # top-1 agreement of the two evaluations
+
+    @property
+    def saturated(self) -> bool:
+        """Whether flips are common enough for the float64 evaluation to be a fair draw of the noise: at
+        >= 99% top-1 agreement a few flips that one evaluation happens to have and the other not would
+        dominate the comparison (a small or random model), and plain top-1 agreement is the better bar."""
+        return self.top1 < 0.99
 
     def first(self, windows: int, positions: int) -> "RoundingNoise":
         """The noise of the first ``positions`` of the first ``windows`` (a causal model's logits there are
         those of the shorter windows); the gap stays the whole set's, an upper bound."""
-        return RoundingNoise(self.msd[:windows, :positions], self.gap)
+        return RoundingNoise(self.msd[:windows, :positions], self.gap, self.top1)
 
     @classmethod
     def measure(cls, ref32: Iterable[torch.Tensor], ref64: Iterable[torch.Tensor]) -> "RoundingNoise":
-        msd, gap = [], 0.0
+        msd, gap, agree = [], 0.0, []
         for a, b in zip(ref32, ref64):  # one window at a time: ref64 may be a generator
             d = b.double() - a.double()
             msd.append(d.pow(2).mean(-1).reshape(-1, d.shape[-2]))
             gap = max(gap, float((d.amax(-1) - d.amin(-1)).max()))
-        return cls(torch.cat(msd), gap)
+            agree.append((a.argmax(-1) == b.argmax(-1)).flatten())
+        return cls(torch.cat(msd), gap, float(torch.cat(agree).double().mean()))
 
 
 @dataclass(frozen=True)
