@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("--engine onnxruntime")
     g.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     g.add_argument("--opt-level", choices=["all", "extended", "basic", "disable"], default=None,
-                   help="default: the highest level whose engine matches the source graph, from all (cpu) or extended (cuda) down")
+                   help="default: the highest level whose engine matches the source graph, "
+                        "from all (cpu) or extended (cuda) down")
     g.add_argument("--intra-op-threads", type=int, default=0)
     g.add_argument("--inter-op-threads", type=int, default=0)
     g.add_argument("--execution-mode", choices=["sequential", "parallel"], default="sequential")
@@ -124,7 +125,8 @@ def _onnxruntime(args: argparse.Namespace) -> dict:
              f"{r['tolerance']:.0e}", "", ""] for r in result["refused"]]
     rows.append([result["level"], "kept", f"{v['max_rel_diff_vs_source']:.1e}", f"{v['max_rel_diff_decode_vs_full']:.1e}",
                  f"{v['tolerance']:.0e}", f"{result['nodes_before']} -> {result['nodes_after']}", result["optimize_seconds"]])
-    print(markdown_table(["level", "engine", "logits vs source", "decode vs full pass", "tolerance", "nodes", "optimise s"], rows))
+    header = ["level", "engine", "logits vs source", "decode vs full pass", "tolerance", "nodes", "optimise s"]
+    print(markdown_table(header, rows))
     return result
 
 
