@@ -144,14 +144,14 @@ def assemble(key: str, specs: list[str], done: dict) -> list[dict]:
     base = done.get((key, None))
     rtn = done.get((key, "w4a16-rtn"))
     for row in rows:
-        if row is base:
+        if row is base or "error" in row:
             continue
         for s in ("standard", "validation"):
             if s not in row:
                 continue
-            if base is not None:
+            if base is not None and s in base:
                 row[s]["vs_float"] = change(base[s], row[s])
-            if rtn is not None and row["recipe"].startswith("w4a16-") and row is not rtn:
+            if rtn is not None and s in rtn and row["recipe"].startswith("w4a16-") and row is not rtn:
                 row[s]["vs_w4a16_rtn"] = change(rtn[s], row[s])
     return rows
 
@@ -193,6 +193,9 @@ def markdown(data: dict) -> str:
         head += ["goal (standard)", "quantize s"]
         table = []
         for r in m["rows"]:
+            if "error" in r:
+                table.append([r["recipe"], f"failed: {r['error']}"] + [""] * (len(head) - 2))
+                continue
             goal = GOALS.get(key, {}).get(r["recipe"])
             ppl = r["standard"]["perplexity"]
             cells = [f"`{r['recipe']}`" if r.get("resolved") else r["recipe"], round(ppl, 4),
@@ -205,6 +208,9 @@ def markdown(data: dict) -> str:
             table.append(cells)
         lines += [markdown_table(head, table), ""]
         searched = [r for r in m["rows"] if r.get("search")]
+        for r in searched:
+            if r["search"]["calibration"].get("fallback"):
+                lines.append(f"`{r['recipe']}`: {r['search']['calibration']['fallback']}.")
         if searched:
             lines += ["Searched smoothing (KL of the quantized model from the float one on the held-apart"
                       " calibration sequences, chosen plan vs no smoothing):", ""]
@@ -224,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: llama, qwen2")
     ap.add_argument("--recipe", action="append", default=None,
                     help="recipe to score (repeatable; default every shipped recipe but fp16, w4a16-rtn first)")
+    ap.add_argument("--extra", action="append", default=[],
+                    help="another recipe to score after the others, e.g. a baseline such as w8a8-sq:alpha=null (repeatable)")
     ap.add_argument("--standard-windows", type=int, default=24)
     ap.add_argument("--validation-windows", type=int, default=240, help="0: standard windows only")
     ap.add_argument("--humaneval", action="store_true", help="also greedy HumanEval pass@1 (runs generated code)")
@@ -235,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         args.recipes = ["w4a16-rtn", *[n for n in names if n != "w4a16-rtn"]]
     else:
         args.recipes = args.recipe
+    args.recipes = [*args.recipes, *args.extra]
     missing = [k for k in args.models.split(",") if k not in MODELS]
     if missing:
         ap.error(f"unknown model(s) {missing}; known: {', '.join(MODELS)}")
@@ -265,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     windows = {k: model_windows(k, args) for k in keys}
     done: dict = {}
     # the searched recipes take longest: start them first
-    order = sorted(args.recipes, key=lambda r: 0 if "sq" in r and "-o" not in r else 1)
+    order = sorted(args.recipes, key=lambda r: 2 if r in args.extra else 0 if "sq" in r and "-o" not in r else 1)
     jobs = [(k, spec) for spec in [None, *order] for k in keys]
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else torch_threads()
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
@@ -273,7 +282,13 @@ def main(argv: list[str] | None = None) -> int:
                    for k, spec in jobs}
         for fut in as_completed(futures):
             k, spec = futures[fut]
-            done[(k, spec)] = fut.result()
+            try:
+                done[(k, spec)] = fut.result()
+            except Exception as exc:  # one failed row must not lose the others
+                done[(k, spec)] = {"recipe": spec or "float32 (unquantized)", "error": f"{type(exc).__name__}: {exc}"}
+                log(f"{k} {spec}: failed: {exc}")
+                save()
+                continue
             for key in keys:
                 data["models"][key] = {"rows": assemble(key, args.recipes, done)}
             row = done[(k, spec)]
