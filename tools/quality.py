@@ -89,7 +89,8 @@ def search_summary(search: dict | None) -> dict | None:
     if not search:
         return None
     return {"plan": search["plan"], "plan_name": search["plan_name"], "chosen": search["chosen"],
-            "unsmoothed": search["unsmoothed"], "calibration": search["calibration"], "seconds": search["seconds"]}
+            "unsmoothed": search["unsmoothed"], "calibration": search["calibration"], "seconds": search["seconds"],
+            "scores": search["scores"], "rtn_scores": search.get("rtn_scores")}
 
 
 def model_windows(key: str, args) -> dict:
