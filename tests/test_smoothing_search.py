@@ -96,6 +96,20 @@ def test_small_calibration_falls_back_and_says_so():
     assert not set(held[:, 0].tolist()) & set(stats[:, 0].tolist())
 
 
+def test_gptq_that_does_not_carry_over_falls_back_to_round_to_nearest(monkeypatch, tiny_models, calib_file):
+    """When every GPTQ-rounded finalist scores worse on the held-apart sequences than a plan rounded to
+    nearest, the export rounds to nearest and its resolved recipe says so."""
+    def fake_score(src, stats_ids, held_ids, plans, scheme, groups, rounding, *args, **kwargs):
+        worse = 10.0 if rounding.method == "gptq" else 0.0
+        return {p: {"kl": worse + 1.0 + sum(a or 0 for a in p), "nll": 0.0} for p in plans}
+
+    monkeypatch.setattr(smoothing_search, "_score_plans", fake_score)
+    rec = _static_search(grid=[0.3, 0.6], rounding="gptq", gptq_act_order=True, search_refine=2)
+    _, result = quantize_in_memory(tiny_models["llama"], rec, Calibration(str(calib_file), 10, 32), Runtime(progress=False))
+    assert result.search["rounding"] == "rtn" and result.recipe.params["rounding"] == "rtn"
+    assert result.recipe.params["gptq_act_order"] is False
+
+
 def test_too_small_calibration_names_the_minimum(tiny_models, calib_file):
     with pytest.raises(SqDeployError, match="at least 2 calibration sequences"):
         quantize_in_memory(tiny_models["llama"], _static_search(), Calibration(str(calib_file), 1, 32), Runtime(progress=False))

@@ -88,7 +88,7 @@ def change(base: dict, other: dict) -> dict:
 def search_summary(search: dict | None) -> dict | None:
     if not search:
         return None
-    return {"plan": search["plan"], "plan_name": search["plan_name"], "chosen": search["chosen"],
+    return {"plan": search["plan"], "plan_name": search["plan_name"], "rounding": search["rounding"], "chosen": search["chosen"],
             "unsmoothed": search["unsmoothed"], "calibration": search["calibration"], "seconds": search["seconds"],
             "scores": search["scores"], "rtn_scores": search.get("rtn_scores")}
 
@@ -215,8 +215,8 @@ def markdown(data: dict) -> str:
         if searched:
             lines += ["Searched smoothing (KL of the quantized model from the float one on the held-apart"
                       " calibration sequences, chosen plan vs no smoothing):", ""]
-            lines += [markdown_table(["recipe", "plan", "KL chosen", "KL unsmoothed", "search s"], [
-                [f"`{r['recipe']}`", r["search"]["plan_name"], f"{r['search']['chosen']['kl']:.3e}",
+            lines += [markdown_table(["recipe", "plan", "rounding", "KL chosen", "KL unsmoothed", "search s"], [
+                [f"`{r['recipe']}`", r["search"]["plan_name"], r["search"]["rounding"], f"{r['search']['chosen']['kl']:.3e}",
                  f"{r['search']['unsmoothed']['kl']:.3e}", round(r["search"]["seconds"], 1)] for r in searched]), ""]
     return "\n".join(lines) + "\n"
 

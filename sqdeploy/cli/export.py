@@ -57,7 +57,7 @@ def summary(result, out: Path, seconds: float) -> str:
     head = f"\n{result.recipe.name}: {result.recipe.scheme.describe()}, {result.config.num_layers} layers"
     if result.search:
         s = result.search
-        head += (f"; smoothing plan {s['plan_name']} (searched in {s['seconds']:.1f} s on {s['calibration']['held_apart']} "
+        head += (f"; smoothing plan {s['plan_name']}, {s['rounding']} rounding (searched in {s['seconds']:.1f} s on {s['calibration']['held_apart']} "
                  f"held-apart sequences: KL {s['chosen']['kl']:.3e}, unsmoothed {s['unsmoothed']['kl']:.3e})")
         if s["calibration"].get("fallback"):
             head += f"\nnote: {s['calibration']['fallback']}"

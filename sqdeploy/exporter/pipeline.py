@@ -177,6 +177,10 @@ def quantize(
                                   settings, runtime.device, runtime.batch, runtime.progress,
                                   ClipSearch() if p.get("clip") and recipe.algorithm == "smoothquant_plus" else None)
         plan = search["plan"]
+        if search["rounding"] != p["rounding"]:  # the search found round-to-nearest better on held-apart text
+            rtn = {"rounding": search["rounding"], "gptq_act_order": False, "gptq_act_aware": False,
+                   "gptq_quantized_inputs": False, **({"clip": False} if "clip" in p else {})}
+            recipe = Recipe(**{**recipe.__dict__, "params": {**p, **rtn}})
     algorithm = _FloatLayers() if recipe.algorithm == "none" else make_algorithm(recipe, family, cfg, plan)
     ids = cal.ids if cal is not None else torch.zeros(1, 2, dtype=torch.long)
     layers = []

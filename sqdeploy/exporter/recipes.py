@@ -20,13 +20,13 @@ from ..errors import SqDeployError
 from .schemes import ActScheme, QuantScheme, WeightScheme, preset
 
 # the whole-model smoothing search (alpha: search): sequences held apart to score plans, per-group stage
-SEARCH_PARAMS = {"search_holdout": 8, "search_groups": True}
+SEARCH_PARAMS = {"search_holdout": 6, "search_groups": True}
 # algorithm -> the parameters its recipe section may set, with defaults
 ALGORITHM_PARAMS: dict[str, dict[str, Any]] = {
     "none": {},
     "rtn": {},
     "smoothquant": {"alpha": 0.5, "grid": None, "search_samples": 16, "search_refine": 0, **SEARCH_PARAMS},
-    "smoothquant_plus": {"alpha": "search", "grid": None, "search_samples": 32, "search_refine": 3, "clip": False,
+    "smoothquant_plus": {"alpha": "search", "grid": None, "search_samples": 32, "search_refine": 2, "clip": False,
                          **SEARCH_PARAMS},
     "awq": {
         "grid": 20, "duo_scaling": True, "clip": True, "clip_grid": 20, "max_shrink": 0.5,

@@ -27,9 +27,12 @@ computed on), more for some alphas than for others; held-apart sequences do not 
   2. *per group*: from the best so far, each group alone switched off or moved to a
      neighbouring alpha; the changes that lower the score are combined and scored;
   3. *refine* (when the recipe rounds with GPTQ): the ``refine`` best plans and the
-     unsmoothed one are scored again with the recipe's own rounding, which picks.
+     unsmoothed one are scored again with the recipe's own rounding, which picks, unless a
+     plan rounded to nearest scored better still: GPTQ fits the sequences its Hessians come
+     from (on a small calibration set, far better than it does new text), so the search then
+     keeps round-to-nearest (the export's summary and manifest say which rounding was used).
 The unsmoothed plan is scored in every stage that picks, so the chosen plan never scores
-worse than not smoothing.
+worse than not smoothing (and, with a refine stage, than not smoothing rounded to nearest).
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ from .schemes import QuantScheme
 from .smoothing import smooth_block, smoothquant_scale
 from .streaming import ChannelStats, LayerData, StatsCollector, embed_chunks, run_block
 
-UNIFORM_GRID = tuple(round(0.1 * i, 2) for i in range(1, 11))  # 0.1 ... 1.0
-NEIGHBOURS = (-0.1, -0.05, 0.05, 0.1)  # per-group moves of stage 2
+UNIFORM_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
+NEIGHBOURS = (-0.1, 0.1)  # per-group moves of stage 2: with the grid's step of 0.2, every tenth is reachable
 MIN_STATS_SEQUENCES = 4
 
 Plan = tuple  # one alpha (float) or None (not smoothed) per group, in the order of the groups
@@ -63,10 +66,10 @@ class SearchSettings:
     """How the search runs; the recipe's ``search_*`` keys."""
 
     grid: tuple[float, ...] = UNIFORM_GRID
-    holdout: int = 8  # calibration sequences held apart to score candidates
+    holdout: int = 6  # calibration sequences held apart to score candidates
     stats_samples: int = 32  # at most this many of the others give the statistics
     per_group: bool = True  # stage 2
-    refine: int = 3  # GPTQ-scored finalists (besides the unsmoothed plan); 0 with round-to-nearest
+    refine: int = 2  # GPTQ-scored finalists (besides the unsmoothed plan); 0 with round-to-nearest
 
 
 def plan_dict(groups: tuple[SmoothGroup, ...], plan: Plan) -> dict[str, float | None]:
@@ -245,17 +248,25 @@ def search_smoothing(
         best = run([best, tuple(combined), *moves], search_rounding, "smoothing search: combined")
     rtn_scores = dict(scores)
     final_scores = rtn_scores
+    chosen_rounding = rounding.method
     if rounding.method == "gptq" and settings.refine > 0:
         ranked = sorted((p for p in rtn_scores if p != off), key=lambda p: rtn_scores[p]["kl"])
         finalists = [*ranked[: settings.refine], off]
         scores = {}
         best = run(finalists, rounding, f"smoothing search: refine ({rounding.method})", clip)
         final_scores = scores
+        # GPTQ fits the sequences its Hessians come from; where that does not carry over to the
+        # held-apart ones, round to nearest: the plans rounded to nearest are scored on the same sequences
+        rtn_best = min(rtn_scores, key=lambda p: rtn_scores[p]["kl"])
+        if rtn_scores[rtn_best]["kl"] < final_scores[best]["kl"]:
+            best, chosen_rounding = rtn_best, "rtn"
+    picked = rtn_scores if chosen_rounding == "rtn" else final_scores
     return {
         "plan": plan_dict(groups, best),
         "plan_name": plan_name(groups, best),
-        "unsmoothed": final_scores[off],
-        "chosen": final_scores[best],
+        "rounding": chosen_rounding,
+        "unsmoothed": picked[off],
+        "chosen": picked[best],
         "scores": {plan_name(groups, p): s for p, s in sorted(final_scores.items(), key=lambda t: t[1]["kl"])},
         "rtn_scores": {plan_name(groups, p): s for p, s in sorted(rtn_scores.items(), key=lambda t: t[1]["kl"])}
         if final_scores is not rtn_scores else None,
