@@ -1,6 +1,7 @@
 """Quality on the real shared models: every algorithm against its baseline, within the paired standard error.
 
-Cheap settings (a small calibration set, a few of the standard windows, small search grids)
+Cheap settings (a small calibration set, small search grids; the 24 standard windows, as fewer
+leave INT4 differences of 1% within two standard errors)
 keep this fast; the README's figures come from ``tools/quality.py``. Each comparison is
 paired (both models on the same windows) and its bound is derived from the paired standard
 error ``se`` of the per-window differences: "A beats B" means ``change + 2 se < 0`` (a
@@ -50,7 +51,7 @@ def model(request):
 @lru_cache(maxsize=None)
 def _windows(key: str):
     ck = HFCheckpoint(SHARED / "models" / f"tiny-code-{key}")
-    return eval_windows(load_tokenizer(ck.path), read_text(SHARED / "data" / f"heldout-code-{key}.txt.gz"), 24, 512)[::3]
+    return eval_windows(load_tokenizer(ck.path), read_text(SHARED / "data" / f"heldout-code-{key}.txt.gz"), 24, 512)
 
 
 @lru_cache(maxsize=None)
@@ -96,11 +97,10 @@ def test_per_token_w8a8_is_nearly_lossless(model):
 
 
 def test_int4_algorithms_against_round_to_nearest(model):
-    """INT4 round-to-nearest costs a measurable loss; AWQ and the searched SmoothQuant+ (which keeps
-    s = 1 and round-to-nearest among its candidates) are never worse than it. On the Llama, whose
-    outliers are learned, SmoothQuant+ with GPTQ clearly beats it; on the Qwen2 the difference is
-    within the noise of a few windows."""
-    beats(model, "float", "w4-rtn")
+    """AWQ and the searched SmoothQuant+ (which keeps s = 1 and round-to-nearest among its candidates)
+    are never worse than INT4 round-to-nearest. On the Llama SmoothQuant+ with GPTQ clearly beats
+    it; on the Qwen2 the difference is within the noise of 24 windows (there even round-to-nearest's
+    +0.7% against float is: +0.74% ± 0.65% on the standard windows)."""
     never_worse(model, "w4-awq", "w4-rtn")
     never_worse(model, "w4-sqplus", "w4-rtn")
     if model == "llama":
