@@ -1,69 +1,107 @@
-"""Quality on the real shared model (loose bounds; the README's figures come from ``sq-eval`` on 24 windows).
+"""Quality on the real shared models: every algorithm against its baseline, within the paired standard error.
 
-A small calibration set and a few windows keep this fast; the assertions are chosen so
-that a broken algorithm fails them: SmoothQuant must clearly beat unsmoothed static
-W8A8 on this model's activation outliers, and INT4 must stay near float.
+Cheap settings (a small calibration set, small search grids; the 24 standard windows, as fewer
+leave INT4 differences of 1% within two standard errors)
+keep this fast; the README's figures come from ``tools/quality.py``. Each comparison is
+paired (both models on the same windows) and its bound is derived from the paired standard
+error ``se`` of the per-window differences: "A beats B" means ``change + 2 se < 0`` (a
+difference noise would give less than 2.5% of the time), "A is never worse than B" means
+``change < 2 se``. The assertions that must hold on *both* models (a Llama and a Qwen2 of
+other training data and outliers) are what a default recipe setting has to pass.
 """
+
+from __future__ import annotations
+
+from functools import lru_cache
 
 import pytest
 
-from sqdeploy.exporter.evaluate import eval_windows, model_logits_fn, perplexity, read_text
+from sqdeploy.exporter.evaluate import eval_windows, model_logits_fn, paired_change, perplexity, read_text
 from sqdeploy.exporter.pipeline import Calibration, Runtime, load_tokenizer, quantize_in_memory
-from sqdeploy.exporter.recipes import load_recipe, parse_recipe
+from sqdeploy.exporter.recipes import parse_recipe
 from sqdeploy.model import HFCheckpoint, load_model
 
-from .conftest import HELDOUT, HUMANEVAL
+from .conftest import HUMANEVAL, SHARED
 
-CAL = Calibration(str(HUMANEVAL), 8, 256)
-
-
-@pytest.fixture(scope="module")
-def setup(shared_model):
-    ck = HFCheckpoint(shared_model)
-    windows = eval_windows(load_tokenizer(ck.path), read_text(HELDOUT), 24, 512)[::4]  # 6 of the 24 standard windows
-    base = perplexity(model_logits_fn(load_model(ck)), windows).ppl
-    return ck, windows, base
-
-
-def _ppl(setup, recipe, cal=CAL):
-    ck, windows, _ = setup
-    model, result = quantize_in_memory(ck, recipe, cal, Runtime(progress=False))
-    return perplexity(model_logits_fn(model), windows).ppl, result
-
-
-def _static_w8a8(alpha):
-    return parse_recipe({
-        "name": f"static-{alpha}",
-        "scheme": {"weight": {"bits": 8, "granularity": "channel"}, "act": {"kind": "static_tensor"}},
-        "algorithm": {"name": "smoothquant", "alpha": alpha} if alpha is not None else "rtn",
-    })
+CAL = Calibration(str(HUMANEVAL), 16, 256)
+W8_STATIC = {"weight": {"bits": 8, "granularity": "channel"}, "act": {"kind": "static_tensor"}}
+W8_TOKEN = {"weight": {"bits": 8, "granularity": "channel"}, "act": {"kind": "dynamic_token"}}
+W4 = {"weight": {"bits": 4, "granularity": "group", "group_size": 128, "symmetric": False}}
+SEARCH = {"alpha": "search", "grid": [0.5, 0.8], "search_groups": False, "search_holdout": 4, "search_samples": 12}
+RECIPES = {
+    "w8-plain": (W8_STATIC, "rtn"),
+    "w8-sq0.5": (W8_STATIC, {"name": "smoothquant", "alpha": 0.5}),
+    "w8-search": (W8_STATIC, {"name": "smoothquant", **SEARCH}),
+    "w8-token-search": (W8_TOKEN, {"name": "smoothquant", **SEARCH}),
+    "w4-rtn": (W4, "rtn"),
+    "w4-awq": (W4, {"name": "awq", "grid": 10, "search_samples": 4}),
+    "w4-sqplus": (W4, {"name": "smoothquant_plus", **SEARCH, "grid": [0.3, 0.5], "rounding": "gptq",
+                       "gptq_act_order": True, "gptq_damp": 0.1, "search_refine": 1}),
+}
 
 
-def test_smoothquant_fixes_static_w8a8_outliers(setup):
-    _, _, base = setup
-    plain, _ = _ppl(setup, _static_w8a8(None))
-    smooth, _ = _ppl(setup, _static_w8a8(0.5))
-    assert plain > base * 1.02  # the outliers hurt without smoothing ...
-    assert smooth < base * 1.012  # ... and smoothing removes most of the loss
-    assert (plain - base) > 2 * (smooth - base)
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model(request):
+    path = SHARED / "models" / f"tiny-code-{request.param}"
+    if not (path / "config.json").exists():
+        pytest.skip(f"shared model not found at {path}")
+    return request.param
 
 
-def test_int4_recipes_stay_near_float(setup):
-    _, _, base = setup
-    rtn, _ = _ppl(setup, "w4a16-rtn")
-    sqplus_rec = parse_recipe({**load_recipe("w4a16-sqplus").to_dict(), "algorithm": {
-        "name": "smoothquant_plus", "alpha": "auto", "grid": [0.0, 0.35], "search_samples": 4,
-        "rounding": "gptq", "gptq_damp": 0.01}})
-    sqplus, result = _ppl(setup, sqplus_rec, Calibration(str(HUMANEVAL), 32, 256))  # GPTQ needs more tokens than 8 x 256
-    assert base < rtn < base * 1.03
-    assert sqplus < rtn  # smoothing + GPTQ beats round-to-nearest
-    search = result.search
-    assert set(search["loss"]) == {0.0, 0.35} and search["alpha"] == min(search["loss"], key=search["loss"].get)
-    assert result.layers[-1].accumulated_error is not None  # the quantized stream was propagated
+@lru_cache(maxsize=None)
+def _windows(key: str):
+    ck = HFCheckpoint(SHARED / "models" / f"tiny-code-{key}")
+    return eval_windows(load_tokenizer(ck.path), read_text(SHARED / "data" / f"heldout-code-{key}.txt.gz"), 24, 512)
 
 
-def test_per_token_w8a8_is_nearly_lossless(setup):
-    _, _, base = setup
-    rec = parse_recipe({**load_recipe("w8a8-sq-pertoken").to_dict(), "algorithm": {"name": "smoothquant", "alpha": 0.5}})
-    ppl, _ = _ppl(setup, rec)
-    assert ppl < base * 1.003
+@lru_cache(maxsize=None)
+def _nll(key: str, name: str) -> tuple[float, ...]:
+    """Per-window NLLs of the float model (``name`` float) or of a recipe of :data:`RECIPES`."""
+    ck = HFCheckpoint(SHARED / "models" / f"tiny-code-{key}")
+    if name == "float":
+        model = load_model(ck)
+    else:
+        scheme, algo = RECIPES[name]
+        model, _ = quantize_in_memory(ck, parse_recipe({"name": name, "scheme": scheme, "algorithm": algo}), CAL,
+                                      Runtime(progress=False))
+    return tuple(perplexity(model_logits_fn(model), _windows(key)).per_window_nll)
+
+
+def _change(key: str, base: str, other: str):
+    return paired_change(_nll(key, base), _nll(key, other))
+
+
+def beats(key: str, better: str, base: str) -> None:
+    c = _change(key, base, better)
+    assert c.relative + 2 * c.stderr < 0, f"{key}: {better} vs {base}: {c}"
+
+
+def never_worse(key: str, candidate: str, base: str) -> None:
+    c = _change(key, base, candidate)
+    assert c.relative < 2 * c.stderr, f"{key}: {candidate} vs {base}: {c}"
+
+
+def test_smoothquant_fixes_static_w8a8_outliers(model):
+    beats(model, "float", "w8-plain")  # the outliers hurt without smoothing ...
+    beats(model, "w8-sq0.5", "w8-plain")  # ... and smoothing removes much of the loss
+
+
+def test_smoothing_search_never_loses_to_the_simple_baselines(model):
+    never_worse(model, "w8-search", "w8-plain")
+    never_worse(model, "w8-search", "w8-sq0.5")
+
+
+def test_per_token_w8a8_is_nearly_lossless(model):
+    c = _change(model, "float", "w8-token-search")
+    assert c.relative - 2 * c.stderr < 0.002, f"{model}: {c}"
+
+
+def test_int4_algorithms_against_round_to_nearest(model):
+    """AWQ and the searched SmoothQuant+ (which keeps s = 1 and round-to-nearest among its candidates)
+    are never worse than INT4 round-to-nearest. On the Llama SmoothQuant+ with GPTQ clearly beats
+    it; on the Qwen2 the difference is within the noise of 24 windows (there even round-to-nearest's
+    +0.7% against float is: +0.74% ± 0.65% on the standard windows)."""
+    never_worse(model, "w4-awq", "w4-rtn")
+    never_worse(model, "w4-sqplus", "w4-rtn")
+    if model == "llama":
+        beats(model, "w4-sqplus", "w4-rtn")

@@ -63,7 +63,7 @@ def test_norms_selects_the_norm_groups_of_any_family(family, tiny_models):
 
     ck = HFCheckpoint(tiny_models[family])
     fam, cfg = ck.family, ck.config
-    groups = smoothing_groups(load_recipe("w8a8-sq-pertoken"), fam, cfg)
+    groups = smoothing_groups(load_recipe("w8a8-sq-pertoken:smoothing_groups=norms"), fam, cfg)
     assert [g.name for g in groups] == [g.name for g in fam.smoothing_groups if g.kind == "norm"]
     assert len(groups) == 2 and all(g.kind == "norm" for g in groups)
     assert len(smoothing_groups(load_recipe("w8a8-sq"), fam, cfg)) == 4

@@ -55,7 +55,7 @@ def job_sqdeploy(model: str, spec: str, calib: dict) -> dict:
         _, result = quantize_to_dir(model, _recipe(spec), Path(tmp) / "q", Calibration(**calib), Runtime(progress=False))
         size = sum(p.stat().st_size for p in (Path(tmp) / "q").glob("*.safetensors"))
     search = result.search or {}
-    return {"seconds": time.perf_counter() - t0, "search_seconds": search.get("seconds"), "alpha": search.get("alpha"),
+    return {"seconds": time.perf_counter() - t0, "search_seconds": search.get("seconds"), "alpha": search.get("plan_name"),
             "output_mib": size / 2**20}
 
 

@@ -55,13 +55,17 @@ def layer_summary(result) -> str:
     for layer in result.manifest["layers"]:
         info = layer["info"]
         alpha = info.get("alpha", "")
-        alpha = "off" if alpha is None else alpha
+        alpha = "off" if alpha is None else "plan (below)" if isinstance(alpha, dict) else alpha
         acc = layer["accumulated_error"]
         rows.append([layer["index"], alpha, f"{layer['error']:.2e}", "" if acc is None else f"{acc:.2e}", layer["seconds"]])
     table = markdown_table(["layer", "alpha", "layer rel. error", "accumulated rel. error", "seconds"], rows)
     head = f"\n{result.recipe.name}: {result.recipe.scheme.describe()}, {result.config.num_layers} layers"
     if result.search:
-        head += f", SmoothQuant+ alpha {result.search['alpha']} (searched in {result.search['seconds']:.1f} s)"
+        s = result.search
+        head += (f"; smoothing plan {s['plan_name']}, {s['rounding']} rounding (searched in {s['seconds']:.1f} s on {s['calibration']['held_apart']} "
+                 f"held-apart sequences: KL {s['chosen']['kl']:.3e}, unsmoothed {s['unsmoothed']['kl']:.3e})")
+        if s["calibration"].get("fallback"):
+            head += f"\nnote: {s['calibration']['fallback']}"
     return f"{head}\n{table}"
 
 

@@ -13,6 +13,7 @@ group's output error: the clip search.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -45,6 +46,48 @@ def _weight_mean(block: Block, group: SmoothGroup, scheme, cfg: ModelConfig) -> 
         wg = w.abs().view(w.shape[0], -1, g)
         ws.append((wg / wg.amax(dim=-1, keepdim=True).clamp_min(1e-8)).view_as(w))
     return group_input_stats(group, torch.cat(ws).mean(0), cfg)
+
+
+def search_clip(w: torch.Tensor, x: torch.Tensor, ws, grid: int = 20, max_shrink: float = 0.5, tokens: int = 512) -> torch.Tensor:
+    """Per (row, group) range-shrink ratio minimising the group's output error (AutoAWQ auto_clip)."""
+    out_f, in_f = w.shape
+    g = ws.group_size if ws.granularity == "group" else in_f
+    step = max(1, x.shape[0] // tokens)
+    xs = x[::step][:tokens].t().reshape(in_f // g, g, -1)  # [G, g, n]
+    best_ratio = torch.ones(out_f, in_f // g, device=w.device)
+    batch = 256
+    for o0 in range(0, out_f, batch):
+        wb = w[o0 : o0 + batch]
+        wg = wb.view(wb.shape[0], in_f // g, g)  # [ob, G, g]
+        ref = torch.einsum("ogk,gkn->ogn", wg, xs)
+        best_err = torch.full(wg.shape[:2], float("inf"), device=w.device)
+        for i in range(int(max_shrink * grid)):
+            ratio = 1 - i / grid
+            q = qmath.fake_quant_weight(wb, ws, clip=ratio).view_as(wg)
+            err = (torch.einsum("ogk,gkn->ogn", q, xs) - ref).pow(2).mean(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_ratio[o0 : o0 + batch][better] = ratio
+    return best_ratio
+
+
+@dataclass(frozen=True)
+class ClipSearch:
+    """AWQ's weight-clipping search over a layer's linears (by default q and k excepted: their error
+    is multiplied by rope and softmax), on the inputs of the first ``samples`` calibration sequences."""
+
+    grid: int = 20
+    max_shrink: float = 0.5
+    tokens: int = 512
+    samples: int = 16
+    skip: tuple[str, ...] = ("q", "k")
+
+    def __call__(self, block: Block, linears, ws, data: LayerData) -> dict[str, torch.Tensor]:
+        names = [n for n in linears if n not in self.skip]
+        inputs = data.capture(block, names, self.samples)
+        with torch.no_grad():
+            return {n: search_clip(block.linear(n).weight, inputs[n], ws, self.grid, self.max_shrink, self.tokens)
+                    for n in names}
 
 
 class AWQ:
@@ -101,30 +144,6 @@ class AWQ:
                 block.linear(c).weight.copy_(w)
         return best, {"ratio": min(errors, key=errors.get), "errors": errors}
 
-    # ------------------------------------------------------------ clip search
-    def search_clip(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Per (row, group) range-shrink ratio minimising the group's output error (AutoAWQ auto_clip)."""
-        ws = self.scheme.weight
-        out_f, in_f = w.shape
-        g = ws.group_size if ws.granularity == "group" else in_f
-        step = max(1, x.shape[0] // self.clip_tokens)
-        xs = x[::step][: self.clip_tokens].t().reshape(in_f // g, g, -1)  # [G, g, n]
-        best_ratio = torch.ones(out_f, in_f // g, device=w.device)
-        batch = 256
-        for o0 in range(0, out_f, batch):
-            wb = w[o0 : o0 + batch]
-            wg = wb.view(wb.shape[0], in_f // g, g)  # [ob, G, g]
-            ref = torch.einsum("ogk,gkn->ogn", wg, xs)
-            best_err = torch.full(wg.shape[:2], float("inf"), device=w.device)
-            for i in range(int(self.max_shrink * self.clip_grid)):
-                ratio = 1 - i / self.clip_grid
-                q = qmath.fake_quant_weight(wb, ws, clip=ratio).view_as(wg)
-                err = (torch.einsum("ogk,gkn->ogn", q, xs) - ref).pow(2).mean(-1)
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_ratio[o0 : o0 + batch][better] = ratio
-        return best_ratio
-
     def quantize_layer(self, block: Block, data: LayerData) -> LayerResult:
         cfg = self.cfg
         scales, info = {}, {"groups": {}}
@@ -140,10 +159,7 @@ class AWQ:
             info["groups"][group.name] = ginfo["ratio"]
         clip = {}
         if self.clip:
-            names = [n for n in cfg.linears if n not in ("q", "k")]
-            inputs = data.capture(block, names, self.search_samples)
-            with torch.no_grad():
-                for n in names:
-                    clip[n] = self.search_clip(block.linear(n).weight, inputs[n])
+            clip = ClipSearch(self.clip_grid, self.max_shrink, self.clip_tokens, self.search_samples)(
+                block, cfg.linears, self.scheme.weight, data)
         qweights = self.rounding(block, cfg.linears, self.scheme, data, stats, clip)
         return LayerResult(qweights=qweights, smoothing=scales, info=info)

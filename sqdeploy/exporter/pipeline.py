@@ -24,15 +24,16 @@ from ..model.checkpoint import HFCheckpoint
 from ..model.loading import load_model
 from ..model.transformer import Block, Transformer
 from ..output import atomic_output_dir
-from .awq import AWQ
+from .awq import AWQ, ClipSearch
 from .calibration import CalibrationSet, build_calibration
 from .progress import Progress
 from .qmodel import DTYPES, QuantizedModelWriter, round_block_floats
-from .recipes import ROUNDING_PARAMS, Recipe, load_recipe
+from .recipes import ROUNDING_PARAMS, Recipe, load_recipe, wants_model_search
 from .rtn import RTN, Rounding
 from .smoothing import usable_groups
 from .smoothquant import SmoothQuant
-from .smoothquant_plus import SmoothQuantPlus, search_alpha
+from .smoothing_search import UNIFORM_GRID, SearchSettings, search_smoothing
+from .smoothquant_plus import SmoothQuantPlus
 from .streaming import LayerAlgorithm, LayerRecord, stream_layers
 
 
@@ -95,7 +96,8 @@ def smoothing_groups(recipe: Recipe, family: Family, cfg: ModelConfig):
     return groups
 
 
-def make_algorithm(recipe: Recipe, family: Family, cfg: ModelConfig, alpha: float | None = None) -> LayerAlgorithm:
+def make_algorithm(recipe: Recipe, family: Family, cfg: ModelConfig, plan: dict | None = None) -> LayerAlgorithm:
+    """The layer algorithm of ``recipe``; ``plan``: the smoothing the whole-model search chose."""
     groups = smoothing_groups(recipe, family, cfg)
     p = dict(recipe.params)
     rounding = Rounding.from_params(p)
@@ -103,13 +105,16 @@ def make_algorithm(recipe: Recipe, family: Family, cfg: ModelConfig, alpha: floa
         p.pop(key)
     if recipe.algorithm == "rtn":
         return RTN(recipe.scheme, cfg.linears, rounding)
+    alpha = plan if plan is not None else p.get("alpha")
+    clip = ClipSearch() if p.get("clip") and recipe.algorithm == "smoothquant_plus" else None
+    if recipe.algorithm in ("smoothquant", "smoothquant_plus") and isinstance(alpha, dict):
+        return SmoothQuantPlus(recipe.scheme, cfg, groups, alpha, rounding=rounding, clip=clip)
     if recipe.algorithm == "smoothquant":
         kw = {"grid": tuple(p["grid"])} if p.get("grid") else {}
         return SmoothQuant(recipe.scheme, cfg, groups, p["alpha"], search_samples=p["search_samples"], rounding=rounding,
                            search_refine=p["search_refine"], **kw)
     if recipe.algorithm == "smoothquant_plus":
-        a = float(alpha if alpha is not None else p["alpha"])
-        return SmoothQuantPlus(recipe.scheme, cfg, groups, alpha=a, rounding=rounding)
+        return SmoothQuantPlus(recipe.scheme, cfg, groups, {g.name: alpha for g in groups}, rounding=rounding, clip=clip)
     if recipe.algorithm == "awq":
         return AWQ(recipe.scheme, cfg, groups, rounding=rounding, **p)
     raise SqDeployError(f"algorithm '{recipe.algorithm}' does not quantize layers")
@@ -175,18 +180,20 @@ def quantize(
     dtype = storage_dtype(recipe, cfg)
     cal = calibration_set(ck, recipe, calib) if recipe.algorithm != "none" else None
     search = None
-    alpha = None
-    if recipe.algorithm == "smoothquant_plus" and recipe.params["alpha"] == "auto":
+    plan = None
+    if wants_model_search(recipe):
         p = recipe.params
-        kw = {"grid": tuple(p["grid"])} if p.get("grid") else {}
-        search = search_alpha(
-            ck, cal.ids[: p["search_samples"]], recipe.scheme, smoothing_groups(recipe, family, cfg),
-            device=runtime.device, batch=runtime.batch, progress=runtime.progress,
-            rounding=Rounding.from_params(p),
-            refine=p["search_refine"], **kw,
-        )
-        alpha = search["alpha"]
-    algorithm = _FloatLayers() if recipe.algorithm == "none" else make_algorithm(recipe, family, cfg, alpha)
+        settings = SearchSettings(grid=tuple(p["grid"]) if p.get("grid") else UNIFORM_GRID, holdout=p["search_holdout"],
+                                  stats_samples=p["search_samples"], per_group=p["search_groups"], refine=p["search_refine"])
+        search = search_smoothing(ck, cal.ids, recipe.scheme, smoothing_groups(recipe, family, cfg), Rounding.from_params(p),
+                                  settings, runtime.device, runtime.batch, runtime.progress,
+                                  ClipSearch() if p.get("clip") and recipe.algorithm == "smoothquant_plus" else None)
+        plan = search["plan"]
+        if search["rounding"] != p["rounding"]:  # the search found round-to-nearest better on held-apart text
+            rtn = {"rounding": search["rounding"], "gptq_act_order": False, "gptq_act_aware": False,
+                   "gptq_quantized_inputs": False, **({"clip": False} if "clip" in p else {})}
+            recipe = Recipe(**{**recipe.__dict__, "params": {**p, **rtn}})
+    algorithm = _FloatLayers() if recipe.algorithm == "none" else make_algorithm(recipe, family, cfg, plan)
     ids = cal.ids if cal is not None else torch.zeros(1, 2, dtype=torch.long)
     layers = []
     with Progress(cfg.num_layers, f"quantizing ({recipe.name})", runtime.progress) as bar:
@@ -197,8 +204,8 @@ def quantize(
             layers.append(record)
             record.block, record.result.qweights = None, {}  # free the layer: memory stays near one layer
             _return_freed_memory()
-    if alpha is not None:
-        recipe = Recipe(**{**recipe.__dict__, "params": {**recipe.params, "alpha": alpha}})
+    if plan is not None:  # the resolved recipe states the plan it applied
+        recipe = Recipe(**{**recipe.__dict__, "params": {**recipe.params, "alpha": plan}})
     result = QuantizeResult(recipe, cfg, family, layers, cal.describe() if cal else None, search, time.perf_counter() - t0)
     result.manifest = build_manifest(ck, result, dtype)
     return result

@@ -9,6 +9,7 @@ written into every artifact.
 from __future__ import annotations
 
 import importlib.resources
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,15 @@ import yaml
 from ..errors import SqDeployError
 from .schemes import ActScheme, QuantScheme, WeightScheme, preset
 
+# the whole-model smoothing search (alpha: search): sequences held apart to score plans, per-group stage
+SEARCH_PARAMS = {"search_holdout": 6, "search_groups": True}
 # algorithm -> the parameters its recipe section may set, with defaults
 ALGORITHM_PARAMS: dict[str, dict[str, Any]] = {
     "none": {},
     "rtn": {},
-    "smoothquant": {"alpha": 0.5, "grid": None, "search_samples": 16, "search_refine": 0},
-    "smoothquant_plus": {"alpha": "auto", "grid": None, "search_samples": 32, "search_refine": 3},
+    "smoothquant": {"alpha": 0.5, "grid": None, "search_samples": 16, "search_refine": 0, **SEARCH_PARAMS},
+    "smoothquant_plus": {"alpha": "search", "grid": None, "search_samples": 32, "search_refine": 2, "clip": False,
+                         **SEARCH_PARAMS},
     "awq": {
         "grid": 20, "duo_scaling": True, "clip": True, "clip_grid": 20, "max_shrink": 0.5,
         "search_samples": 16, "clip_tokens": 512,
@@ -99,6 +103,24 @@ def _check_rounding(origin: str, params: dict[str, Any], scheme: QuantScheme) ->
         raise SqDeployError(f"{origin}: gptq_quantized_inputs needs gptq_act_aware: true")
 
 
+def _check_alpha(origin: str, name: str, alpha: Any) -> None:
+    """alpha: a number, null (no smoothing), a plan {group: number or null}, 'search' (whole model) or
+    'auto' (SmoothQuant: per layer; SmoothQuant+: the whole-model search)."""
+    ok_number = lambda a: a is None or (isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1)  # noqa: E731
+    if alpha in ("search", "auto") or ok_number(alpha):
+        return
+    if isinstance(alpha, dict) and all(isinstance(k, str) and ok_number(v) for k, v in alpha.items()):
+        return
+    raise SqDeployError(f"{origin} algorithm '{name}': alpha must be a number in [0, 1], null, "
+                        f"a mapping group -> number or null, 'search' or 'auto'; got {alpha!r}")
+
+
+def wants_model_search(recipe: "Recipe") -> bool:
+    """Whether the recipe's smoothing comes from the whole-model search."""
+    alpha = recipe.params.get("alpha")
+    return alpha == "search" or (recipe.algorithm == "smoothquant_plus" and alpha == "auto")
+
+
 def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise SqDeployError(f"{origin}: a recipe is a YAML mapping")
@@ -120,6 +142,8 @@ def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
         raise SqDeployError(f"{origin}: algorithm '{name}' needs a quantization scheme")
     if name != "none":
         _check_rounding(origin, params, scheme)
+    if "alpha" in params:
+        _check_alpha(origin, name, params["alpha"])
     dtype = data.get("dtype", "auto")
     if dtype not in ("auto", "float16", "bfloat16", "float32"):
         raise SqDeployError(f"{origin}: dtype must be auto, float16, bfloat16 or float32, got {dtype!r}")
@@ -148,8 +172,13 @@ def builtin_recipes() -> dict[str, Path]:
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A recipe by name or path; ``name:key=value[:key=value...]`` overrides a built-in recipe's algorithm
+    keys (or ``smoothing_groups``) with JSON values, e.g. ``w8a8-sq:alpha=0.5`` or ``w8a8-sq:alpha=null``."""
     path = Path(name_or_path)
     builtin = builtin_recipes()
+    name, *overrides = str(name_or_path).split(":")
+    if overrides and name in builtin and not path.exists():
+        return _with_overrides(load_recipe(name), str(name_or_path), overrides)
     if str(name_or_path) in builtin:
         path = builtin[str(name_or_path)]
     elif not path.exists():
@@ -159,3 +188,21 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     except (OSError, yaml.YAMLError) as exc:
         raise SqDeployError(f"recipe {path} is unreadable ({exc})") from None
     return parse_recipe(data, origin=path.stem)
+
+
+def _with_overrides(base: Recipe, spec: str, overrides: list[str]) -> Recipe:
+    data = base.to_dict()
+    algo = dict(data["algorithm"])
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SqDeployError(f"recipe '{spec}': an override is key=value, got '{item}'")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value  # a bare word: rtn, gptq, search
+        if key == "smoothing_groups":
+            data[key] = parsed
+        else:
+            algo[key] = parsed
+    return parse_recipe({**data, "name": spec, "algorithm": algo}, origin=spec)

@@ -129,13 +129,9 @@ class RecordedSmoothing:
         ws = self.scheme.weight
         if not self.clip_search or ws is None or ws.bits != 4:
             return None
-        from ..awq import AWQ
+        from ..awq import ClipSearch
 
-        searcher = AWQ(self.scheme, self.cfg, ())
-        names = list(self.cfg.linears)
-        inputs = data.capture(block, names, searcher.search_samples)
-        with torch.no_grad():
-            return {n: searcher.search_clip(block.linear(n).weight, inputs[n]) for n in names}
+        return ClipSearch(skip=())(block, self.cfg.linears, ws, data)
 
 
 def recorded_calibration(qm: QuantizedModel, ck: HFCheckpoint) -> tuple[torch.Tensor | None, str]:

@@ -1,0 +1,306 @@
+"""The README's quality table, regenerated: every shipped recipe on both shared models, in one run.
+
+For each model, the float model and every recipe (calibrated on the HumanEval prompts) are
+scored on the 24 standard windows of 512 tokens of the model's held-out code and on the
+validation windows (``--validation-windows`` windows at offset 0.5, disjoint from the
+standard ones: the windows recipe settings are chosen on). Every change comes with its
+paired standard error over the windows; each INT4 recipe is also compared with
+round-to-nearest, and a searched smoothing reports its chosen plan with the held-apart
+scores of the plan and of not smoothing. Writes ``quality.json`` (with every window's NLL)
+and ``quality.md`` into ``--out`` with the commit, machine, date and command.
+
+    python tools/quality.py --out docs/benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODELS = {"llama": "tiny-code-llama", "qwen2": "tiny-code-qwen2"}
+GOALS = {  # perplexity on the standard windows each recipe should reach
+    "llama": {"w8a8-sq": 7.4498, "w8a8-sq-pertoken": 7.437, "w4a16-sqplus": 7.4721},
+    "qwen2": {"w8a8-sq": 9.4900, "w8a8-sq-pertoken": 9.4811, "w4a16-sqplus": 9.5000},
+}
+REFERENCE_TOOLS = {"modelopt": "NVIDIA ModelOpt", "llmcompressor": "llm-compressor"}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "load_average_at_start": load}
+
+
+def commit() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def score(model, windows) -> dict:
+    from sqdeploy.exporter.evaluate import model_logits_fn, perplexity
+
+    p = perplexity(model_logits_fn(model), windows)
+    return {"perplexity": p.ppl, "per_window_nll": p.per_window_nll}
+
+
+def change(base: dict, other: dict) -> dict:
+    from sqdeploy.exporter.evaluate import paired_change
+
+    c = paired_change(base["per_window_nll"], other["per_window_nll"])
+    return {"relative": c.relative, "stderr": c.stderr, "text": str(c)}
+
+
+def search_summary(search: dict | None) -> dict | None:
+    if not search:
+        return None
+    return {"plan": search["plan"], "plan_name": search["plan_name"], "rounding": search["rounding"], "chosen": search["chosen"],
+            "unsmoothed": search["unsmoothed"], "calibration": search["calibration"], "seconds": search["seconds"],
+            "scores": search["scores"], "rtn_scores": search.get("rtn_scores")}
+
+
+def model_windows(key: str, args) -> dict:
+    """The standard and validation windows of a model's held-out text (tokenized once)."""
+    from sqdeploy.exporter.evaluate import eval_windows, read_text
+    from sqdeploy.exporter.pipeline import load_tokenizer
+
+    shared = Path(args.shared)
+    tok = load_tokenizer(shared / "models" / MODELS[key])
+    text = read_text(shared / "data" / f"heldout-code-{key}.txt.gz")
+    ids = tok(text, add_special_tokens=False).input_ids
+    tok_once = lambda _text, **_kw: type("Tokens", (), {"input_ids": ids})  # noqa: E731 - eval_windows tokenizes once per call
+    sets = {"standard": eval_windows(tok_once, text, args.standard_windows, 512, 0.0)}
+    if args.validation_windows:
+        sets["validation"] = eval_windows(tok_once, text, args.validation_windows, 512, 0.5)
+    return sets
+
+
+def job(key: str, spec: str | None, sets: dict, shared: str, humaneval: bool, humaneval_limit: int | None,
+        threads: int) -> dict:
+    """One row: the float model (``spec`` None) or a recipe, scored on every window set (in a worker process)."""
+    import torch
+
+    from sqdeploy.exporter.pipeline import Calibration, Runtime, load_tokenizer, quantize_in_memory
+    from sqdeploy.model import HFCheckpoint, load_model
+
+    torch.set_num_threads(threads)
+    ck = HFCheckpoint(Path(shared) / "models" / MODELS[key])
+    row: dict = {"recipe": spec or "float32 (unquantized)"}
+    t0 = time.perf_counter()
+    if spec is None:
+        model = load_model(ck)
+    else:
+        cal = Calibration(str(Path(shared) / "data" / "humaneval.jsonl.gz"))
+        model, result = quantize_in_memory(ck, spec, cal, Runtime(progress=False))
+        row.update(quantize_seconds=time.perf_counter() - t0, resolved=result.recipe.to_dict(),
+                   calibration=result.calibration, search=search_summary(result.search))
+    for s, w in sets.items():
+        t1 = time.perf_counter()
+        row[s] = score(model, w)
+        row[s]["eval_seconds"] = time.perf_counter() - t1
+    if humaneval:
+        from sqdeploy.exporter.humaneval import humaneval_pass_at_1
+
+        row["humaneval"] = humaneval_pass_at_1(model, load_tokenizer(ck.path), humaneval_limit)
+    return row
+
+
+def assemble(key: str, specs: list[str], done: dict) -> list[dict]:
+    """A model's rows in table order (float first), each with its paired changes against float and RTN."""
+    rows = [done[(key, s)] for s in [None, *specs] if (key, s) in done]
+    base = done.get((key, None))
+    rtn = done.get((key, "w4a16-rtn"))
+    for row in rows:
+        if row is base or "error" in row:
+            continue
+        for s in ("standard", "validation"):
+            if s not in row:
+                continue
+            if base is not None and s in base:
+                row[s]["vs_float"] = change(base[s], row[s])
+            if rtn is not None and s in rtn and row["recipe"].startswith("w4a16-") and row is not rtn:
+                row[s]["vs_w4a16_rtn"] = change(rtn[s], row[s])
+    return rows
+
+
+def fmt_change(row: dict, s: str, key: str = "vs_float") -> str:
+    c = row.get(s, {}).get(key)
+    return "" if c is None else c["text"]
+
+
+def markdown(data: dict) -> str:
+    from sqdeploy.report import markdown_table
+
+    s = data["settings"]
+    lines = [
+        "# Quality of every shipped recipe on the shared models",
+        "",
+        f"Generated by `{data['command']}` on commit `{data['commit']['commit'][:12]}`"
+        + (" (with uncommitted changes)" if data["commit"]["dirty"] else "")
+        + f", {data['date']}, {data['machine']['cpu']} ({data['machine']['cores']} cores, torch {data['machine']['torch']}).",
+        "",
+        f"Perplexity on {s['standard_windows']} standard windows x 512 tokens of each model's held-out code"
+        + (f" and on {s['validation_windows']} validation windows (offset 0.5, disjoint from the standard ones)"
+           if s["validation_windows"] else "")
+        + "; calibration on the HumanEval prompts. Every change is against the float model on the same windows,"
+        " with its paired standard error; INT4 recipes also against `w4a16-rtn`.",
+    ]
+    if s["validation_windows"] and s["validation_windows"] < 240:
+        lines.append(f"The validation set here has {s['validation_windows']} windows, not the 240 that settings are"
+                     " chosen on: fewer to fit the run into the time available on this machine.")
+    lines += ["", f"Reference tools: {data['references']}.", f"HumanEval pass@1: {data['humaneval']}.", ""]
+    if not data.get("complete"):
+        lines += ["**Partial: the run has not finished (or was stopped); the rows below are those done so far.**", ""]
+    for key, m in data["models"].items():
+        lines += [f"## {MODELS[key]}", ""]
+        has_val = s["validation_windows"] > 0
+        head = ["recipe", "standard", "vs float", "vs w4a16-rtn"]
+        if has_val:
+            head += ["validation", "vs float (val.)", "vs w4a16-rtn (val.)"]
+        head += ["goal (standard)", "quantize s"]
+        table = []
+        for r in m["rows"]:
+            if "error" in r:
+                table.append([r["recipe"], f"failed: {r['error']}"] + [""] * (len(head) - 2))
+                continue
+            goal = GOALS.get(key, {}).get(r["recipe"])
+            ppl = r["standard"]["perplexity"]
+            cells = [f"`{r['recipe']}`" if r.get("resolved") else r["recipe"], round(ppl, 4),
+                     fmt_change(r, "standard"), fmt_change(r, "standard", "vs_w4a16_rtn")]
+            if has_val:
+                cells += [round(r["validation"]["perplexity"], 4), fmt_change(r, "validation"),
+                          fmt_change(r, "validation", "vs_w4a16_rtn")]
+            cells += ["" if goal is None else f"<= {goal}: {'met' if ppl <= goal else f'missed by {ppl - goal:.4f}'}",
+                      round(r.get("quantize_seconds", 0.0), 1)]
+            table.append(cells)
+        lines += [markdown_table(head, table), ""]
+        searched = [r for r in m["rows"] if r.get("search")]
+        for r in searched:
+            if r["search"]["calibration"].get("fallback"):
+                lines.append(f"`{r['recipe']}`: {r['search']['calibration']['fallback']}.")
+        if searched:
+            lines += ["Searched smoothing (KL of the quantized model from the float one on the held-apart"
+                      " calibration sequences, chosen plan vs no smoothing):", ""]
+            lines += [markdown_table(["recipe", "plan", "rounding", "KL chosen", "KL unsmoothed", "search s"], [
+                [f"`{r['recipe']}`", r["search"]["plan_name"], r["search"]["rounding"], f"{r['search']['chosen']['kl']:.3e}",
+                 f"{r['search']['unsmoothed']['kl']:.3e}", round(r["search"]["seconds"], 1)] for r in searched]), ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sqdeploy.exporter.recipes import builtin_recipes
+    from sqdeploy.report import write_json_atomic
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="docs/benchmarks", help="directory for quality.json and quality.md")
+    ap.add_argument("--shared", default=str(ROOT.parent / "shared"), help="the shared models and data")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: llama, qwen2")
+    ap.add_argument("--recipe", action="append", default=None,
+                    help="recipe to score (repeatable; default every shipped recipe but fp16, w4a16-rtn first)")
+    ap.add_argument("--extra", action="append", default=[],
+                    help="another recipe to score after the others, e.g. a baseline such as w8a8-sq:alpha=null (repeatable)")
+    ap.add_argument("--standard-windows", type=int, default=24)
+    ap.add_argument("--validation-windows", type=int, default=240, help="0: standard windows only")
+    ap.add_argument("--humaneval", action="store_true", help="also greedy HumanEval pass@1 (runs generated code)")
+    ap.add_argument("--humaneval-limit", type=int, default=None)
+    ap.add_argument("--jobs", type=int, default=1, help="rows computed in parallel worker processes")
+    args = ap.parse_args(argv)
+    if args.recipe is None:
+        names = [n for n in builtin_recipes() if n != "fp16"]
+        args.recipes = ["w4a16-rtn", *[n for n in names if n != "w4a16-rtn"]]
+    else:
+        args.recipes = args.recipe
+    args.recipes = [*args.recipes, *args.extra]
+    missing = [k for k in args.models.split(",") if k not in MODELS]
+    if missing:
+        ap.error(f"unknown model(s) {missing}; known: {', '.join(MODELS)}")
+    refs = [f"{label} not installed" for mod, label in REFERENCE_TOOLS.items() if importlib.util.find_spec(mod) is None]
+    data = {
+        "command": "python tools/quality.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "commit": commit(),
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {"standard_windows": args.standard_windows, "validation_windows": args.validation_windows,
+                     "seq_len": 512, "calibration": "humaneval.jsonl.gz (recipe defaults: 128 x 512 requested)",
+                     "recipes": args.recipes, "jobs": args.jobs},
+        "references": "; ".join(refs) if refs else "installed, not yet run by this script",
+        "humaneval": "scored" if args.humaneval else "not run (pass --humaneval)",
+        "models": {},
+    }
+    out = Path(args.out)
+
+    def save():
+        data["seconds"] = time.perf_counter() - t0
+        write_json_atomic(out / "quality.json", data)
+        tmp = out / ".quality.md.tmp"
+        tmp.write_text(markdown(data))
+        tmp.replace(out / "quality.md")
+
+    t0 = time.perf_counter()
+    keys = args.models.split(",")
+    windows = {k: model_windows(k, args) for k in keys}
+    done: dict = {}
+    # the searched recipes take longest: start them first
+    order = sorted(args.recipes, key=lambda r: 2 if r in args.extra else 0 if "sq" in r and "-o" not in r else 1)
+    jobs = [(k, spec) for spec in [None, *order] for k in keys]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else torch_threads()
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(job, k, spec, windows[k], args.shared, args.humaneval, args.humaneval_limit, threads): (k, spec)
+                   for k, spec in jobs}
+        for fut in as_completed(futures):
+            k, spec = futures[fut]
+            try:
+                done[(k, spec)] = fut.result()
+            except Exception as exc:  # one failed row must not lose the others
+                done[(k, spec)] = {"recipe": spec or "float32 (unquantized)", "error": f"{type(exc).__name__}: {exc}"}
+                log(f"{k} {spec}: failed: {exc}")
+                save()
+                continue
+            for key in keys:
+                data["models"][key] = {"rows": assemble(key, args.recipes, done)}
+            row = done[(k, spec)]
+            log(f"{k} {row['recipe']}: " + ", ".join(f"{s} {row[s]['perplexity']:.4f}" for s in windows[k])
+                + f" ({len(done)}/{len(jobs)} done)")
+            save()
+    data["complete"] = True
+    save()
+    log(f"wrote {out / 'quality.json'} and {out / 'quality.md'} in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
