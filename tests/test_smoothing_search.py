@@ -12,7 +12,6 @@ from sqdeploy.exporter import smoothing_search
 from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_in_memory
 from sqdeploy.exporter.recipes import load_recipe, parse_recipe
 from sqdeploy.model import HFCheckpoint, load_model
-from sqdeploy.random_model import make_random_model
 
 OUTLIER_CHANNELS = (3, 17, 40, 77)
 OUTLIER_GAIN = 40.0
