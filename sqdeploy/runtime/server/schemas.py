@@ -210,7 +210,7 @@ def _message(err: dict) -> tuple[str, str | None]:
         return f"the request body must be a JSON object, not {_json_type(err.get('input'))}", None
     field = str(loc[0])
     if kind == "extra_forbidden":
-        return f"unknown field '{field}'; remove it (see the server's README for the fields it accepts)", field
+        return f"unknown field '{field}'; remove it (docs/serving.md lists the fields it accepts)", field
     if kind == "missing" and len(loc) == 1:
         return f"'{field}' is required", field
     if field in _SHAPES:
