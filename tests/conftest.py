@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sqdeploy.random_model import TINY_CONFIGS, make_random_model
+from sqdeploy.testing.random_model import TINY_CONFIGS, make_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SQDEPLOY_SHARED", ROOT.parent / "shared"))
@@ -45,10 +45,10 @@ def tiny_model(request, tiny_models) -> Path:
 
 @pytest.fixture(scope="session")
 def calib_file(tmp_path_factory) -> Path:
-    """A small calibration text (code), independent of the shared data."""
+    """A small calibration text (Python code in tests/data, fixed so results do not move with the sources)."""
     path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
     import json
 
-    src = (ROOT / "sqdeploy" / "exporter" / "smoothing.py").read_text()
+    src = (ROOT / "tests" / "data" / "calib-code.txt").read_text()
     path.write_text("\n".join(json.dumps({"text": src[i : i + 2000]}) for i in range(0, len(src), 2000)) + "\n")
     return path

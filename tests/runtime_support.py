@@ -37,7 +37,7 @@ def tiny_w8a8(tmp_path_factory, tiny_models, calib_file) -> tuple[Path, Path]:
     """(quantized dir, its float32 ONNX export): SmoothQuant W8A8 with a fixed alpha (no search, seconds)."""
 
     def make():
-        from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
+        from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
 
         root = tmp_path_factory.mktemp("rt-w8a8")
         recipe = root / "w8a8-sq-fixed.yaml"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sqdeploy.cli.bench import main
-from sqdeploy.errors import SqDeployError
+from sqdeploy.core.errors import SqDeployError
 from sqdeploy.runtime.bench.offline import EngineSpec, OfflineGrid, prompts_for, run_offline
 from tests.runtime_support import tiny_onnx
 

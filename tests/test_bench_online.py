@@ -8,7 +8,7 @@ import math
 import pytest
 
 from sqdeploy.cli.bench import main
-from sqdeploy.errors import SqDeployError
+from sqdeploy.core.errors import SqDeployError
 from sqdeploy.runtime import BatchConfig, open_engine
 from sqdeploy.runtime.bench.online import breakdown_rate, poisson_arrivals, read_trace
 from sqdeploy.runtime.bench.stats import percentiles

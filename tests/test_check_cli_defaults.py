@@ -10,7 +10,7 @@ import json
 import pytest
 
 from sqdeploy.cli.check import main as check_main
-from sqdeploy.exporter.onnx.check import STANDARD, window_setting
+from sqdeploy.formats.onnx.check import STANDARD, window_setting
 
 
 def test_help_lists_every_subcommands_options(capsys):
@@ -44,7 +44,7 @@ def test_perplexity_row_names_its_windows(tiny_models, tmp_path):
 def test_windowing_long_text_prints_no_length_warning(shared_model, capfd):
     from transformers import AutoTokenizer
 
-    from sqdeploy.exporter.evaluate import eval_windows
+    from sqdeploy.evaluate.perplexity import eval_windows
 
     tok = AutoTokenizer.from_pretrained(shared_model)
     text = "def f(x):\n    return x + 1\n\n" * 400  # several times the model's 1024 positions

@@ -9,11 +9,11 @@ import pytest
 
 from sqdeploy.cli.build import main as build_main
 from sqdeploy.cli.common import run_cli
-from sqdeploy.engines.onnx_dir import OnnxExport
+from sqdeploy.core.errors import MissingDependencyError, SqDeployError
 from sqdeploy.engines import onnxruntime as ort_engine
 from sqdeploy.engines.onnxruntime import OrtOptions, _feeds, build_ort, load_engine_session, plan_ort
-from sqdeploy.engines.tiny_onnx import write_tiny_onnx_dir
-from sqdeploy.errors import MissingDependencyError, SqDeployError
+from sqdeploy.formats.onnx.contract import OnnxExport
+from sqdeploy.testing.tiny_onnx import write_tiny_onnx_dir
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_options_and_refusals(tiny, tmp_path, capsys):
 
 def test_shared_model_engine(shared_model, tmp_path):
     """The real export of the shared model, optimised and run (enabled once the ONNX target is registered)."""
-    from sqdeploy.exporter.targets import load_targets
+    from sqdeploy.formats.targets import load_targets
 
     if "onnx" not in load_targets():
         pytest.skip("the ONNX export target (sq-export --target onnx) is not part of this install yet")

@@ -11,10 +11,10 @@ import pytest
 from onnx import helper, numpy_helper
 
 from sqdeploy.cli.build import main as build_main
+from sqdeploy.core.errors import MissingDependencyError, SqDeployError
 from sqdeploy.engines.gpus import get_gpu
 from sqdeploy.engines.tensorrt import TrtOptions, build_trt, plan_trt
-from sqdeploy.engines.tiny_onnx import write_tiny_onnx_dir
-from sqdeploy.errors import MissingDependencyError, SqDeployError
+from sqdeploy.testing.tiny_onnx import write_tiny_onnx_dir
 
 
 @pytest.fixture(scope="module")

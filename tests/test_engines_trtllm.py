@@ -9,10 +9,10 @@ import pytest
 
 from sqdeploy.cli.build import main as build_main
 from sqdeploy.cli.common import run_cli
+from sqdeploy.core.errors import MissingDependencyError, SqDeployError
 from sqdeploy.engines import gpus, trtllm
 from sqdeploy.engines.gpus import get_gpu
 from sqdeploy.engines.trtllm import TrtllmOptions, plan_build
-from sqdeploy.errors import MissingDependencyError, SqDeployError
 
 # every flag trtllm-build (0.12 .. 1.2) accepts that a plan may use; the quantization plugins are not flags
 TRTLLM_BUILD_FLAGS = {

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from sqdeploy.cli.eval import main as eval_main
 from sqdeploy.cli.export import main as export_main
-from sqdeploy.errors import SqDeployError
-from sqdeploy.exporter.qmodel import QuantizedModel
+from sqdeploy.core.errors import SqDeployError
 from sqdeploy.model import load_model
+from sqdeploy.quantize.qmodel import QuantizedModel
 
 
 def _export(model, out, recipe, calib, *extra):
@@ -40,7 +40,7 @@ def test_export_writes_compressed_tensors_dir(tiny_models, tmp_path, calib_file,
 
 def test_in_memory_model_equals_saved_model(tiny_models, tmp_path, calib_file):
     """The model sq-eval scores is bit-for-bit the model sq-export writes."""
-    from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_in_memory, quantize_to_dir
+    from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_in_memory, quantize_to_dir
 
     cal = Calibration(str(calib_file), 4, 64)
     for fam in ("llama", "opt"):
@@ -153,7 +153,7 @@ def test_sq_eval_table_and_json(tmp_path, tiny_models, calib_file, capsys):
 def test_paired_change_is_the_mean_log_ratio_and_its_standard_error():
     import math
 
-    from sqdeploy.exporter.evaluate import Perplexity, paired_change
+    from sqdeploy.evaluate.perplexity import Perplexity, paired_change
 
     def ppl(nlls):
         return Perplexity(math.exp(sum(nlls) / len(nlls)), sum(nlls) / len(nlls), 100 * len(nlls), [math.exp(x) for x in nlls])
@@ -187,7 +187,7 @@ class _CharTokenizer:
 
 
 def test_validation_windows_share_no_token_with_the_standard_ones():
-    from sqdeploy.exporter.evaluate import eval_windows
+    from sqdeploy.evaluate.perplexity import eval_windows
 
     text = "".join(chr(32 + (i * 7919) % 90) for i in range(60_000))  # a step of 24 windows >= 4 x 512
     ids = torch.tensor(_CharTokenizer()(text).input_ids)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sqdeploy.errors import SqDeployError
-from sqdeploy.families import FAMILIES, family_for_hf_config, supported_architectures
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.core.families import FAMILIES, family_for_hf_config, supported_architectures
 from sqdeploy.model import HFCheckpoint, load_model
-from sqdeploy.random_model import TINY_CONFIGS
+from sqdeploy.testing.random_model import TINY_CONFIGS
 
 
 def test_every_family_has_a_tiny_config():

@@ -2,9 +2,9 @@
 
 import torch
 
-from sqdeploy.exporter import qmath
-from sqdeploy.exporter.gptq import act_aware_sums, act_aware_target, gptq_quantize, input_sharing
-from sqdeploy.exporter.schemes import ActScheme, WeightScheme
+from sqdeploy.core import qmath
+from sqdeploy.core.schemes import ActScheme, WeightScheme
+from sqdeploy.quantize.gptq import act_aware_sums, act_aware_target, gptq_quantize, input_sharing
 
 W8 = WeightScheme(8, "channel", None, True)
 
@@ -62,7 +62,7 @@ def test_input_sharing_keeps_only_present_linears():
 
 
 def _w8a8(act_aware: bool, quantized_inputs: bool = False):
-    from sqdeploy.exporter.recipes import parse_recipe
+    from sqdeploy.quantize.recipes import parse_recipe
 
     return parse_recipe({
         "name": f"w8a8-aware{int(act_aware)}{int(quantized_inputs)}", "scheme": "O3",
@@ -74,7 +74,7 @@ def _w8a8(act_aware: bool, quantized_inputs: bool = False):
 def test_act_aware_recipe_lowers_the_layers_error(tiny_models, calib_file):
     """End to end through the layer driver: the layers' recorded errors (quantized output,
     activation rounding included, against the float one on the calibration inputs) drop."""
-    from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize
+    from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize
 
     cal = Calibration(str(calib_file), 8, 64)
     plain = quantize(tiny_models["llama"], _w8a8(False), cal, Runtime(progress=False))
@@ -88,8 +88,8 @@ def test_act_aware_recipe_lowers_the_layers_error(tiny_models, calib_file):
 
 def test_searched_static_scales_are_shared_by_linears_reading_one_input(tiny_models, calib_file):
     """TensorRT-LLM fuses q/k/v (and gate/up) into one GEMM with one activation scale."""
-    from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_in_memory
-    from sqdeploy.exporter.recipes import parse_recipe
+    from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_in_memory
+    from sqdeploy.quantize.recipes import parse_recipe
 
     rec = parse_recipe({"name": "searched", "scheme": "O3",
                         "algorithm": {"name": "smoothquant", "alpha": 0.5, "act_scale_search": True}})
@@ -103,8 +103,8 @@ def test_searched_static_scales_are_shared_by_linears_reading_one_input(tiny_mod
 def test_per_token_act_aware_leaves_row_parallel_linears_to_plain_gptq(tiny_models, calib_file):
     """o/down inputs are quantized per rank's slice under tensor parallelism: their rounding is
     unknown at quantization time, so act-aware GPTQ must not fit them to the full-row one."""
-    from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize
-    from sqdeploy.exporter.recipes import parse_recipe
+    from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize
+    from sqdeploy.quantize.recipes import parse_recipe
 
     def run(aware):
         rec = parse_recipe({"name": f"pt{int(aware)}", "scheme": {"weight": {"bits": 8, "granularity": "channel"},
@@ -153,7 +153,7 @@ def test_act_order_lowers_int4_error_when_the_active_channels_come_last():
 def test_release_sums_drops_only_the_sums_nothing_else_holds():
     """After the final smoothing GPTQ needs only the scaled sums: the unsmoothed ones go, a sum the
     smoothed statistics still share (an unsmoothed linear) stays."""
-    from sqdeploy.exporter.streaming import ChannelStats, LayerData
+    from sqdeploy.quantize.streaming import ChannelStats, LayerData
 
     def st(xtx=True):
         return ChannelStats(torch.ones(4), torch.ones(4), 10, torch.eye(4, dtype=torch.float64) if xtx else None)

@@ -13,12 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sqdeploy.errors import SqDeployError
-from sqdeploy.exporter import qmath
-from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
-from sqdeploy.exporter.qmodel import QuantizedModel
-from sqdeploy.exporter.recipes import parse_recipe
-from sqdeploy.exporter.schemes import ActScheme, QuantScheme, WeightScheme
+from sqdeploy.core import qmath
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.core.schemes import ActScheme, QuantScheme, WeightScheme
 from sqdeploy.kernels import GraphDecoder, StaticKVCache, greedy_generate, load_for_device, prepare_model, resolve_device
 from sqdeploy.kernels import reference as ref
 from sqdeploy.kernels.linears import build_linear
@@ -28,6 +25,9 @@ from sqdeploy.model.generate import greedy_generate as ref_greedy
 from sqdeploy.model.layers import QLinear
 from sqdeploy.model.loading import load_model
 from sqdeploy.model.transformer import KVCache
+from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
+from sqdeploy.quantize.qmodel import QuantizedModel
+from sqdeploy.quantize.recipes import parse_recipe
 
 IDS = torch.randint(0, 8000, (2, 19), generator=torch.Generator().manual_seed(0))
 

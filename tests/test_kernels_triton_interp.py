@@ -20,8 +20,11 @@ if os.environ["TRITON_INTERPRET"] != "1":  # pragma: no cover
 
 import triton.runtime.interpreter as _interp  # noqa: E402
 
-from sqdeploy.kernels import ops, reference as ref  # noqa: E402
-from sqdeploy.kernels import triton_attention as ta, triton_fused as tf, triton_gemm as tg  # noqa: E402
+from sqdeploy.kernels import ops  # noqa: E402
+from sqdeploy.kernels import reference as ref
+from sqdeploy.kernels import triton_attention as ta  # noqa: E402
+from sqdeploy.kernels import triton_fused as tf
+from sqdeploy.kernels import triton_gemm as tg
 from sqdeploy.kernels.packing import Int4Weight, Int8Weight, dequantize_int4, pack_int4  # noqa: E402
 from sqdeploy.kernels.reference import InputQuant  # noqa: E402
 
@@ -161,11 +164,11 @@ def test_rope_and_decode_attention():
 
 def test_whole_model_through_the_triton_kernels(tiny_models, calib_file, tmp_path):
     """A W8A8 per-token model: every linear, norm, rope, decode-attention and split-K kernel in one run."""
-    from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
-    from sqdeploy.exporter.qmodel import QuantizedModel
-    from sqdeploy.exporter.recipes import parse_recipe
     from sqdeploy.kernels import greedy_generate, prepare_model
     from sqdeploy.model.loading import load_model
+    from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
+    from sqdeploy.quantize.qmodel import QuantizedModel
+    from sqdeploy.quantize.recipes import parse_recipe
 
     recipe = parse_recipe({"name": "t", "scheme": {"weight": {"bits": 8, "granularity": "channel"},
                                                    "act": {"kind": "dynamic_token"}}, "algorithm": "rtn"})

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from sqdeploy.cli.eval import main as eval_main
-from sqdeploy.exporter.pipeline import load_tokenizer
 from sqdeploy.model import HFCheckpoint, load_model
+from sqdeploy.quantize.pipeline import load_tokenizer
 
 from .conftest import HELDOUT
 

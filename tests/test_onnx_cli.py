@@ -11,9 +11,9 @@ import pytest
 from sqdeploy.cli.check import main as check_main
 from sqdeploy.cli.eval import main as eval_main
 from sqdeploy.cli.export import main as export_main
-from sqdeploy.exporter.onnx.meta import read_meta
-from sqdeploy.random_model import make_random_model
-from sqdeploy.errors import SqDeployError
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.formats.onnx.meta import read_meta
+from sqdeploy.testing.random_model import make_random_model
 
 CALIB = ["--calib-samples", "4", "--calib-seq-len", "64", "--quiet"]
 

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from sqdeploy.exporter.onnx.check import KV_QUANT_REL_MAX, graph_rows
-from sqdeploy.exporter.onnx.meta import read_meta
-from sqdeploy.exporter.onnx.options import OnnxOptions
-from sqdeploy.exporter.onnx.session import OnnxDecoder, SessionConfig
-from sqdeploy.exporter.onnx.writer import write_onnx
-from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
-from sqdeploy.exporter.qmodel import QuantizedModel
+from sqdeploy.formats.onnx.check import KV_QUANT_REL_MAX, graph_rows
+from sqdeploy.formats.onnx.meta import read_meta
+from sqdeploy.formats.onnx.options import OnnxOptions
+from sqdeploy.formats.onnx.session import OnnxDecoder, SessionConfig
+from sqdeploy.formats.onnx.writer import write_onnx
 from sqdeploy.model import load_model
+from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
+from sqdeploy.quantize.qmodel import QuantizedModel
 
 # form -> (recipe, variant, int4 format, exact arithmetic)
 FORMS = {

@@ -9,17 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sqdeploy.exporter.evaluate import eval_windows, perplexity, read_text
-from sqdeploy.exporter.onnx.options import OnnxOptions
-from sqdeploy.exporter.onnx.session import OnnxDecoder, SessionConfig
-from sqdeploy.exporter.onnx.writer import write_onnx
-from sqdeploy.exporter.pipeline import Calibration, Runtime, load_tokenizer, quantize_to_dir
-from sqdeploy.exporter.qmodel import QuantizedModel
-from sqdeploy.exporter.rounding_noise import RoundingNoise, compare
+from sqdeploy.evaluate.perplexity import eval_windows, perplexity, read_text
+from sqdeploy.evaluate.rounding_noise import RoundingNoise, compare
+from sqdeploy.formats.onnx.options import OnnxOptions
+from sqdeploy.formats.onnx.session import OnnxDecoder, SessionConfig
+from sqdeploy.formats.onnx.writer import write_onnx
 from sqdeploy.model import load_model
+from sqdeploy.quantize.pipeline import Calibration, Runtime, load_tokenizer, quantize_to_dir
+from sqdeploy.quantize.qmodel import QuantizedModel
 
 from .conftest import HELDOUT, HUMANEVAL
-
 
 # w8a8-sq's layout with a fixed alpha (the alpha search costs minutes and does not change the graph form)
 W8A8 = "name: w8a8-sq-a05\nscheme: w8a8-channel-static\nalgorithm: {name: smoothquant, alpha: 0.5}\n"
@@ -45,7 +44,7 @@ def test_shared_model_parity(shared_model, tmp_path, recipe, variant, int4_forma
         top1 = torch.cat([(ort_logits[i].argmax(-1) == ref_logits[i].argmax(-1)).flatten() for i in ort_logits]).float().mean()
         assert top1 >= 0.99
     else:  # INT8 activations: rounding flips make top-1 CPU-dependent; hold the export to the size of the flips,
-        # measured by evaluating the same quantized model in float64 (see sqdeploy.exporter.rounding_noise)
+        # measured by evaluating the same quantized model in float64 (see sqdeploy.evaluate.rounding_noise)
         ref64 = load_model(QuantizedModel(q), torch.float64)
         with torch.no_grad():
             noise = RoundingNoise.measure(ref_logits.values(), (ref64(w[None]) for w in windows))

@@ -19,9 +19,9 @@ import pytest
 
 from sqdeploy.cli.common import run_cli
 from sqdeploy.cli.export import main as export_main
-from sqdeploy.errors import SqDeployError
-from sqdeploy.output import OUTPUT_MARKER, TEMP_MARKER, atomic_output_dir, remove_stale_temps
-from sqdeploy.report import write_json_atomic
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.core.output import OUTPUT_MARKER, TEMP_MARKER, atomic_output_dir, remove_stale_temps
+from sqdeploy.core.report import write_json_atomic
 from tests.runtime_support import tiny_onnx
 
 FAST = ["--calib-samples", "4", "--calib-seq-len", "64", "--quiet"]
@@ -311,7 +311,7 @@ def test_onnx_export_checks_its_description(tmp_path_factory, tiny_models, tmp_p
 @pytest.mark.parametrize("location", ["../secret.bin", "../../../victim.txt", "/etc/hostname", "sub/../../secret.bin", "link.data"])
 def test_triton_refuses_external_data_outside_the_export(tmp_path, shared_model, location, capsys):
     from sqdeploy.cli.build import main as build_main
-    from sqdeploy.engines.tiny_onnx import write_tiny_onnx_dir
+    from sqdeploy.testing.tiny_onnx import write_tiny_onnx_dir
 
     src = write_tiny_onnx_dir(tmp_path / "exp" / "onnx", tokenizer_from=shared_model)
     (tmp_path / "exp" / "secret.bin").write_bytes(b"secret")
@@ -352,7 +352,7 @@ def test_calibration_settings_are_checked(tiny_models, calib_file, tmp_path, cap
 
 def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, calib_file, shared_model, capsys):
     from sqdeploy.cli.eval import main as eval_main
-    from sqdeploy.random_model import make_random_model
+    from sqdeploy.testing.random_model import make_random_model
 
     small = make_random_model("llama", tmp_path / "small", vocab_size=4096, tokenizer_from=shared_model)
     capsys.readouterr()

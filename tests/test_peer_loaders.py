@@ -23,8 +23,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from sqdeploy.exporter.onnx.companions import COMPANIONS, GENAI_CONFIG
-from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
+from sqdeploy.formats.onnx.companions import COMPANIONS, GENAI_CONFIG
+from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = json.loads((ROOT / "tests" / "data" / "genai_config_keys.json").read_text())
@@ -157,7 +157,7 @@ def _prompt_ids(path: Path) -> list[list[int]]:
 
 
 def _ours(path: Path, prompts: list[list[int]]) -> list[list[int]]:
-    from sqdeploy.exporter.onnx.session import OnnxDecoder
+    from sqdeploy.formats.onnx.session import OnnxDecoder
 
     dec = OnnxDecoder(path)
     eos = dec.meta["eos_token_id"]

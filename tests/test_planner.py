@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from sqdeploy.cli.build import main as build_main
+from sqdeploy.core.errors import SqDeployError
 from sqdeploy.engines.gpus import GIB, get_gpu
 from sqdeploy.engines.model_shape import ModelShape, WeightFormat, quantization_for_scheme
 from sqdeploy.engines.planner import Deployment, min_gpus, plan_memory, tp_problems, weight_bytes
-from sqdeploy.errors import SqDeployError
-from sqdeploy.exporter.recipes import load_recipe
+from sqdeploy.quantize.recipes import load_recipe
 
 DATA = Path(__file__).parent / "data"
 

@@ -7,7 +7,7 @@ import io
 import subprocess
 import sys
 
-from sqdeploy.exporter.progress import Progress
+from sqdeploy.core.progress import Progress
 
 
 def test_progress_prints_one_line_per_step_when_not_a_tty():

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from sqdeploy.errors import SqDeployError
-from sqdeploy.exporter import qmath
-from sqdeploy.exporter.qmodel import decode_linear, encode_linear
-from sqdeploy.exporter.schemes import PRESETS, ActScheme, QuantScheme, WeightScheme
+from sqdeploy.core import qmath
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.core.schemes import PRESETS, ActScheme, QuantScheme, WeightScheme
+from sqdeploy.quantize.qmodel import decode_linear, encode_linear
 
 SCHEMES = [
     WeightScheme(8, "tensor"),

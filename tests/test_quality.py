@@ -16,10 +16,10 @@ from functools import lru_cache
 
 import pytest
 
-from sqdeploy.exporter.evaluate import eval_windows, model_logits_fn, paired_change, perplexity, read_text
-from sqdeploy.exporter.pipeline import Calibration, Runtime, load_tokenizer, quantize_in_memory
-from sqdeploy.exporter.recipes import parse_recipe
+from sqdeploy.evaluate.perplexity import eval_windows, model_logits_fn, paired_change, perplexity, read_text
 from sqdeploy.model import HFCheckpoint, load_model
+from sqdeploy.quantize.pipeline import Calibration, Runtime, load_tokenizer, quantize_in_memory
+from sqdeploy.quantize.recipes import parse_recipe
 
 from .conftest import HUMANEVAL, SHARED
 

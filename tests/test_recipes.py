@@ -2,8 +2,8 @@
 
 import pytest
 
-from sqdeploy.errors import SqDeployError
-from sqdeploy.exporter.recipes import builtin_recipes, load_recipe, parse_recipe
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.quantize.recipes import builtin_recipes, load_recipe, parse_recipe
 
 REQUIRED = {"fp16", "w8a8-sq", "w8a8-sq-pertoken", "w8a16-rtn", "w4a16-rtn", "w4a16-awq", "w4a16-sqplus"}
 
@@ -58,8 +58,8 @@ def test_gptq_options_that_would_be_ignored_are_refused():
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_norms_selects_the_norm_groups_of_any_family(family, tiny_models):
-    from sqdeploy.exporter.pipeline import smoothing_groups
     from sqdeploy.model import HFCheckpoint
+    from sqdeploy.quantize.pipeline import smoothing_groups
 
     ck = HFCheckpoint(tiny_models[family])
     fam, cfg = ck.family, ck.config

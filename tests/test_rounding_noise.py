@@ -2,7 +2,7 @@
 
 import torch
 
-from sqdeploy.exporter.rounding_noise import RoundingNoise, compare
+from sqdeploy.evaluate.rounding_noise import RoundingNoise, compare
 
 
 def _draws(scale: float, seed: int, ref: list[torch.Tensor]) -> list[torch.Tensor]:

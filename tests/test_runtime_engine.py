@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from sqdeploy.errors import MissingDependencyError, SqDeployError
+from sqdeploy.core.errors import MissingDependencyError, SqDeployError
+from sqdeploy.formats.readers import open_model
 from sqdeploy.model.generate import greedy_generate
-from sqdeploy.readers import open_model
 from sqdeploy.runtime import BatchConfig, InvalidRequestError, SamplingParams, generate, open_engine, resolve_backend, stream
 from tests.runtime_support import shared_onnx, tiny_onnx, tiny_w8a8
 

@@ -144,7 +144,7 @@ def test_a_plain_request_is_cancelled_when_its_client_leaves(engine):  # noqa: F
 def test_the_connection_bound_fits_the_open_file_limit(monkeypatch):
     import resource
 
-    from sqdeploy.errors import SqDeployError
+    from sqdeploy.core.errors import SqDeployError
     from sqdeploy.runtime.server import guard
 
     monkeypatch.setattr(resource, "getrlimit", lambda _: (256, 1024))

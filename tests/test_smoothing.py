@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from sqdeploy.exporter.smoothing import fold, smooth_block, smoothquant_scale, usable_groups
-from sqdeploy.exporter.streaming import StatsCollector
 from sqdeploy.model import HFCheckpoint, load_model
+from sqdeploy.quantize.smoothing import fold, smooth_block, smoothquant_scale, usable_groups
+from sqdeploy.quantize.streaming import StatsCollector
 
 
 def _smoothed_logits(model, groups, cfg, ids, alpha):

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sqdeploy.errors import SqDeployError
-from sqdeploy.exporter import smoothing_search
-from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_in_memory
-from sqdeploy.exporter.recipes import load_recipe, parse_recipe
+from sqdeploy.core.errors import SqDeployError
 from sqdeploy.model import HFCheckpoint, load_model
+from sqdeploy.quantize import smoothing_search
+from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_in_memory
+from sqdeploy.quantize.recipes import load_recipe, parse_recipe
 
 OUTLIER_CHANNELS = (3, 17, 40, 77)
 OUTLIER_GAIN = 40.0

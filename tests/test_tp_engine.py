@@ -15,15 +15,15 @@ import threading
 import pytest
 import torch
 
-from sqdeploy.errors import SqDeployError
-from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
-from sqdeploy.exporter.recipes import parse_recipe
-from sqdeploy.exporter.trtllm.reader import TrtllmCheckpoint
-from sqdeploy.exporter.trtllm.writer import write
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.formats.trtllm.reader import TrtllmCheckpoint
+from sqdeploy.formats.trtllm.writer import write
 from sqdeploy.kernels import greedy_generate
 from sqdeploy.model.loading import load_model
-from sqdeploy.random_model import make_random_model
+from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
+from sqdeploy.quantize.recipes import parse_recipe
 from sqdeploy.runtime.tp import TPEngine, build_rank_model
+from sqdeploy.testing.random_model import make_random_model
 from tests.conftest import SHARED_MODEL
 
 IDS = torch.randint(0, 8000, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -149,8 +149,8 @@ class _SumOfTwo:
 
 def test_row_parallel_int8_partial_sums_are_float32():
     """tp N must round a W8A8 layer's output to float16 once, after the all-reduce (as tp 1 does)."""
-    from sqdeploy.kernels.random_weights import VARIANTS, random_linear
     from sqdeploy.runtime.tp.parallel import RowParallel
+    from sqdeploy.testing.random_weights import VARIANTS, random_linear
 
     lin = random_linear(64, 128, VARIANTS["w8a8-token"], "cpu")
     x = torch.randn(3, 128, dtype=torch.float16)

@@ -18,10 +18,10 @@ import warnings
 import pytest
 import torch
 
-from sqdeploy.exporter import qmath
-from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
-from sqdeploy.exporter.recipes import builtin_recipes, load_recipe, parse_recipe
-from sqdeploy.readers import open_model
+from sqdeploy.core import qmath
+from sqdeploy.formats.readers import open_model
+from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
+from sqdeploy.quantize.recipes import builtin_recipes, load_recipe, parse_recipe
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")
@@ -108,7 +108,7 @@ def test_smoothing_vectors_live_outside_the_weights_namespace(quantized_dirs, tm
     """``*.safetensors`` beside the weights holds weights only; old directories still read."""
     import shutil
 
-    from sqdeploy.exporter.qmodel import OLD_SMOOTHING, SMOOTHING, QuantizedModel
+    from sqdeploy.quantize.qmodel import OLD_SMOOTHING, SMOOTHING, QuantizedModel
 
     path = quantized_dirs["w8a8-sq"]
     assert (path / SMOOTHING).exists() and not (path / OLD_SMOOTHING).exists()

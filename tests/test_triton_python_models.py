@@ -18,10 +18,10 @@ import onnxruntime as ort
 import pytest
 from google.protobuf import json_format
 
-from sqdeploy.engines.tiny_onnx import write_tiny_onnx_dir
 from sqdeploy.engines.triton import TritonOptions, write_repository
 from sqdeploy.engines.triton.common import PYTHON_MODELS
 from sqdeploy.engines.triton.schema import parse_pbtxt
+from sqdeploy.testing.tiny_onnx import write_tiny_onnx_dir
 
 
 class Tensor:

@@ -9,11 +9,11 @@ import pytest
 import yaml
 
 from sqdeploy.cli.build import main as build_main
-from sqdeploy.engines.onnx_dir import OnnxExport
-from sqdeploy.engines.tiny_onnx import write_tiny_onnx_dir
+from sqdeploy.core.errors import SqDeployError
 from sqdeploy.engines.triton import TritonOptions, check_repository, write_repository
 from sqdeploy.engines.triton.schema import model_config_pb2, parse_pbtxt
-from sqdeploy.errors import SqDeployError
+from sqdeploy.formats.onnx.contract import OnnxExport
+from sqdeploy.testing.tiny_onnx import write_tiny_onnx_dir
 
 
 def load(repo, model):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from sqdeploy.engines.tiny_onnx import write_tiny_onnx_dir
 from sqdeploy.engines.triton import TritonOptions, check_repository, write_repository
 from sqdeploy.engines.triton.schema import model_config_pb2, parse_pbtxt
+from sqdeploy.testing.tiny_onnx import write_tiny_onnx_dir
 
 UPSTREAM = json.loads((Path(__file__).parent / "data" / "tensorrtllm_backend_names.json").read_text())["models"]
 

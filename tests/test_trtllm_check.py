@@ -13,12 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from sqdeploy.cli.check import main as check_main
 from sqdeploy.cli.export import main as export_main
-from sqdeploy.errors import SqDeployError
-from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
-from sqdeploy.exporter.trtllm.check import check_dir
-from sqdeploy.exporter.trtllm.config import QuantSpec, check_split
-from sqdeploy.exporter.trtllm.reader import TrtllmCheckpoint
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.formats.trtllm.check import check_dir
+from sqdeploy.formats.trtllm.config import QuantSpec, check_split
+from sqdeploy.formats.trtllm.reader import TrtllmCheckpoint
 from sqdeploy.model.checkpoint import HFCheckpoint
+from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
 from tests.test_trtllm_support import SQ_STATIC, export, recipe
 
 
@@ -119,7 +119,7 @@ def test_duplicated_kv_heads_must_agree(good, tmp_path):
 
 def test_vocab_padding_must_be_zero(tiny_models, tmp_path):
     """8192 rows over 3... use a vocab that does not divide: 8190 over tp 4 pads 2 rows on the last rank."""
-    from sqdeploy.random_model import make_random_model
+    from sqdeploy.testing.random_model import make_random_model
 
     m = make_random_model("llama", tmp_path / "m", vocab_size=8190)
     q = tmp_path / "q"

@@ -14,15 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sqdeploy.errors import SqDeployError
-from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
-from sqdeploy.exporter.qmodel import QuantizedModel
-from sqdeploy.exporter.trtllm.check import check_dir
-from sqdeploy.exporter.trtllm.linear import trtllm_weight_only
-from sqdeploy.exporter.trtllm.pack import pack_int4_rows, unpack_int4_rows
-from sqdeploy.exporter.trtllm.reader import TrtllmCheckpoint
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.formats.trtllm.check import check_dir
+from sqdeploy.formats.trtllm.linear import trtllm_weight_only
+from sqdeploy.formats.trtllm.pack import pack_int4_rows, unpack_int4_rows
+from sqdeploy.formats.trtllm.reader import TrtllmCheckpoint
 from sqdeploy.model.loading import load_model
-from sqdeploy.random_model import TINY_CONFIGS, make_random_model
+from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
+from sqdeploy.quantize.qmodel import QuantizedModel
+from sqdeploy.testing.random_model import TINY_CONFIGS, make_random_model
 from tests.conftest import SHARED_MODEL
 from tests.test_trtllm_support import SQ_STATIC, SQ_TOKEN, export, int4_recipe, per_rank_token_reference, recipe, tp_forward
 
@@ -106,7 +106,7 @@ def test_per_token_scales_are_per_rank(quantized, tmp_path):
 
 def test_sq_eval_opens_a_checkpoint(quantized, tmp_path):
     """sq-eval's reader registry recognizes the directory and runs the merged reader."""
-    from sqdeploy.readers import open_model
+    from sqdeploy.formats.readers import open_model
 
     qdir = quantized("llama", SQ_STATIC)
     export(qdir, tmp_path / "ckpt", 2)
@@ -335,14 +335,14 @@ def test_w8a16_writes_float_weights_trtllm_quantizes(quantized, tmp_path):
 def _export_hf(qdir, out):
     import argparse
 
-    from sqdeploy.exporter.trtllm.hf_unified import write as write_hf
+    from sqdeploy.formats.trtllm.hf_unified import write as write_hf
 
     out.mkdir()
     return write_hf(qdir, out, argparse.Namespace(tp=1, pp=1, kv_cache=None, int4_zero_point=False, quiet=True))
 
 
 def test_hf_unified_int4_reads_back_like_the_engine_checkpoint(int4_model, quantized, tmp_path):
-    from sqdeploy.readers import open_model
+    from sqdeploy.formats.readers import open_model
 
     qdir = quantized(int4_model, int4_recipe(64))
     _export_hf(qdir, tmp_path / "hf")

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
-from sqdeploy.exporter.trtllm.config import QuantSpec, build_config, parse_config
-from sqdeploy.exporter.trtllm.names import expected_tensors
+from sqdeploy.formats.trtllm.config import QuantSpec, build_config, parse_config
+from sqdeploy.formats.trtllm.names import expected_tensors
 from sqdeploy.model.checkpoint import HFCheckpoint
+from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
 from tests.test_trtllm_support import SQ_STATIC, export, int4_recipe, recipe
 
 DATA = Path(__file__).parent / "data"
@@ -71,7 +71,7 @@ def _headers(path: Path) -> dict[str, list]:
 @pytest.fixture(scope="module")
 def two_layer_shared(tmp_path_factory, shared_model):
     """The shared model's architecture (GQA 6/2, hidden 384, fp16) with 2 random layers."""
-    from sqdeploy.random_model import make_random_model
+    from sqdeploy.testing.random_model import make_random_model
 
     spec = {k: v for k, v in json.loads((shared_model / "config.json").read_text()).items() if k not in ("dtype", "transformers_version")}
     spec["num_hidden_layers"] = 2
@@ -94,7 +94,7 @@ def test_unified_hf_equals_modelopt_manifest(two_layer_shared, calib_file, tmp_p
     """--target trtllm-hf against ModelOpt's export_hf_checkpoint (INT4 AWQ) of the shared model."""
     import argparse
 
-    from sqdeploy.exporter.trtllm.hf_unified import write as write_hf
+    from sqdeploy.formats.trtllm.hf_unified import write as write_hf
 
     man = _manifest("modelopt_int4_awq_hf.json")
     q = tmp_path / "q"

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sqdeploy.exporter import qmath
-from sqdeploy.exporter.trtllm.reader import TrtllmCheckpoint
-from sqdeploy.exporter.trtllm.writer import write
+from sqdeploy.core import qmath
+from sqdeploy.formats.trtllm.reader import TrtllmCheckpoint
+from sqdeploy.formats.trtllm.writer import write
 from sqdeploy.model.layers import ACTIVATIONS, Norm, Rotary, apply_rotary, build_mask, sdpa
 
 # fixed-alpha recipes: the same smoothing and layouts as the built-in ones, without their searches
@@ -28,7 +28,7 @@ def int4_recipe(group: int = 64, symmetric: bool = False, rounding: str = "rtn",
 
 
 def recipe(spec):
-    from sqdeploy.exporter.recipes import load_recipe, parse_recipe
+    from sqdeploy.quantize.recipes import load_recipe, parse_recipe
 
     return parse_recipe(spec, origin=spec["name"]) if isinstance(spec, dict) else load_recipe(spec)
 

@@ -10,7 +10,7 @@ machine is shared.
         --big /work/1b-llama --big-recipe w8a8-sq:alpha=0.5 --big-recipe w4a16-rtn
 
 ``--big`` shows the layer-streaming memory bound: a model (e.g. a random-initialised
-1B Llama from ``python -m sqdeploy.random_model llama-1b DIR``) exported with a peak
+1B Llama from ``python -m sqdeploy.testing.random_model llama-1b DIR``) exported with a peak
 resident memory well under its own size. Writes ``bench.json``, ``bench.md`` and
 ``bench.png`` into ``--out``.
 """
@@ -36,7 +36,7 @@ def _peak_rss_mib() -> float:
 
 def _recipe(spec: str):
     """``name`` or ``name:key=json:key=json`` (recipe parameters overridden, e.g. a fixed alpha)."""
-    from sqdeploy.exporter.recipes import load_recipe, parse_recipe
+    from sqdeploy.quantize.recipes import load_recipe, parse_recipe
 
     name, *overrides = spec.split(":")
     base = load_recipe(name)
@@ -48,7 +48,7 @@ def _recipe(spec: str):
 
 
 def job_sqdeploy(model: str, spec: str, calib: dict) -> dict:
-    from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
+    from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,13 +61,13 @@ def job_sqdeploy(model: str, spec: str, calib: dict) -> dict:
 
 def job_modelopt(model: str, cfg_name: str, calib: dict) -> dict:
     """ModelOpt's own flow: load the HF model, calibrate/search, export a TensorRT-LLM checkpoint."""
-    import torch
     import modelopt.torch.quantization as mtq
+    import torch
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
     from transformers import AutoModelForCausalLM
 
-    from sqdeploy.exporter.calibration import build_calibration
-    from sqdeploy.exporter.pipeline import load_tokenizer
+    from sqdeploy.quantize.calibration import build_calibration
+    from sqdeploy.quantize.pipeline import load_tokenizer
 
     t0 = time.perf_counter()
     ids = build_calibration(load_tokenizer(Path(model)), calib["source"], calib["samples"], calib["seq_len"]).ids
@@ -113,7 +113,7 @@ def model_mib(model: str) -> float:
 
 
 def report(rows: list[dict], out: Path) -> str:
-    from sqdeploy.report import markdown_table, write_json_atomic
+    from sqdeploy.core.report import markdown_table, write_json_atomic
 
     write_json_atomic(out / "bench.json", rows)
     table = markdown_table(
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-big", action="store_true", help="run only the --big jobs")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    from sqdeploy.output import check_output_dir
+    from sqdeploy.core.output import check_output_dir
 
     check_output_dir(args.out, args.force)
     calib = {"source": args.calib, "samples": args.calib_samples, "seq_len": args.calib_seq_len}

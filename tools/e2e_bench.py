@@ -8,8 +8,8 @@ import statistics
 import torch
 
 from sqdeploy.kernels import GraphDecoder
-from sqdeploy.kernels.measure import event_ms
-from sqdeploy.kernels.random_weights import VARIANTS, random_model, weight_bytes
+from sqdeploy.testing.measure import event_ms
+from sqdeploy.testing.random_weights import VARIANTS, random_model, weight_bytes
 
 PROMPT, STEPS, TRIALS = 128, 32, 3
 CATEGORIES = (

@@ -7,7 +7,7 @@ under ``--out``::
 
 1. the card's ceilings, measured here: device-to-device copy bandwidth, FP16 matmul
    rate (cuBLAS), INT8 rate (the Triton INT8 GEMM and ``torch._int_mm``);
-2. kernel self-checks against the exact PyTorch arithmetic (``sqdeploy.kernels.selftest``);
+2. kernel self-checks against the exact PyTorch arithmetic (``sqdeploy.testing.kernel_selftest``);
 3. the shared tiny Llama quantized here with the shipped recipes: kernel logits vs the
    fake-quant reference in float32, next to the float16 reference's own error, and
    greedy tokens from the CUDA-graph decoder;

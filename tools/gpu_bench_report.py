@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqdeploy.report import markdown_table
+from sqdeploy.core.report import markdown_table
 
 GOALS = {
     "w4a16_decode_b1_speedup": (">=", 2.5),

@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sqdeploy.kernels import ops, selftest, triton_gemm, tuning
-from sqdeploy.kernels.measure import copies_for, copy_bandwidth, event_ms, graph_ms, l2_bytes, matmul_rate
-from sqdeploy.kernels.random_weights import CODELLAMA_34B, LLAMA2_7B, VARIANTS, config_of, layer_shapes, random_linear
+from sqdeploy.core.report import write_json_atomic
+from sqdeploy.kernels import ops, triton_gemm, tuning
 from sqdeploy.kernels.reference import InputQuant
-from sqdeploy.report import write_json_atomic
+from sqdeploy.testing import kernel_selftest as selftest
+from sqdeploy.testing.measure import copies_for, copy_bandwidth, event_ms, graph_ms, l2_bytes, matmul_rate
+from sqdeploy.testing.random_weights import CODELLAMA_34B, LLAMA2_7B, VARIANTS, config_of, layer_shapes, random_linear
 
 MS_ALL = (1, 16, 64, 256, 2048)
 
@@ -106,12 +107,12 @@ def _ppl(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 def tiny_model(b: Bench) -> None:
     from sqdeploy.kernels import GraphDecoder, load_for_device, matching_lead
-    from sqdeploy.kernels.inmemory import quantize_in_memory
     from sqdeploy.model.generate import greedy_generate
     from sqdeploy.model.loading import load_model
+    from sqdeploy.testing.inmemory import quantize_in_memory
 
     calib = Path("/tmp/sqdeploy-calib.jsonl")
-    src_text = Path("sqdeploy/exporter/smoothing.py").read_text()
+    src_text = Path("sqdeploy/quantize/smoothing.py").read_text()
     calib.write_text("\n".join(json.dumps({"text": src_text[i : i + 2000]}) for i in range(0, len(src_text), 2000)) + "\n")
     ids = _eval_windows(b.model_dir, 4, 256).cuda()
     rows = []
@@ -150,7 +151,7 @@ def tiny_model(b: Bench) -> None:
 
 
 def _rtn(name: str, weight: dict, act: str = "none"):
-    from sqdeploy.exporter.recipes import parse_recipe
+    from sqdeploy.quantize.recipes import parse_recipe
 
     return parse_recipe({"name": name, "scheme": {"weight": weight, "act": {"kind": act}}, "algorithm": "rtn"})
 
@@ -279,7 +280,7 @@ def _pipeline_fns(cfg, variant: str, m: int):
 
 def pipeline_7b(b: Bench) -> None:
     """The goal's 'W8A8 linears with activation quantization included', as the model runs them."""
-    from sqdeploy.kernels.measure import interleaved_ms
+    from sqdeploy.testing.measure import interleaved_ms
 
     cfg = config_of(LLAMA2_7B)
     rows = []

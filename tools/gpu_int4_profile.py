@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from sqdeploy.kernels import triton_gemm  # noqa: E402
-from sqdeploy.kernels.random_weights import VARIANTS, random_linear  # noqa: E402
+from sqdeploy.testing.random_weights import VARIANTS, random_linear  # noqa: E402
 
 SHAPES = {"qkv": (12288, 4096), "down": (4096, 11008)}
 

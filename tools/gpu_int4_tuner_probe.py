@@ -16,8 +16,8 @@ import torch  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from sqdeploy.kernels import triton_gemm as tg  # noqa: E402
-from sqdeploy.kernels.measure import copies_for, graph_ms, l2_bytes  # noqa: E402
-from sqdeploy.kernels.random_weights import VARIANTS, random_linear  # noqa: E402
+from sqdeploy.testing.measure import copies_for, graph_ms, l2_bytes  # noqa: E402
+from sqdeploy.testing.random_weights import VARIANTS, random_linear  # noqa: E402
 
 
 def main() -> int:

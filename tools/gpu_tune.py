@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from sqdeploy.kernels.measure import copies_for, copy_bandwidth, graph_ms, l2_bytes  # noqa: E402
-from sqdeploy.kernels.random_weights import LLAMA2_7B, VARIANTS, config_of, layer_shapes, random_linear  # noqa: E402
+from sqdeploy.core.report import markdown_table  # noqa: E402
 from sqdeploy.kernels.reference import InputQuant  # noqa: E402
-from sqdeploy.report import markdown_table  # noqa: E402
+from sqdeploy.testing.measure import copies_for, copy_bandwidth, graph_ms, l2_bytes  # noqa: E402
+from sqdeploy.testing.random_weights import LLAMA2_7B, VARIANTS, config_of, layer_shapes, random_linear  # noqa: E402
 
 
 def _forced(tuner, cfg, fns):
@@ -51,10 +51,11 @@ EXTRA_TMA: list = []
 
 
 def sweep_gemv(res: dict) -> None:
-    from sqdeploy.kernels import selftest, triton_gemm as tg  # noqa: F401 - needs triton
-
     from gpu_bench_sections import _int4pack_fns
+
     from sqdeploy.kernels import ops
+    from sqdeploy.kernels import triton_gemm as tg
+    from sqdeploy.testing import kernel_selftest as selftest
 
     cfg7 = config_of(LLAMA2_7B)
     rows = []
@@ -94,8 +95,9 @@ def sweep_gemv(res: dict) -> None:
 def sweep_w4_small_m(res: dict, ms=(1, 4, 8, 16, 32, 64, 128)) -> None:
     """W4A16 at small M, summed over a 7B layer's GEMMs: the tuner's choice (this package's kernels and
     gemlite's), each gemlite type forced, and FP16 cuBLAS, interleaved per M."""
-    from sqdeploy.kernels import gemlite_int4, triton_gemm as tg
-    from sqdeploy.kernels.measure import interleaved_ms
+    from sqdeploy.kernels import gemlite_int4
+    from sqdeploy.kernels import triton_gemm as tg
+    from sqdeploy.testing.measure import interleaved_ms
 
     cfg7 = config_of(LLAMA2_7B)
     shapes = layer_shapes(cfg7)
@@ -125,9 +127,9 @@ def sweep_w4_small_m(res: dict, ms=(1, 4, 8, 16, 32, 64, 128)) -> None:
 
 
 def sweep_int8(res: dict, m: int = 2048) -> None:
-    from sqdeploy.kernels import selftest, triton_gemm as tg  # noqa: F401 - needs triton
-
     from sqdeploy.kernels import ops
+    from sqdeploy.kernels import triton_gemm as tg
+    from sqdeploy.testing import kernel_selftest as selftest
 
     rows = []
     for gemm, (n, k) in layer_shapes(config_of(LLAMA2_7B)).items():
@@ -148,7 +150,8 @@ def sweep_int8(res: dict, m: int = 2048) -> None:
 def pipeline(res: dict) -> None:
     from e2e_bench import profile
     from gpu_bench_sections import _pipeline_fns
-    from sqdeploy.kernels.measure import interleaved_ms
+
+    from sqdeploy.testing.measure import interleaved_ms
 
     cfg7 = config_of(LLAMA2_7B)
     built = {v: _pipeline_fns(cfg7, v, 2048) for v in ("fp16", "w8a8", "w8a8-token")}
@@ -164,9 +167,10 @@ def e2e(res: dict) -> None:
     import statistics
 
     from e2e_bench import decode_ms, profile
+
     from sqdeploy.kernels import GraphedForward
-    from sqdeploy.kernels.measure import event_ms
-    from sqdeploy.kernels.random_weights import random_model
+    from sqdeploy.testing.measure import event_ms
+    from sqdeploy.testing.random_weights import random_model
 
     cfg7 = config_of(LLAMA2_7B)
     ids = torch.randint(0, cfg7.vocab_size, (1, 2048), device="cuda")
@@ -191,7 +195,8 @@ def e2e(res: dict) -> None:
 
 
 def checks(res: dict) -> None:
-    from sqdeploy.kernels import selftest, triton_gemm as tg  # noqa: F401 - needs triton
+    from sqdeploy.kernels import triton_gemm as tg
+    from sqdeploy.testing import kernel_selftest as selftest
 
     rows: list = []
     for fn in (selftest.check_candidates, selftest.check_gemlite, selftest.check_fused, selftest.check_gated_gemv, selftest.check_decode_attention):

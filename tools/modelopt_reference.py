@@ -62,7 +62,7 @@ def hf_manifest_of(ckpt: Path) -> dict:
 def calibration_batches(model_dir: Path, calib: str, samples: int, seq_len: int) -> torch.Tensor:
     from transformers import AutoTokenizer
 
-    from sqdeploy.exporter.calibration import build_calibration
+    from sqdeploy.quantize.calibration import build_calibration
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     return build_calibration(tok, calib, samples, seq_len).ids

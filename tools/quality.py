@@ -72,14 +72,14 @@ def log(msg: str) -> None:
 
 
 def score(model, windows) -> dict:
-    from sqdeploy.exporter.evaluate import model_logits_fn, perplexity
+    from sqdeploy.evaluate.perplexity import model_logits_fn, perplexity
 
     p = perplexity(model_logits_fn(model), windows)
     return {"perplexity": p.ppl, "per_window_nll": p.per_window_nll}
 
 
 def change(base: dict, other: dict) -> dict:
-    from sqdeploy.exporter.evaluate import paired_change
+    from sqdeploy.evaluate.perplexity import paired_change
 
     c = paired_change(base["per_window_nll"], other["per_window_nll"])
     return {"relative": c.relative, "stderr": c.stderr, "text": str(c)}
@@ -95,8 +95,8 @@ def search_summary(search: dict | None) -> dict | None:
 
 def model_windows(key: str, args) -> dict:
     """The standard and validation windows of a model's held-out text (tokenized once)."""
-    from sqdeploy.exporter.evaluate import eval_windows, read_text
-    from sqdeploy.exporter.pipeline import load_tokenizer
+    from sqdeploy.evaluate.perplexity import eval_windows, read_text
+    from sqdeploy.quantize.pipeline import load_tokenizer
 
     shared = Path(args.shared)
     tok = load_tokenizer(shared / "models" / MODELS[key])
@@ -114,8 +114,8 @@ def job(key: str, spec: str | None, sets: dict, shared: str, humaneval: bool, hu
     """One row: the float model (``spec`` None) or a recipe, scored on every window set (in a worker process)."""
     import torch
 
-    from sqdeploy.exporter.pipeline import Calibration, Runtime, load_tokenizer, quantize_in_memory
     from sqdeploy.model import HFCheckpoint, load_model
+    from sqdeploy.quantize.pipeline import Calibration, Runtime, load_tokenizer, quantize_in_memory
 
     torch.set_num_threads(threads)
     ck = HFCheckpoint(Path(shared) / "models" / MODELS[key])
@@ -133,7 +133,7 @@ def job(key: str, spec: str | None, sets: dict, shared: str, humaneval: bool, hu
         row[s] = score(model, w)
         row[s]["eval_seconds"] = time.perf_counter() - t1
     if humaneval:
-        from sqdeploy.exporter.humaneval import humaneval_pass_at_1
+        from sqdeploy.evaluate.humaneval import humaneval_pass_at_1
 
         row["humaneval"] = humaneval_pass_at_1(model, load_tokenizer(ck.path), humaneval_limit)
     return row
@@ -163,7 +163,7 @@ def fmt_change(row: dict, s: str, key: str = "vs_float") -> str:
 
 
 def markdown(data: dict) -> str:
-    from sqdeploy.report import markdown_table
+    from sqdeploy.core.report import markdown_table
 
     s = data["settings"]
     lines = [
@@ -222,8 +222,8 @@ def markdown(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sqdeploy.exporter.recipes import builtin_recipes
-    from sqdeploy.report import write_json_atomic
+    from sqdeploy.core.report import write_json_atomic
+    from sqdeploy.quantize.recipes import builtin_recipes
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="docs/benchmarks", help="directory for quality.json and quality.md")

@@ -7,7 +7,7 @@ open, and after each batch sends one normal completion request (8 tokens, 10 s t
 each request's status and latency, the server log's size and the checkout's commit to ``--out``
 (JSON). Loopback only; every socket and the server are closed at the end.
 
-    python -m sqdeploy.random_model llama /tmp/tiny --dtype float32 --tokenizer-from ../shared/models/tiny-code-llama
+    python -m sqdeploy.testing.random_model llama /tmp/tiny --dtype float32 --tokenizer-from ../shared/models/tiny-code-llama
     sq-export /tmp/tiny --target onnx --dtype float32 --out /tmp/tiny-onnx
     python tools/serve_flood.py /tmp/tiny-onnx --out docs/benchmarks/serve-flood.json
 """

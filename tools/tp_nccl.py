@@ -35,8 +35,8 @@ import torch  # noqa: E402
 def prepare(args) -> None:
     from transformers import AutoTokenizer
 
-    from sqdeploy.exporter.calibration import load_texts
-    from sqdeploy.exporter.evaluate import eval_windows, read_text
+    from sqdeploy.evaluate.perplexity import eval_windows, read_text
+    from sqdeploy.quantize.calibration import load_texts
 
     tok = AutoTokenizer.from_pretrained(args.model)
     windows = eval_windows(tok, read_text(args.text), args.windows, args.seq_len)
@@ -78,7 +78,7 @@ def _engine_run(path: Path, windows: torch.Tensor, prompts: list[list[int]], new
 
 
 def _reference_nll(path: Path, windows: torch.Tensor, device: str) -> float:
-    from sqdeploy.exporter.trtllm.reader import TrtllmCheckpoint
+    from sqdeploy.formats.trtllm.reader import TrtllmCheckpoint
     from sqdeploy.model.loading import load_model
 
     model = load_model(TrtllmCheckpoint(path), torch.float32, device)
@@ -121,7 +121,7 @@ def compare(name: str, tp1: Path, tp2: Path, data: dict, new: int, device: str =
 
 def refusal(tp2: Path) -> str:
     """tp 2 with one GPU visible must be refused with a clear message (a subprocess: visibility is per process)."""
-    code = ("import sys; from sqdeploy.runtime.tp import TPEngine; from sqdeploy.errors import SqDeployError\n"
+    code = ("import sys; from sqdeploy.runtime.tp import TPEngine; from sqdeploy.core.errors import SqDeployError\n"
             f"try:\n    TPEngine({str(tp2)!r}, device='cuda').close(); print('STARTED')\n"
             "except SqDeployError as e:\n    print('REFUSED:', e)\n")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
@@ -130,7 +130,7 @@ def refusal(tp2: Path) -> str:
 
 
 def markdown(res: dict) -> str:
-    from sqdeploy.report import markdown_table
+    from sqdeploy.core.report import markdown_table
 
     head = ["model", "ppl tp1", "ppl tp2", "rel. diff", "fp32 reader", "logits rel. diff", "max abs diff", "top-1 agree",
             "greedy eager equal", "greedy graph equal"]

@@ -26,7 +26,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _one(name: str) -> dict:
-    from sqdeploy.exporter.trtllm.reader import TrtllmCheckpoint
+    from sqdeploy.formats.trtllm.reader import TrtllmCheckpoint
     from sqdeploy.kernels import greedy_generate
     from sqdeploy.model.loading import load_model
     from sqdeploy.runtime.tp import TPEngine, build_rank_model
@@ -53,7 +53,7 @@ def _one(name: str) -> dict:
 
 
 def run(model_dir: str, out_dir) -> dict:
-    from sqdeploy.errors import SqDeployError
+    from sqdeploy.core.errors import SqDeployError
     from sqdeploy.runtime.tp import TPEngine
 
     res = {}

@@ -31,7 +31,7 @@ VALIDATION = (240, 0.5)  # sq-eval --windows 240 --window-offset 0.5: disjoint f
 
 def score(src, windows: dict[str, torch.Tensor]) -> dict:
     """Perplexity on each window set (``ppl``: the standard windows, ``val_ppl``: validation)."""
-    from sqdeploy.exporter.evaluate import model_logits_fn, perplexity
+    from sqdeploy.evaluate.perplexity import model_logits_fn, perplexity
     from sqdeploy.model.loading import load_model
 
     fn = model_logits_fn(load_model(src, torch.float32))
@@ -40,7 +40,7 @@ def score(src, windows: dict[str, torch.Tensor]) -> dict:
 
 def versus(result: dict, base: dict | None = None) -> dict:
     """A row's perplexities, and with ``base`` their paired change against it (``vs_quantized``, ``val_vs_quantized``)."""
-    from sqdeploy.exporter.evaluate import paired_change
+    from sqdeploy.evaluate.perplexity import paired_change
 
     row = {key: p.ppl for key, p in result.items()}
     for key, p in (base or {}).items():
@@ -51,14 +51,14 @@ def versus(result: dict, base: dict | None = None) -> dict:
 
 
 def relative(row: dict, prefix: str = "") -> str:
-    from sqdeploy.exporter.evaluate import format_change
+    from sqdeploy.evaluate.perplexity import format_change
 
     key = f"{prefix}vs_quantized"
     return format_change(row[key], row[key + "_stderr"], 3) if key in row else ""
 
 
 def export(qdir: Path, out: Path, tp: int, zero_point: bool = False, clip: str = "search") -> dict:
-    from sqdeploy.exporter.trtllm.writer import write
+    from sqdeploy.formats.trtllm.writer import write
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -72,7 +72,7 @@ def label(recipe: str) -> str:
 
 
 def quantized_dir(model: Path, recipe: str, work: Path, calib: str | None) -> Path:
-    from sqdeploy.exporter.pipeline import Calibration, Runtime, quantize_to_dir
+    from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
 
     q = work / f"q-{label(recipe)}"
     if not (q / "sqdeploy.json").exists():
@@ -81,9 +81,9 @@ def quantized_dir(model: Path, recipe: str, work: Path, calib: str | None) -> Pa
 
 
 def sweep_recipe(model: Path, recipe: str, args, windows) -> list[dict]:
-    from sqdeploy.errors import SqDeployError
-    from sqdeploy.exporter.qmodel import QuantizedModel
-    from sqdeploy.exporter.trtllm.reader import TrtllmCheckpoint
+    from sqdeploy.core.errors import SqDeployError
+    from sqdeploy.formats.trtllm.reader import TrtllmCheckpoint
+    from sqdeploy.quantize.qmodel import QuantizedModel
 
     q = quantized_dir(model, recipe, args.work, args.calib)
     qm = QuantizedModel(q)
@@ -112,7 +112,7 @@ def sweep_recipe(model: Path, recipe: str, args, windows) -> list[dict]:
 
 
 def markdown(rows: list[dict], text: str, n: int, validation: bool) -> str:
-    from sqdeploy.report import markdown_table
+    from sqdeploy.core.report import markdown_table
 
     table = []
     for r in rows:
@@ -137,10 +137,10 @@ def clip_list(value: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sqdeploy.exporter.evaluate import eval_windows, read_text
-    from sqdeploy.exporter.pipeline import load_tokenizer
-    from sqdeploy.exporter.trtllm.reader import TrtllmCheckpoint
-    from sqdeploy.report import write_json_atomic
+    from sqdeploy.core.report import write_json_atomic
+    from sqdeploy.evaluate.perplexity import eval_windows, read_text
+    from sqdeploy.formats.trtllm.reader import TrtllmCheckpoint
+    from sqdeploy.quantize.pipeline import load_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path)

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import SqDeployError
-from .common import run_cli
+from sqdeploy.cli.common import run_cli
+from sqdeploy.core.errors import SqDeployError
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _header(title: str, argv: list[str] | None) -> str:
-    from ..runtime.bench.report import machine
+    from sqdeploy.runtime.bench.report import machine
 
     m = machine()
     cmd = "sq-bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -98,10 +98,10 @@ def _inputs(args) -> list:
 
 
 def offline(args, argv) -> int:
-    from ..output import atomic_output_dir
-    from ..runtime.bench.offline import EngineSpec, OfflineGrid, run_offline
-    from ..runtime.bench.plots import offline_bars
-    from ..runtime.bench.report import machine, offline_table, write_report
+    from sqdeploy.core.output import atomic_output_dir
+    from sqdeploy.runtime.bench.offline import EngineSpec, OfflineGrid, run_offline
+    from sqdeploy.runtime.bench.plots import offline_bars
+    from sqdeploy.runtime.bench.report import machine, offline_table, write_report
 
     grid = OfflineGrid(args.batch_sizes, args.input_lens, args.output_lens, args.repeat, args.warmup, args.seed)
     specs = [EngineSpec(d, args.backend, args.device, args.threads) for d in args.engine_dirs]
@@ -118,9 +118,9 @@ def offline(args, argv) -> int:
 
 
 def online(args, argv) -> int:
-    from ..exporter.progress import Progress
-    from ..output import atomic_output_dir
-    from ..runtime.bench.online import (
+    from sqdeploy.core.output import atomic_output_dir
+    from sqdeploy.core.progress import Progress
+    from sqdeploy.runtime.bench.online import (
         LoadPoint,
         RequestSpec,
         breakdown_rate,
@@ -130,8 +130,8 @@ def online(args, argv) -> int:
         run_point,
         synthetic_prompts,
     )
-    from ..runtime.bench.plots import online_curves
-    from ..runtime.bench.report import machine, online_table, write_report
+    from sqdeploy.runtime.bench.plots import online_curves
+    from sqdeploy.runtime.bench.report import machine, online_table, write_report
 
     if not (args.rates or args.concurrency or args.trace):
         raise SqDeployError("give at least one of --rates, --concurrency or --trace")
@@ -139,7 +139,7 @@ def online(args, argv) -> int:
     model = resolve_model(url, args.model)
     tokenizer = None
     if args.tokenizer:
-        from ..runtime.backends.base import load_tokenizer
+        from sqdeploy.runtime.backends.base import load_tokenizer
 
         tokenizer = load_tokenizer(Path(args.tokenizer))
     corpus = Path(args.corpus).read_text() if args.corpus else None
@@ -179,11 +179,11 @@ def online(args, argv) -> int:
 
 
 def overhead(args, argv) -> int:
-    from ..output import atomic_output_dir
-    from ..report import markdown_table
-    from ..runtime.bench.overhead import OverheadConfig, measure_overhead
-    from ..runtime.bench.plots import overhead_bars
-    from ..runtime.bench.report import machine, write_report
+    from sqdeploy.core.output import atomic_output_dir
+    from sqdeploy.core.report import markdown_table
+    from sqdeploy.runtime.bench.overhead import OverheadConfig, measure_overhead
+    from sqdeploy.runtime.bench.plots import overhead_bars
+    from sqdeploy.runtime.bench.report import machine, write_report
 
     cfg = OverheadConfig(
         args.batch_size, args.input_len, args.output_len, args.rounds, args.requests_per_round, args.threads, args.seed

@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..report import markdown_table, write_json_atomic
-from .common import run_cli
+from sqdeploy.cli.common import run_cli
+from sqdeploy.core.report import markdown_table, write_json_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..engines.gpus import DEFAULT_GPU, GPU_PROFILES
+    from sqdeploy.engines.gpus import DEFAULT_GPU, GPU_PROFILES
 
     ap = argparse.ArgumentParser(prog="sq-build", description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,7 +75,7 @@ def _need_out(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def _plan_then_build(plan, build, args: argparse.Namespace) -> dict:
     """Print the plan; with --dry-run stop there, else build into a temporary dir renamed at the end."""
-    from ..output import atomic_output_dir, check_output_dir
+    from sqdeploy.core.output import atomic_output_dir, check_output_dir
 
     print(plan.summary())
     if args.dry_run:
@@ -88,8 +88,8 @@ def _plan_then_build(plan, build, args: argparse.Namespace) -> dict:
 
 
 def _trtllm(args: argparse.Namespace) -> dict:
-    from ..engines.gpus import get_gpu
-    from ..engines.trtllm import TrtllmOptions, plan_build, run_build
+    from sqdeploy.engines.gpus import get_gpu
+    from sqdeploy.engines.trtllm import TrtllmOptions, plan_build, run_build
 
     opts = TrtllmOptions(gpu=get_gpu(args.gpu), max_batch_size=args.max_batch_size or 64, max_input_len=args.max_input_len,
                          max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
@@ -98,8 +98,8 @@ def _trtllm(args: argparse.Namespace) -> dict:
 
 
 def _tensorrt(args: argparse.Namespace) -> dict:
-    from ..engines.gpus import get_gpu
-    from ..engines.tensorrt import TrtOptions, build_trt, plan_trt
+    from sqdeploy.engines.gpus import get_gpu
+    from sqdeploy.engines.tensorrt import TrtOptions, build_trt, plan_trt
 
     opts = TrtOptions(gpu=get_gpu(args.gpu), max_batch_size=args.max_batch_size or 8, max_seq_len=args.max_seq_len,
                       max_input_len=args.max_input_len, precision=args.precision, workspace_gib=args.workspace_gib)
@@ -107,8 +107,8 @@ def _tensorrt(args: argparse.Namespace) -> dict:
 
 
 def _onnxruntime(args: argparse.Namespace) -> dict:
-    from ..engines.onnxruntime import OrtOptions, build_ort, plan_ort
-    from ..output import atomic_output_dir, check_output_dir
+    from sqdeploy.core.output import atomic_output_dir, check_output_dir
+    from sqdeploy.engines.onnxruntime import OrtOptions, build_ort, plan_ort
 
     opts = OrtOptions(provider=args.provider, opt_level=args.opt_level, intra_op_threads=args.intra_op_threads,
                       inter_op_threads=args.inter_op_threads, execution_mode=args.execution_mode)
@@ -131,8 +131,8 @@ def _onnxruntime(args: argparse.Namespace) -> dict:
 
 
 def _plan(args: argparse.Namespace) -> dict:
-    from ..engines.gpus import get_gpu
-    from ..engines.plan_cli import plan_from_args
+    from sqdeploy.cli.plan import plan_from_args
+    from sqdeploy.engines.gpus import get_gpu
 
     plan = plan_from_args(args.source, get_gpu(args.gpu), recipe=args.recipe, tp=args.tp, kv_cache=args.kv_cache,
                           dtype=args.dtype, max_batch_size=args.max_batch_size or 64, max_seq_len=args.max_seq_len,
@@ -144,7 +144,7 @@ def _plan(args: argparse.Namespace) -> dict:
 
 
 def _triton(args: argparse.Namespace) -> dict:
-    from ..engines.triton import TritonOptions, write_repository
+    from sqdeploy.engines.triton import TritonOptions, write_repository
 
     opts = TritonOptions(max_batch_size=args.max_batch_size, streaming=not args.no_streaming,
                          kv_cache_fraction=args.kv_cache_fraction, instances=args.instances, engine_path=args.engine_path,

@@ -6,12 +6,12 @@ import argparse
 import importlib
 import sys
 
-from .common import run_cli
+from sqdeploy.cli.common import run_cli
 
 # kind -> module whose ``main(argv)`` checks that kind of directory
 CHECKERS = {
-    "onnx": "sqdeploy.exporter.onnx.check",
-    "trtllm": "sqdeploy.exporter.trtllm.check",
+    "onnx": "sqdeploy.formats.onnx.check",
+    "trtllm": "sqdeploy.formats.trtllm.check",
 }
 
 

@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import Callable, Iterator
 
-from ..errors import SqDeployError
+from sqdeploy.core.errors import SqDeployError
 
 
 class Terminated(KeyboardInterrupt):
@@ -83,7 +83,7 @@ def add_runtime_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def calibration_from(args: argparse.Namespace):
-    from ..exporter.pipeline import Calibration
+    from sqdeploy.quantize.pipeline import Calibration
 
     return Calibration(args.calib, args.calib_samples, args.calib_seq_len)
 
@@ -91,7 +91,7 @@ def calibration_from(args: argparse.Namespace):
 def runtime_from(args: argparse.Namespace):
     import torch
 
-    from ..exporter.pipeline import Runtime
+    from sqdeploy.quantize.pipeline import Runtime
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..report import markdown_table
-from .common import add_calibration_arguments, add_runtime_arguments, calibration_from, run_cli, runtime_from
+from sqdeploy.cli.common import add_calibration_arguments, add_runtime_arguments, calibration_from, run_cli, runtime_from
+from sqdeploy.core.report import markdown_table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _score(name, opened_model, logits_fn, tokenizer, windows, args, extra) -> dict:
-    from ..exporter.evaluate import perplexity
+    from sqdeploy.evaluate.perplexity import perplexity
 
     t0 = time.perf_counter()
     ppl = perplexity(logits_fn, windows)
@@ -51,11 +51,11 @@ def _score(name, opened_model, logits_fn, tokenizer, windows, args, extra) -> di
         if opened_model is None:
             row["humaneval"] = "not available for this directory kind"
         else:
-            from ..exporter.humaneval import humaneval_pass_at_1
+            from sqdeploy.evaluate.humaneval import humaneval_pass_at_1
 
             row["humaneval"] = humaneval_pass_at_1(opened_model, tokenizer, args.humaneval_limit)
     if args.lm_eval:
-        from ..exporter.lm_eval_adapter import run_lm_eval
+        from sqdeploy.evaluate.lm_eval_adapter import run_lm_eval
 
         row["lm_eval"] = run_lm_eval(logits_fn, tokenizer, args.lm_eval.split(","), args.seq_len,
                                      args.lm_eval_limit, args.lm_eval_include)
@@ -65,11 +65,11 @@ def _score(name, opened_model, logits_fn, tokenizer, windows, args, extra) -> di
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from ..errors import SqDeployError
-    from ..exporter.evaluate import eval_windows, model_logits_fn, paired_change, read_text
-    from ..exporter.pipeline import check_tokenizer_fits, load_tokenizer, quantize_in_memory
-    from ..readers import open_model
-    from ..report import write_json_atomic
+    from sqdeploy.core.errors import SqDeployError
+    from sqdeploy.core.report import write_json_atomic
+    from sqdeploy.evaluate.perplexity import eval_windows, model_logits_fn, paired_change, read_text
+    from sqdeploy.formats.readers import open_model
+    from sqdeploy.quantize.pipeline import check_tokenizer_fits, load_tokenizer, quantize_in_memory
 
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     runtime = runtime_from(args)
     rows: list[dict] = []
     if args.recipe:
-        from ..model.checkpoint import HFCheckpoint
-        from ..model.loading import load_model
+        from sqdeploy.model.checkpoint import HFCheckpoint
+        from sqdeploy.model.loading import load_model
 
         ck = HFCheckpoint(args.model[0])
         tokenizer = load_tokenizer(ck.path)

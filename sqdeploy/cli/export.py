@@ -7,12 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..report import markdown_table
-from .common import add_calibration_arguments, add_runtime_arguments, calibration_from, run_cli, runtime_from
+from sqdeploy.cli.common import add_calibration_arguments, add_runtime_arguments, calibration_from, run_cli, runtime_from
+from sqdeploy.core.report import markdown_table
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..exporter.targets import load_targets
+    from sqdeploy.formats.targets import load_targets
 
     targets = load_targets()
     ap = argparse.ArgumentParser(
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def list_recipes() -> None:
-    from ..exporter.recipes import builtin_recipes, load_recipe
+    from sqdeploy.quantize.recipes import builtin_recipes, load_recipe
 
     rows = []
     for name in builtin_recipes():
@@ -70,10 +70,10 @@ def layer_summary(result) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..errors import SqDeployError
-    from ..exporter.pipeline import quantize_to_dir
-    from ..output import check_output_dir
-    from ..report import write_json_atomic
+    from sqdeploy.core.errors import SqDeployError
+    from sqdeploy.core.output import check_output_dir
+    from sqdeploy.core.report import write_json_atomic
+    from sqdeploy.quantize.pipeline import quantize_to_dir
 
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -87,13 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     check_output_dir(args.out, args.force, inputs=[args.model, args.calib])
     t0 = time.perf_counter()
     if args.target != "quantized":
-        from ..exporter.export_target import export_target
+        from sqdeploy.formats.export import export_target
 
         report = export_target(args, on_quantized=lambda result: print(layer_summary(result), flush=True))
         print(report.get("summary", ""))
         print(f"done in {time.perf_counter() - t0:.1f} s")
     else:
-        from ..exporter.qmodel import is_quantized_dir
+        from sqdeploy.quantize.qmodel import is_quantized_dir
 
         if is_quantized_dir(args.model):
             raise SqDeployError(f"{args.model} is already quantized; pick an export --target to convert it")

@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import SqDeployError
-from .common import run_cli
+from sqdeploy.cli.common import run_cli
+from sqdeploy.core.errors import SqDeployError
 
 
 def port_number(text: str) -> int:
@@ -23,7 +23,7 @@ def port_number(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..runtime import BACKENDS
+    from sqdeploy.runtime import BACKENDS
 
     ap = argparse.ArgumentParser(
         prog="sq-serve",
@@ -95,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..runtime import BatchConfig, open_engine
-    from ..runtime.server.limits import ServeLimits, ServeOptions
-    from ..runtime.server.run import serve
+    from sqdeploy.runtime import BatchConfig, open_engine
+    from sqdeploy.runtime.server.limits import ServeLimits, ServeOptions
+    from sqdeploy.runtime.server.run import serve
 
     args = build_parser().parse_args(argv)
     limits = ServeLimits(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import SqDeployError
+from sqdeploy.core.errors import SqDeployError
 
 MIB = 1 << 20
 GIB = 1 << 30

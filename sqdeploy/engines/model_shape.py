@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import SqDeployError
+from sqdeploy.core.errors import SqDeployError
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 # TensorRT-LLM architecture names (checkpoint config.json) -> sq-deploy family
@@ -77,7 +77,7 @@ class ModelShape:
 
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], dtype: str | None = None) -> ModelShape:
-        from ..families import family_for_hf_config
+        from sqdeploy.core.families import family_for_hf_config
 
         mc = family_for_hf_config(cfg).config_from_hf(cfg)
         return cls(

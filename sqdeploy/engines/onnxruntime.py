@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MissingDependencyError, SqDeployError
-from ..report import markdown_table
-from .onnx_dir import GRAPH, META, OnnxExport
+from sqdeploy.core.errors import MissingDependencyError, SqDeployError
+from sqdeploy.core.report import markdown_table
+from sqdeploy.formats.onnx.contract import GRAPH, META, OnnxExport
 
 SESSION = "session.json"
 ENGINE_FORMAT = "sqdeploy.ort-engine"
@@ -175,7 +175,7 @@ def build_ort(plan: OrtPlan, tmp: Path) -> dict[str, Any]:
     """
     import onnxruntime as ort
 
-    from ..exporter.progress import Progress
+    from sqdeploy.core.progress import Progress
 
     _require_provider(plan.options.provider)
     candidates = plan.options.candidates

@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass, field
 from math import ceil
 from typing import Any
 
-from ..errors import SqDeployError
-from ..report import markdown_table
-from .gpus import GIB, GpuProfile
-from .model_shape import ModelShape, WeightFormat
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.core.report import markdown_table
+from sqdeploy.engines.gpus import GIB, GpuProfile
+from sqdeploy.engines.model_shape import ModelShape, WeightFormat
 
 TP_CANDIDATES = (1, 2, 4, 8, 16)
 

@@ -25,11 +25,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import MissingDependencyError, SqDeployError
-from ..report import markdown_table
-from .gpus import GIB, GpuProfile, check_visible_gpus
-from .onnx_dir import BATCH, META, PAST, SEQUENCE, TOTAL, OnnxExport
-from .planner import gib
+from sqdeploy.core.errors import MissingDependencyError, SqDeployError
+from sqdeploy.core.report import markdown_table
+from sqdeploy.engines.gpus import GIB, GpuProfile, check_visible_gpus
+from sqdeploy.engines.planner import gib
+from sqdeploy.formats.onnx.contract import BATCH, META, PAST, SEQUENCE, TOTAL, OnnxExport
 
 PLAN_FILE = "model.plan"
 ENGINE_JSON = "engine.json"

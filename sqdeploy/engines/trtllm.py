@@ -27,11 +27,19 @@ from math import ceil
 from pathlib import Path
 from typing import Any
 
-from ..errors import MissingDependencyError, SqDeployError
-from ..report import markdown_table
-from .gpus import GpuProfile, check_visible_gpus
-from .model_shape import GROUPWISE_ALGOS, SQ_PLUGIN_ALGOS, WEIGHT_ONLY_ALGOS, ModelShape, WeightFormat, read_config, trtllm_family
-from .planner import Deployment, MemoryPlan, plan_memory
+from sqdeploy.core.errors import MissingDependencyError, SqDeployError
+from sqdeploy.core.report import markdown_table
+from sqdeploy.engines.gpus import GpuProfile, check_visible_gpus
+from sqdeploy.engines.model_shape import (
+    GROUPWISE_ALGOS,
+    SQ_PLUGIN_ALGOS,
+    WEIGHT_ONLY_ALGOS,
+    ModelShape,
+    WeightFormat,
+    read_config,
+    trtllm_family,
+)
+from sqdeploy.engines.planner import Deployment, MemoryPlan, plan_memory
 
 MIN_VERSION = (0, 12)
 REMOVED_IN = (1, 3)
@@ -226,9 +234,9 @@ def check_checkpoint(ckpt: Path, world_size: int) -> str:
     if missing:
         raise SqDeployError(f"{ckpt} lacks {', '.join(missing)} (mapping.world_size is {world_size}); re-export the checkpoint")
     try:
-        checker = importlib.import_module("sqdeploy.exporter.trtllm.check")
+        checker = importlib.import_module("sqdeploy.formats.trtllm.check")
     except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("sqdeploy.exporter.trtllm"):
+        if exc.name and exc.name.startswith("sqdeploy.formats.trtllm"):
             return "config.json and rank files only (sq-check trtllm is not installed)"
         raise
     if checker.main([str(ckpt)]):

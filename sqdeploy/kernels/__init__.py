@@ -7,11 +7,11 @@ the same modules run the exact PyTorch arithmetic of :mod:`.reference`, which is
 the CPU test suite holds the whole path to the reference.
 """
 
-from .decode import GraphDecoder, GraphedForward, greedy_generate, matching_lead
-from .device import check_cuda, check_gpus_for_tp, resolve_device
-from .model import KernelTransformer, StaticKVCache
-from .spec import LinearSpec
-from .swap import build_block, load_for_device, prepare_model
+from sqdeploy.kernels.decode import GraphDecoder, GraphedForward, greedy_generate, matching_lead
+from sqdeploy.kernels.device import check_cuda, check_gpus_for_tp, resolve_device
+from sqdeploy.kernels.model import KernelTransformer, StaticKVCache
+from sqdeploy.kernels.spec import LinearSpec
+from sqdeploy.kernels.swap import build_block, load_for_device, prepare_model
 
 __all__ = [
     "GraphDecoder", "GraphedForward", "KernelTransformer", "LinearSpec", "StaticKVCache", "build_block", "check_cuda",

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import SqDeployError
-from .model import KernelTransformer, StaticKVCache
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.kernels.model import KernelTransformer, StaticKVCache
 
 
 def _capture(fn, pool=None) -> torch.cuda.CUDAGraph:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import MissingDependencyError, SqDeployError
+from sqdeploy.core.errors import MissingDependencyError, SqDeployError
 
 MIN_CAPABILITY = (8, 0)  # Triton's INT8/FP16 tensor-core paths used here (Ampere and newer)
 

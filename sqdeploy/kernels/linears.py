@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SqDeployError
-from . import ops
-from .packing import Int4Weight, Int8Weight, int4_from_spec, int8_from_spec
-from .reference import InputQuant, QAct, input_quant
-from .spec import LinearSpec
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.kernels import ops
+from sqdeploy.kernels.packing import Int4Weight, Int8Weight, int4_from_spec, int8_from_spec
+from sqdeploy.kernels.reference import InputQuant, QAct, input_quant
+from sqdeploy.kernels.spec import LinearSpec
 
 
 class KernelLinear(nn.Module):

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SqDeployError
-from ..model.transformer import Context, KVCache, Transformer
-from . import ops
-from .linears import KernelLinear, W4A16Linear
-from .reference import InputQuant
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.kernels import ops
+from sqdeploy.kernels.linears import KernelLinear, W4A16Linear
+from sqdeploy.kernels.reference import InputQuant
+from sqdeploy.model.transformer import Context, KVCache, Transformer
 
 
 @dataclass

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import reference as ref
-from .packing import Int4Weight, Int8Weight
-from .reference import InputQuant, QAct
+from sqdeploy.kernels import reference as ref
+from sqdeploy.kernels.packing import Int4Weight, Int8Weight
+from sqdeploy.kernels.reference import InputQuant, QAct
 
 # INT4 products with more rows than this dequantize the weight once and call cuBLAS without asking the
 # tuner; up to it, the tuner times the INT4 kernels and (64+ rows, INT4_TUNE_DEQUANT) dequantize-then-cuBLAS
@@ -34,7 +34,7 @@ def _gpu(t: torch.Tensor) -> bool:
 
 def add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm, iq: InputQuant):
     if _gpu(x):
-        from . import triton_fused
+        from sqdeploy.kernels import triton_fused
 
         fused_iq = iq if iq.kind in ("none", "static", "token") else InputQuant()
         h, y = triton_fused.add_norm(x, delta, norm, fused_iq)
@@ -44,7 +44,7 @@ def add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm, iq: InputQuant):
 
 def quantize(x: torch.Tensor, iq: InputQuant) -> QAct:
     if _gpu(x):
-        from . import triton_fused
+        from sqdeploy.kernels import triton_fused
 
         return triton_fused.quantize(x.contiguous(), iq)
     return ref.quantize(x, iq)
@@ -52,7 +52,7 @@ def quantize(x: torch.Tensor, iq: InputQuant) -> QAct:
 
 def act_mul(h: torch.Tensor, act: str, gated: bool, iq: InputQuant):
     if _gpu(h):
-        from . import triton_fused
+        from sqdeploy.kernels import triton_fused
 
         fused_iq = iq if iq.kind in ("none", "static", "token") else InputQuant()
         y = triton_fused.act_mul(h, act, gated, fused_iq)
@@ -62,7 +62,7 @@ def act_mul(h: torch.Tensor, act: str, gated: bool, iq: InputQuant):
 
 def int8_linear(qa: QAct, w: Int8Weight, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     if _gpu(qa.q):
-        from . import triton_gemm
+        from sqdeploy.kernels import triton_gemm
 
         return triton_gemm.int8_gemm(qa.q, qa.scale, w.q, w.scale, bias, out_dtype)
     return ref.int8_linear(qa, w, bias, out_dtype)
@@ -71,7 +71,7 @@ def int8_linear(qa: QAct, w: Int8Weight, bias: torch.Tensor | None, out_dtype: t
 def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
     if not _gpu(x):
         return ref.int4_linear(x, w, bias)
-    from . import triton_gemm
+    from sqdeploy.kernels import triton_gemm
 
     x = x.contiguous()
     if x.shape[0] > INT4_FUSED_MAX_M:
@@ -87,7 +87,7 @@ def _pow2(d: int) -> bool:
 def int4_linear_act(gu: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, act: str) -> torch.Tensor:
     """``int4_linear(act(gate) * up)`` of a fused gate|up output; one GPU row computes it inside the GEMV."""
     if _gpu(gu) and gu.shape[0] == 1 and FUSE_ACT_INTO_GEMV:
-        from . import triton_gemm
+        from sqdeploy.kernels import triton_gemm
 
         return triton_gemm.int4_gemm(gu.contiguous(), w.packed, w.scales, w.zeros, w.group_size, bias, act=act)
     return int4_linear(act_mul(gu, act, True, InputQuant()), w, bias)
@@ -97,7 +97,7 @@ def decode_attention(q, k_cache, v_cache, length, window: int | None):
     """Attention of one query per row over the static cache, or None where SDPA should do it."""
     if not (_gpu(q) and DECODE_ATTENTION):
         return None
-    from . import triton_attention
+    from sqdeploy.kernels import triton_attention
 
     if not triton_attention.supported(q.shape[1], k_cache.shape[1], q.shape[2]):
         return None
@@ -106,7 +106,7 @@ def decode_attention(q, k_cache, v_cache, length, window: int | None):
 
 def rope_qkv(qkv, cos, sin, heads: int, kv_heads: int, head_dim: int):
     if _gpu(qkv) and _pow2(head_dim):
-        from . import triton_fused
+        from sqdeploy.kernels import triton_fused
 
         return triton_fused.rope_qkv(qkv.contiguous(), cos, sin, heads, kv_heads, head_dim)
     return ref.rope_qkv(qkv, cos, sin, heads, kv_heads, head_dim)
@@ -114,7 +114,7 @@ def rope_qkv(qkv, cos, sin, heads: int, kv_heads: int, head_dim: int):
 
 def rope_cache(qkv, cos, sin, k_cache, v_cache, start, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
     if _gpu(qkv) and _pow2(head_dim):
-        from . import triton_fused
+        from sqdeploy.kernels import triton_fused
 
         return triton_fused.rope_cache(qkv.contiguous(), cos, sin, k_cache, v_cache, start, heads, kv_heads, head_dim)
     return ref.rope_cache(qkv, cos, sin, k_cache, v_cache, start, heads, kv_heads, head_dim)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import SqDeployError
-from .spec import LinearSpec
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.kernels.spec import LinearSpec
 
 NIBBLES = 8  # INT4 values per int32 word
 FP16_MIN_NORMAL = 2.0**-14

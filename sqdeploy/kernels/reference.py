@@ -15,9 +15,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..exporter import qmath
-from ..model.layers import ACTIVATIONS, apply_rotary
-from .packing import Int4Weight, Int8Weight, dequantize_int4
+from sqdeploy.core import qmath
+from sqdeploy.kernels.packing import Int4Weight, Int8Weight, dequantize_int4
+from sqdeploy.model.layers import ACTIVATIONS, apply_rotary
 
 
 class QAct(NamedTuple):
@@ -42,7 +42,7 @@ def input_quant(act_kind: str, static_scale: torch.Tensor | None) -> InputQuant:
     kind = {"none": "none", "static_tensor": "static", "dynamic_token": "token", "dynamic_tensor": "tensor"}[act_kind]
     if kind == "static":
         if static_scale is None:
-            from ..errors import SqDeployError
+            from sqdeploy.core.errors import SqDeployError
 
             raise SqDeployError("static INT8 activations need a calibrated input scale; the checkpoint has none")
         return InputQuant(kind, static_scale.float().reshape(1))

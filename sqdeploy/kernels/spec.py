@@ -3,7 +3,7 @@
 A :class:`LinearSpec` is what the GPU modules are built from. It is filled from a
 QuantizedModel (``qweight``/``input_scale``) or from one rank of a TensorRT-LLM
 checkpoint, so the kernels never need to know where the weights came from. The
-integer conventions are :mod:`sqdeploy.exporter.qmath`'s: symmetric ``q`` signed,
+integer conventions are :mod:`sqdeploy.core.qmath`'s: symmetric ``q`` signed,
 asymmetric 4-bit ``q`` and ``zero`` unsigned in [0, 15], ``w ~= (q - zero) * scale``.
 """
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..errors import SqDeployError
-from ..exporter import qmath
-from ..exporter.schemes import QuantScheme, WeightScheme
+from sqdeploy.core import qmath
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.core.schemes import QuantScheme, WeightScheme
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,14 +14,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import SqDeployError
-from ..families.base import ModelConfig
-from ..model.layers import Norm, Rotary
-from ..model.transformer import Transformer
-from .device import resolve_device
-from .linears import KernelLinear, build_linear
-from .model import KernelAttention, KernelBlock, KernelMLP, KernelTransformer
-from .spec import LinearSpec, can_concat, concat, float_spec, spec_from_qweight
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.core.families.base import ModelConfig
+from sqdeploy.kernels.device import resolve_device
+from sqdeploy.kernels.linears import KernelLinear, build_linear
+from sqdeploy.kernels.model import KernelAttention, KernelBlock, KernelMLP, KernelTransformer
+from sqdeploy.kernels.spec import LinearSpec, can_concat, concat, float_spec, spec_from_qweight
+from sqdeploy.model.layers import Norm, Rotary
+from sqdeploy.model.transformer import Transformer
 
 RowWrap = Callable[[str, KernelLinear], nn.Module]  # (canonical name, linear) -> module (e.g. all-reduce after it)
 
@@ -153,7 +153,7 @@ def prepare_model(model: Transformer, device: str | torch.device = "cuda", sourc
 @torch.no_grad()
 def load_for_device(source, device: str | torch.device = "cuda", dtype: torch.dtype | None = None) -> KernelTransformer:
     """The kernel model straight from a tensor source (QuantizedModel, HFCheckpoint), one layer at a time."""
-    from ..model.loading import load_model
+    from sqdeploy.model.loading import load_model
 
     device, dtype = resolve_device(device, dtype, source)
     glob = load_model(source, dtype=dtype, device="cpu", with_layers=False)

@@ -4,7 +4,7 @@
   static or per-token) in one read of the row. Rounding follows the reference model:
   the residual sum and the norm output are rounded to the activation dtype exactly
   where PyTorch rounds them, and only then quantized, so the INT8 values equal what
-  :func:`sqdeploy.exporter.qmath.fake_quant_act` produces from the same input.
+  :func:`sqdeploy.core.qmath.fake_quant_act` produces from the same input.
 * ``act_mul``: ``act(gate) * up`` of the fused gate/up GEMM output (+ quantization);
   with the identity activation it is the standalone one-pass quantizer.
 * ``rope_cache``: rotary on q and k, k and v written into a preallocated KV cache at
@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import InputQuant, QAct
-from .tuning import Tuner
+from sqdeploy.kernels.reference import InputQuant, QAct
+from sqdeploy.kernels.tuning import Tuner
 
 QUANT_CODES = {"none": 0, "static": 1, "token": 2}
 ACT_CODES = {"identity": -1, "silu": 0, "relu": 1, "gelu": 2, "gelu_new": 3, "gelu_pytorch_tanh": 3}

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fused import ACT_CODES
-from .tuning import Tuner
+from sqdeploy.kernels.triton_fused import ACT_CODES
+from sqdeploy.kernels.tuning import Tuner
 
 SPLITK_ENABLED = True  # cleared by the benchmark's self-test if the split-K reduction misbehaves
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -212,7 +212,7 @@ def _int8_candidates(m: int) -> list[dict]:
 def _int4_candidates(m: int) -> list[dict]:
     b = _m_bucket(m)
     if b == 1:  # the one-row GEMV's candidates live with its kernel
-        from .triton_gemv import CANDIDATES
+        from sqdeploy.kernels.triton_gemv import CANDIDATES
 
         return CANDIDATES
     if b <= 16:
@@ -356,7 +356,7 @@ def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
                   bias_ptr=bias if bias is not None else scales, N=n, K=k, G=group,
                   HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None)
     if m == 1:
-        from . import triton_gemv
+        from sqdeploy.kernels import triton_gemv
 
         def launch(cfg):
             if cfg.get("KIND") == gemlite_int4.KIND:
@@ -415,4 +415,4 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return out
 
 
-from . import gemlite_int4, triton_int4_planes, triton_int8_tma  # noqa: E402 - needs the helpers above
+from sqdeploy.kernels import gemlite_int4, triton_int4_planes, triton_int8_tma  # noqa: E402 - needs the helpers above

@@ -28,8 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_fused import _act
-from .triton_gemm import _finish
+from sqdeploy.kernels.triton_fused import _act
+from sqdeploy.kernels.triton_gemm import _finish
 
 
 @triton.jit

@@ -25,8 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_gemm import _finish, _tile_ids
-from .tuning import INTERPRET
+from sqdeploy.kernels.triton_gemm import _finish, _tile_ids
+from sqdeploy.kernels.tuning import INTERPRET
 
 KIND = "planes"
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import SqDeployError
-from ..families import Family, ModelConfig, family_for_hf_config
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.core.families import Family, ModelConfig, family_for_hf_config
 
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .transformer import KVCache, Transformer
+from sqdeploy.model.transformer import KVCache, Transformer
 
 
 @torch.no_grad()

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..exporter import qmath
-from ..exporter.schemes import ActScheme
-from ..families.base import ModelConfig
+from sqdeploy.core import qmath
+from sqdeploy.core.families.base import ModelConfig
+from sqdeploy.core.schemes import ActScheme
 
 ACTIVATIONS = {
     "silu": F.silu,

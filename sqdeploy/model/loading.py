@@ -13,9 +13,9 @@ from typing import Protocol
 
 import torch
 
-from ..families.base import ATTN_LINEARS, ModelConfig
-from .checkpoint import layer_tensor_names
-from .transformer import Block, Transformer
+from sqdeploy.core.families.base import ATTN_LINEARS, ModelConfig
+from sqdeploy.model.checkpoint import layer_tensor_names
+from sqdeploy.model.transformer import Block, Transformer
 
 
 class TensorSource(Protocol):
@@ -85,7 +85,7 @@ def load_model(
     # rotary buffers are not in the checkpoint: rebuild them off the meta device
     rotary = None
     if model.rotary is not None:
-        from .layers import Rotary
+        from sqdeploy.model.layers import Rotary
 
         rotary = Rotary(cfg)
     model.load_state_dict(glob, strict=False, assign=True)

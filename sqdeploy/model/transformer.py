@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..families.base import ModelConfig
-from .layers import ACTIVATIONS, Norm, QLinear, Rotary, apply_rotary, build_mask, sdpa
+from sqdeploy.core.families.base import ModelConfig
+from sqdeploy.model.layers import ACTIVATIONS, Norm, QLinear, Rotary, apply_rotary, build_mask, sdpa
 
 
 @dataclass

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import SqDeployError
-from .batching import BatchConfig, BatchingEngine
-from .engine import Completion, Engine, GenerationRequest, InvalidRequestError, SamplingParams, TokenEvent, generate, stream
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.runtime.batching import BatchConfig, BatchingEngine
+from sqdeploy.runtime.engine import (
+    Completion,
+    Engine,
+    GenerationRequest,
+    InvalidRequestError,
+    SamplingParams,
+    TokenEvent,
+    generate,
+    stream,
+)
 
 BACKENDS = ("auto", "onnxruntime", "torch", "trtllm")
 
@@ -29,8 +38,8 @@ __all__ = [
 def resolve_backend(path: str | Path, backend: str = "auto") -> str:
     """The backend for a directory: ONNX exports and ONNX Runtime engines -> onnxruntime, TensorRT-LLM engines ->
     trtllm, model directories (HF, quantized) -> torch."""
-    from .backends.onnxruntime import is_onnx_dir
-    from .backends.trtllm import is_trtllm_engine_dir
+    from sqdeploy.runtime.backends.onnxruntime import is_onnx_dir
+    from sqdeploy.runtime.backends.trtllm import is_trtllm_engine_dir
 
     if backend not in BACKENDS:
         raise SqDeployError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -62,15 +71,15 @@ def open_engine(
     """
     kind = resolve_backend(path, backend)
     if kind == "trtllm":
-        from .backends.trtllm import TrtllmEngine
+        from sqdeploy.runtime.backends.trtllm import TrtllmEngine
 
         return TrtllmEngine(path, name=name)
     if kind == "onnxruntime":
-        from .backends.onnxruntime import OnnxRuntimeBackend
+        from sqdeploy.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
         step = OnnxRuntimeBackend(path, device, threads, exact)
     else:
-        from .backends.torch import TorchBackend
+        from sqdeploy.runtime.backends.torch import TorchBackend
 
         step = TorchBackend(path, device, threads)
     return BatchingEngine(step, batch, name)

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends.base import StepBackend
-from .engine import EngineInfo, EventSink, GenerationRequest, InvalidRequestError, TokenEvent
-from .sampling import sample
-from .sequence import Sequence
+from sqdeploy.runtime.backends.base import StepBackend
+from sqdeploy.runtime.engine import EngineInfo, EventSink, GenerationRequest, InvalidRequestError, TokenEvent
+from sqdeploy.runtime.sampling import sample
+from sqdeploy.runtime.sequence import Sequence
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import SqDeployError
+from sqdeploy.core.errors import SqDeployError
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .engine import SamplingParams
+from sqdeploy.runtime.engine import SamplingParams
 
 
 class History(Protocol):

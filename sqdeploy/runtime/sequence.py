@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from .engine import Completion, EventSink, GenerationRequest, Timings, TokenEvent
+from sqdeploy.runtime.engine import Completion, EventSink, GenerationRequest, Timings, TokenEvent
 
 # Tokens of the prompt decoded together with the first generated ones, so that a
 # tokenizer that drops a word's leading space at the start of a string does not.

@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ...errors import SqDeployError
-from ...output import atomic_output_dir
-from .check import check_repository, report
-from .common import TritonOptions
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.core.output import atomic_output_dir
+from sqdeploy.engines.triton.check import check_repository, report
+from sqdeploy.engines.triton.common import TritonOptions
 
 __all__ = ["TritonOptions", "check_repository", "detect_source", "write_repository"]
 
@@ -42,9 +42,9 @@ def detect_source(src: Path) -> str:
 
 
 def write_repository(src: str | Path, out: str | Path, options: TritonOptions, force: bool = False, tp: int = 1) -> dict[str, Any]:
-    from .llmapi_repo import write_llmapi_repo
-    from .onnx_repo import write_onnx_repo
-    from .trtllm_repo import write_trtllm_repo
+    from sqdeploy.engines.triton.llmapi_repo import write_llmapi_repo
+    from sqdeploy.engines.triton.onnx_repo import write_onnx_repo
+    from sqdeploy.engines.triton.trtllm_repo import write_trtllm_repo
 
     src, out = Path(src), Path(out)
     kind = detect_source(src)

@@ -18,9 +18,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import SqDeployError
-from ...report import markdown_table
-from .schema import parse_pbtxt
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.core.report import markdown_table
+from sqdeploy.engines.triton.schema import parse_pbtxt
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,8 @@ def _tensors(cfg) -> tuple[dict, dict]:
 
 
 def _check_onnx(name: str, cfg, version_dir: Path) -> list[Finding]:
-    from ..onnx_dir import GRAPH, _spec
-    from .onnx_repo import TRITON_TYPES
+    from sqdeploy.engines.triton.onnx_repo import TRITON_TYPES
+    from sqdeploy.formats.onnx.contract import GRAPH, _spec
 
     path = version_dir / (cfg.default_model_filename or GRAPH)
     if not path.exists():
@@ -58,7 +58,7 @@ def _check_onnx(name: str, cfg, version_dir: Path) -> list[Finding]:
 
     graph = onnx.load(str(path), load_external_data=False).graph
     inits = {i.name for i in graph.initializer}
-    from .schema import model_config_pb2
+    from sqdeploy.engines.triton.schema import model_config_pb2
 
     types = model_config_pb2().DataType
     want = {s.name: (types.Value(TRITON_TYPES[s.dtype]), tuple(d if isinstance(d, int) and d > 0 else -1 for d in s.dims))

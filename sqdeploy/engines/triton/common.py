@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...errors import SqDeployError
-from .schema import to_pbtxt
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.engines.triton.schema import to_pbtxt
 
 PYTHON_MODELS = Path(__file__).parent / "python_models"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

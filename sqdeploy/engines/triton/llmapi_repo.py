@@ -13,9 +13,16 @@ from typing import Any
 
 import yaml
 
-from ...errors import SqDeployError
-from .common import TritonOptions, install_python_model, launch_command, tokenizer_files, write_config, write_launch_script
-from .schema import parameters, tensor
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.engines.triton.common import (
+    TritonOptions,
+    install_python_model,
+    launch_command,
+    tokenizer_files,
+    write_config,
+    write_launch_script,
+)
+from sqdeploy.engines.triton.schema import parameters, tensor
 
 SAMPLING = (("max_tokens", "TYPE_INT32"), ("temperature", "TYPE_FP32"), ("top_k", "TYPE_INT32"),
             ("top_p", "TYPE_FP32"), ("seed", "TYPE_UINT64"))

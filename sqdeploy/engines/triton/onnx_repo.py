@@ -13,18 +13,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ...errors import SqDeployError
-from ..onnx_dir import GRAPH, OnnxExport, TensorSpec
-from .common import (
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.engines.triton.common import (
     TritonOptions,
+    copy_file,
     copy_tokenizer,
     install_python_model,
     launch_command,
-    copy_file,
     write_config,
     write_launch_script,
 )
-from .schema import parameters, tensor
+from sqdeploy.engines.triton.schema import parameters, tensor
+from sqdeploy.formats.onnx.contract import GRAPH, OnnxExport, TensorSpec
 
 TRITON_TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
                 "bfloat16": "TYPE_BF16", "bool": "TYPE_BOOL", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}

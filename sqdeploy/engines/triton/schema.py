@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ...errors import MissingDependencyError, SqDeployError
+from sqdeploy.core.errors import MissingDependencyError, SqDeployError
 
 HEADER = "# Written by sq-build; every value is filled in (no template placeholders).\n"
 

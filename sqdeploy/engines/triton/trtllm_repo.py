@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ...errors import SqDeployError
-from .common import (
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.engines.triton.common import (
     TritonOptions,
     copy_tokenizer,
     install_python_model,
@@ -23,7 +23,7 @@ from .common import (
     write_config,
     write_launch_script,
 )
-from .schema import parameters, scalar_input, tensor
+from sqdeploy.engines.triton.schema import parameters, scalar_input, tensor
 
 # (ensemble input, tensorrt_llm input, Triton type) passed straight through
 SAMPLING_INPUTS = (

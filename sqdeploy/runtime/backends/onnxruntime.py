@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import MissingDependencyError, SqDeployError
-from .base import ModelInfo, NumpyCacheOps, eos_ids_of, load_tokenizer
+from sqdeploy.core.errors import MissingDependencyError, SqDeployError
+from sqdeploy.runtime.backends.base import ModelInfo, NumpyCacheOps, eos_ids_of, load_tokenizer
 
 META = "sqdeploy-onnx.json"
 SESSION = "session.json"

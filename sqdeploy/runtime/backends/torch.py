@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ...errors import SqDeployError
-from .base import ModelInfo, eos_ids_of, load_tokenizer
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.runtime.backends.base import ModelInfo, eos_ids_of, load_tokenizer
 
 
 def load_torch_model(path: Path, device: str):
@@ -22,8 +22,8 @@ def load_torch_model(path: Path, device: str):
     This is the one place the served PyTorch model is built: GPU kernels (real INT8/INT4
     linears, tensor parallelism) replace the fake-quant reference here, on ``opened.model``.
     """
-    from ...model.transformer import Transformer
-    from ...readers import open_model
+    from sqdeploy.formats.readers import open_model
+    from sqdeploy.model.transformer import Transformer
 
     opened = open_model(path, device)
     if not isinstance(opened.model, Transformer):
@@ -59,7 +59,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask, position_ids, cache):
-        from ...model.transformer import KVCache
+        from sqdeploy.model.transformer import KVCache
 
         kv = KVCache(self.info.num_layers)
         if cache is not None:

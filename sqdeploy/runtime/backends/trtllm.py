@@ -18,10 +18,10 @@ from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
-from ...errors import MissingDependencyError, SqDeployError
-from ..engine import EngineInfo, EventSink, GenerationRequest, InvalidRequestError, SamplingParams
-from ..sequence import Sequence
-from .base import eos_ids_of, load_tokenizer
+from sqdeploy.core.errors import MissingDependencyError, SqDeployError
+from sqdeploy.runtime.backends.base import eos_ids_of, load_tokenizer
+from sqdeploy.runtime.engine import EngineInfo, EventSink, GenerationRequest, InvalidRequestError, SamplingParams
+from sqdeploy.runtime.sequence import Sequence
 
 
 def is_trtllm_engine_dir(path: Path) -> bool:

@@ -20,9 +20,9 @@ from statistics import median
 
 import numpy as np
 
-from ...errors import SqDeployError
-from ...exporter.progress import Progress
-from .stats import PeakMemory
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.core.progress import Progress
+from sqdeploy.runtime.bench.stats import PeakMemory
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def prompts_for(batch: int, length: int, vocab: int, seed: int) -> list[list[int
 
 
 def _measure(engine, prompts, out_len: int) -> dict:
-    from .. import SamplingParams, generate
+    from sqdeploy.runtime import SamplingParams, generate
 
     t0 = time.perf_counter()
     done = generate(engine, prompts, SamplingParams(max_new_tokens=out_len, ignore_eos=True))
@@ -78,7 +78,7 @@ def _measure(engine, prompts, out_len: int) -> dict:
 
 def run_variant(spec: EngineSpec, grid: OfflineGrid, tick=lambda: None) -> dict:
     """All grid points of one engine in this process."""
-    from .. import BatchConfig, open_engine
+    from sqdeploy.runtime import BatchConfig, open_engine
 
     t0 = time.perf_counter()
     with PeakMemory() as mem:
@@ -117,7 +117,7 @@ def run_variant(spec: EngineSpec, grid: OfflineGrid, tick=lambda: None) -> dict:
 def _gpu_peak(engine) -> float | None:
     backend = getattr(engine, "backend", None)
     if getattr(backend, "name", None) == "torch":
-        from ..backends.torch import memory_bytes
+        from sqdeploy.runtime.backends.torch import memory_bytes
 
         b = memory_bytes(backend)
         return None if b is None else b / 2**20

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import SqDeployError
-from .stats import percentiles
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.runtime.bench.stats import percentiles
 
 
 @dataclass

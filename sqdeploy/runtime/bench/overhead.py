@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from ...errors import SqDeployError
-from ...exporter.progress import Progress
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.core.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -68,10 +68,10 @@ def _start_server(path: str, backend: str, cfg: OverheadConfig, port: int) -> su
 
 
 def measure_overhead(path: str, backend: str = "auto", cfg: OverheadConfig = OverheadConfig(), progress: bool = True) -> dict:
-    from .. import BatchConfig, open_engine
-    from ..server.run import free_port
-    from .offline import _measure, prompts_for
-    from .online import LoadPoint, RequestSpec, run_point
+    from sqdeploy.runtime import BatchConfig, open_engine
+    from sqdeploy.runtime.bench.offline import _measure, prompts_for
+    from sqdeploy.runtime.bench.online import LoadPoint, RequestSpec, run_point
+    from sqdeploy.runtime.server.run import free_port
 
     engine = open_engine(path, backend, threads=cfg.threads, batch=BatchConfig(cfg.batch, max(4096, cfg.batch * cfg.input_len)))
     port = free_port()

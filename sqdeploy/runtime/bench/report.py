@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from ...report import markdown_table, write_json_atomic
+from sqdeploy.core.report import markdown_table, write_json_atomic
 
 
 def machine() -> dict[str, Any]:

@@ -14,11 +14,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..engine import Engine
-from . import chat, kserve, openai
-from .bridge import Bridge, ClientGone
-from .limits import RequestError, ServeLimits, ServeOptions, error_body
-from .metrics import CONTENT_TYPE
+from sqdeploy.runtime.engine import Engine
+from sqdeploy.runtime.server import chat, kserve, openai
+from sqdeploy.runtime.server.bridge import Bridge, ClientGone
+from sqdeploy.runtime.server.limits import RequestError, ServeLimits, ServeOptions, error_body
+from sqdeploy.runtime.server.metrics import CONTENT_TYPE
 
 log = logging.getLogger("sqdeploy.serve")
 

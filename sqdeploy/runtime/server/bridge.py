@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator
 
 from starlette.responses import StreamingResponse
 
-from ..engine import Engine, GenerationRequest, InvalidRequestError, TokenEvent
-from .limits import RequestError, ServeLimits, draining, overloaded, shut_down, timed_out, too_many_prompts
-from .metrics import Metrics
-from .stats import InferenceStats
+from sqdeploy.runtime.engine import Engine, GenerationRequest, InvalidRequestError, TokenEvent
+from sqdeploy.runtime.server.limits import RequestError, ServeLimits, draining, overloaded, shut_down, timed_out, too_many_prompts
+from sqdeploy.runtime.server.metrics import Metrics
+from sqdeploy.runtime.server.stats import InferenceStats
 
 _TIMEOUT, _GONE, _ABORT = object(), object(), object()
 

@@ -18,12 +18,12 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ..engine import InvalidRequestError, encode_prompt
-from .bridge import EventStream
-from .fields import build_requests
-from .limits import RequestError, bad_request
-from .openai import ZERO_USAGE, collect, sse_error
-from .schemas import ChatRequest, check_model, parse_body
+from sqdeploy.runtime.engine import InvalidRequestError, encode_prompt
+from sqdeploy.runtime.server.bridge import EventStream
+from sqdeploy.runtime.server.fields import build_requests
+from sqdeploy.runtime.server.limits import RequestError, bad_request
+from sqdeploy.runtime.server.openai import ZERO_USAGE, collect, sse_error
+from sqdeploy.runtime.server.schemas import ChatRequest, check_model, parse_body
 
 router = APIRouter()
 

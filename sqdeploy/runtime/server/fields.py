@@ -7,8 +7,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from ..engine import GenerationRequest, InvalidRequestError, SamplingParams, check_length, encode_prompt
-from .limits import RequestError, ServeLimits, bad_request
+from sqdeploy.runtime.engine import GenerationRequest, InvalidRequestError, SamplingParams, check_length, encode_prompt
+from sqdeploy.runtime.server.limits import RequestError, ServeLimits, bad_request
 
 MAX_JSON_DEPTH = 64
 

@@ -23,7 +23,7 @@ import time
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ...errors import SqDeployError
+from sqdeploy.core.errors import SqDeployError
 
 log = logging.getLogger("sqdeploy.serve")
 

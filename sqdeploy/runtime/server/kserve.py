@@ -14,11 +14,19 @@ import json
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from ... import __version__
-from .bridge import EventStream
-from .fields import build_requests, get_bool, get_float, get_int, get_stops, make_params, parse_json
-from .limits import RequestError, bad_request
-from .tensors import HEADER, bytes_output, decompress, encode_response, read_inputs, split_body, wants_binary
+from sqdeploy import __version__
+from sqdeploy.runtime.server.bridge import EventStream
+from sqdeploy.runtime.server.fields import build_requests, get_bool, get_float, get_int, get_stops, make_params, parse_json
+from sqdeploy.runtime.server.limits import RequestError, bad_request
+from sqdeploy.runtime.server.tensors import (
+    HEADER,
+    bytes_output,
+    decompress,
+    encode_response,
+    read_inputs,
+    split_body,
+    wants_binary,
+)
 
 router = APIRouter()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...errors import SqDeployError
+from sqdeploy.core.errors import SqDeployError
 
 
 @dataclass(frozen=True)

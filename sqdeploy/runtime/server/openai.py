@@ -15,10 +15,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from .bridge import EventStream
-from .fields import build_requests
-from .limits import RequestError, error_body
-from .schemas import CompletionRequest, check_model, parse_body
+from sqdeploy.runtime.server.bridge import EventStream
+from sqdeploy.runtime.server.fields import build_requests
+from sqdeploy.runtime.server.limits import RequestError, error_body
+from sqdeploy.runtime.server.schemas import CompletionRequest, check_model, parse_body
 
 router = APIRouter()
 

@@ -18,10 +18,10 @@ import time
 
 import uvicorn
 
-from ..engine import Engine
-from .app import create_app
-from .guard import GuardedH11Protocol, ensure_fd_limit, setup_logs
-from .limits import ServeLimits, ServeOptions
+from sqdeploy.runtime.engine import Engine
+from sqdeploy.runtime.server.app import create_app
+from sqdeploy.runtime.server.guard import GuardedH11Protocol, ensure_fd_limit, setup_logs
+from sqdeploy.runtime.server.limits import ServeLimits, ServeOptions
 
 log = logging.getLogger("sqdeploy.serve")
 

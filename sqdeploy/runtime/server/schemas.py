@@ -14,8 +14,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..engine import InvalidRequestError, SamplingParams
-from .limits import RequestError, ServeLimits, bad_request
+from sqdeploy.runtime.engine import InvalidRequestError, SamplingParams
+from sqdeploy.runtime.server.limits import RequestError, ServeLimits, bad_request
 
 MAX_STOPS = 16
 _U64 = 2**64 - 1

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .limits import RequestError, bad_request
+from sqdeploy.runtime.server.limits import RequestError, bad_request
 
 DTYPES = {
     "BOOL": np.bool_,
@@ -61,7 +61,7 @@ def decompress(raw: bytes, encoding: str | None, limit: int) -> bytes:
 
 
 def split_body(raw: bytes, header_len: str | None) -> tuple[dict, bytes]:
-    from .fields import parse_json
+    from sqdeploy.runtime.server.fields import parse_json
 
     if header_len is None:
         return parse_json(raw), b""

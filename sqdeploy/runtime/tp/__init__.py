@@ -5,9 +5,9 @@
 is one rank's model, for callers that manage their own processes.
 """
 
-from .engine import TPEngine
-from .parallel import Comm
-from .shards import build_rank_model, spec_from_rank
-from .worker import open_rank_source
+from sqdeploy.runtime.tp.engine import TPEngine
+from sqdeploy.runtime.tp.parallel import Comm
+from sqdeploy.runtime.tp.shards import build_rank_model, spec_from_rank
+from sqdeploy.runtime.tp.worker import open_rank_source
 
 __all__ = ["Comm", "TPEngine", "build_rank_model", "open_rank_source", "spec_from_rank"]

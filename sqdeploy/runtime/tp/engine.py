@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from ...errors import SqDeployError
-from .worker import NO_MULTICAST, open_rank_source, worker_main
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.runtime.tp.worker import NO_MULTICAST, open_rank_source, worker_main
 
 
 def _free_port() -> int:
@@ -41,7 +41,7 @@ class TPEngine:
         if backend not in ("nccl", "gloo") or (backend == "nccl" and device != "cuda"):
             raise SqDeployError(f"backend {backend!r} with device {device!r}: use nccl on cuda, or gloo")
         if backend == "nccl":
-            from ...kernels.device import check_gpus_for_tp
+            from sqdeploy.kernels.device import check_gpus_for_tp
 
             check_gpus_for_tp(self.tp)
         dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)

@@ -1,7 +1,7 @@
 """One rank's model from a tensor-parallel checkpoint, built on the GPU kernels.
 
 The checkpoint is read through the rank-source interface of
-:class:`sqdeploy.exporter.trtllm.reader.TrtllmCheckpoint` (``config``, ``tp``,
+:class:`sqdeploy.formats.trtllm.reader.TrtllmCheckpoint` (``config``, ``tp``,
 ``rank_linear(rank, layer, name)``, ``rank_globals(rank)``), whose linears mean
 
     y_r = act_quant(x_r * pre_quant_scale) @ dequant(q, scale)^T (+ bias)
@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...exporter.schemes import QuantScheme
-from ...kernels.spec import LinearSpec
-from ...kernels.swap import make_norm, build_block, shell
-from .parallel import Comm, RowParallel, ShardedEmbedding, VocabParallelHead
+from sqdeploy.core.schemes import QuantScheme
+from sqdeploy.kernels.spec import LinearSpec
+from sqdeploy.kernels.swap import build_block, make_norm, shell
+from sqdeploy.runtime.tp.parallel import Comm, RowParallel, ShardedEmbedding, VocabParallelHead
 
 ROW_PARALLEL = ("o", "down")
 
@@ -70,7 +70,7 @@ def _globals(ckpt, rank: int, comm: Comm, device, dtype):
 @torch.no_grad()
 def build_rank_model(ckpt, rank: int, device, dtype: torch.dtype, comm: Comm | None = None):
     """Rank ``rank``'s :class:`~sqdeploy.kernels.model.KernelTransformer`; ``comm`` joins it to the others."""
-    from ...exporter.trtllm.config import kv_heads_per_rank
+    from sqdeploy.formats.trtllm.config import kv_heads_per_rank
 
     cfg, tp = ckpt.config, ckpt.tp
     comm = comm or Comm(None, 1)

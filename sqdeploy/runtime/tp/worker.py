@@ -20,8 +20,8 @@ def open_rank_source(path: str):
     """The checkpoint's per-rank reader (TensorRT-LLM checkpoint directories)."""
     from pathlib import Path
 
-    from ...errors import SqDeployError
-    from ...exporter.trtllm.reader import TrtllmCheckpoint, is_trtllm_dir
+    from sqdeploy.core.errors import SqDeployError
+    from sqdeploy.formats.trtllm.reader import TrtllmCheckpoint, is_trtllm_dir
 
     if not is_trtllm_dir(Path(path)):
         raise SqDeployError(
@@ -34,7 +34,7 @@ def open_rank_source(path: str):
 def _setup(rank: int, world: int, device_kind: str, backend: str, port: int):
     import torch.distributed as dist
 
-    from .parallel import Comm
+    from sqdeploy.runtime.tp.parallel import Comm
 
     os.environ.update(NO_MULTICAST)
     init = f"tcp://127.0.0.1:{port}"
@@ -51,7 +51,7 @@ def _setup(rank: int, world: int, device_kind: str, backend: str, port: int):
 
 
 def _serve(model, cmd, device):
-    from ...kernels.decode import greedy_generate
+    from sqdeploy.kernels.decode import greedy_generate
 
     kind = cmd[0]
     if kind == "logits":
@@ -68,8 +68,8 @@ def worker_main(rank: int, world: int, path: str, device_kind: str, backend: str
     import torch.distributed as dist
 
     try:
-        from ...kernels.device import check_cuda
-        from .shards import build_rank_model
+        from sqdeploy.kernels.device import check_cuda
+        from sqdeploy.runtime.tp.shards import build_rank_model
 
         device, comm = _setup(rank, world, device_kind, backend, port)
         if device_kind == "cuda":

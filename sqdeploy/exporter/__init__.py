@@ -1,1 +1,0 @@
-"""The exporter: load, calibrate, smooth, quantize, write."""

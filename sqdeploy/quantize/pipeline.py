@@ -1,0 +1,319 @@
+"""The export pipeline: model + recipe + calibration -> QuantizedModel (on disk or in memory).
+
+This is the short Python API behind ``sq-export`` and ``sq-eval``::
+
+    from sqdeploy.quantize.pipeline import quantize_to_dir, Calibration
+    quantize_to_dir("models/llama", "w4a16-sqplus", "out/llama-w4", Calibration("humaneval"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sqdeploy import __version__
+from sqdeploy.core.errors import SqDeployError
+from sqdeploy.core.families import Family, ModelConfig
+from sqdeploy.core.output import atomic_output_dir
+from sqdeploy.core.progress import Progress
+from sqdeploy.model.checkpoint import HFCheckpoint
+from sqdeploy.model.loading import load_model
+from sqdeploy.model.transformer import Block, Transformer
+from sqdeploy.quantize.awq import AWQ, ClipSearch
+from sqdeploy.quantize.calibration import CalibrationSet, build_calibration
+from sqdeploy.quantize.qmodel import DTYPES, QuantizedModelWriter, round_block_floats
+from sqdeploy.quantize.recipes import ROUNDING_PARAMS, Recipe, load_recipe, wants_model_search
+from sqdeploy.quantize.rtn import RTN, Rounding
+from sqdeploy.quantize.smoothing import usable_groups
+from sqdeploy.quantize.smoothing_search import UNIFORM_GRID, SearchSettings, search_smoothing
+from sqdeploy.quantize.smoothquant import SmoothQuant
+from sqdeploy.quantize.smoothquant_plus import SmoothQuantPlus
+from sqdeploy.quantize.streaming import LayerAlgorithm, LayerRecord, stream_layers
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration options; ``None`` fields take the recipe's defaults."""
+
+    source: str | None = None
+    samples: int | None = None
+    seq_len: int | None = None
+
+    def resolve(self, recipe: Recipe) -> dict[str, Any]:
+        c = recipe.calibration
+        return {
+            "source": self.source or c["source"],
+            "samples": c["samples"] if self.samples is None else self.samples,
+            "seq_len": c["seq_len"] if self.seq_len is None else self.seq_len,
+        }
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str = "cpu"
+    batch: int = 8
+    progress: bool = True
+
+
+@dataclass
+class QuantizeResult:
+    recipe: Recipe
+    config: ModelConfig
+    family: Family
+    layers: list[LayerRecord]
+    calibration: dict | None
+    search: dict | None
+    seconds: float
+    manifest: dict = field(default_factory=dict)
+
+
+def validate_recipe(recipe: Recipe, cfg: ModelConfig, family: Family) -> None:
+    """Refuse a recipe that cannot apply to this model before any work starts."""
+    ws = recipe.scheme.weight
+    if ws is not None:
+        for name in cfg.linears:
+            out_f, in_f = cfg.linear_shape(name)
+            ws.check_shape(name, out_f, in_f)
+    if recipe.smoothing_groups not in (None, "norms"):
+        known = {g.name for g in family.smoothing_groups}
+        unknown = set(recipe.smoothing_groups) - known
+        if unknown:
+            raise SqDeployError(f"recipe smoothing_groups: unknown {sorted(unknown)}; {family.name} has {sorted(known)}")
+
+
+def smoothing_groups(recipe: Recipe, family: Family, cfg: ModelConfig):
+    groups = usable_groups(family.smoothing_groups, cfg)
+    if recipe.smoothing_groups == "norms":  # family-independent: every norm -> linear group
+        return tuple(g for g in groups if g.kind == "norm")
+    if recipe.smoothing_groups is not None:
+        groups = tuple(g for g in groups if g.name in recipe.smoothing_groups)
+    return groups
+
+
+def make_algorithm(recipe: Recipe, family: Family, cfg: ModelConfig, plan: dict | None = None) -> LayerAlgorithm:
+    """The layer algorithm of ``recipe``; ``plan``: the smoothing the whole-model search chose."""
+    groups = smoothing_groups(recipe, family, cfg)
+    p = dict(recipe.params)
+    rounding = Rounding.from_params(p)
+    for key in ROUNDING_PARAMS:
+        p.pop(key)
+    if recipe.algorithm == "rtn":
+        return RTN(recipe.scheme, cfg.linears, rounding)
+    alpha = plan if plan is not None else p.get("alpha")
+    clip = ClipSearch() if p.get("clip") and recipe.algorithm == "smoothquant_plus" else None
+    if recipe.algorithm in ("smoothquant", "smoothquant_plus") and isinstance(alpha, dict):
+        return SmoothQuantPlus(recipe.scheme, cfg, groups, alpha, rounding=rounding, clip=clip)
+    if recipe.algorithm == "smoothquant":
+        kw = {"grid": tuple(p["grid"])} if p.get("grid") else {}
+        return SmoothQuant(recipe.scheme, cfg, groups, p["alpha"], search_samples=p["search_samples"], rounding=rounding,
+                           search_refine=p["search_refine"], **kw)
+    if recipe.algorithm == "smoothquant_plus":
+        return SmoothQuantPlus(recipe.scheme, cfg, groups, {g.name: alpha for g in groups}, rounding=rounding, clip=clip)
+    if recipe.algorithm == "awq":
+        return AWQ(recipe.scheme, cfg, groups, rounding=rounding, **p)
+    raise SqDeployError(f"algorithm '{recipe.algorithm}' does not quantize layers")
+
+
+class _FloatLayers:
+    """The 'none' algorithm: layers pass through unchanged (fp16/fp32 exports)."""
+
+    name = "float"
+    needs_quant_stream = False
+
+    def quantize_layer(self, block, data):
+        from sqdeploy.quantize.streaming import LayerResult
+
+        return LayerResult()
+
+
+def storage_dtype(recipe: Recipe, cfg: ModelConfig) -> torch.dtype:
+    if recipe.dtype != "auto":
+        return DTYPES[recipe.dtype]
+    return DTYPES.get(cfg.dtype, torch.float16) if cfg.dtype != "float32" else torch.float32
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise SqDeployError(f"{path}: the tokenizer could not be loaded ({type(exc).__name__}); calibration needs the model's tokenizer files") from None
+
+
+def calibration_set(ck: HFCheckpoint, recipe: Recipe, calib: Calibration) -> CalibrationSet:
+    c = calib.resolve(recipe)
+    if c["seq_len"] > ck.config.max_positions:
+        raise SqDeployError(f"--calib-seq-len {c['seq_len']} is longer than the model's {ck.config.max_positions} positions; "
+                            f"use at most {ck.config.max_positions}")
+    tokenizer = load_tokenizer(ck.path)
+    check_tokenizer_fits(tokenizer, ck.config.vocab_size, ck.path)
+    return build_calibration(tokenizer, c["source"], c["samples"], c["seq_len"])
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, where: Path) -> None:
+    """A tokenizer with more tokens than the embedding has rows would index past it."""
+    if len(tokenizer) > vocab_size:
+        raise SqDeployError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab_size}; "
+                            "the tokenizer belongs to another model")
+
+
+def quantize(
+    model: str | Path | HFCheckpoint,
+    recipe: str | Path | Recipe,
+    calib: Calibration = Calibration(),
+    runtime: Runtime = Runtime(),
+    on_layer: Callable[[LayerRecord], None] | None = None,
+) -> QuantizeResult:
+    """Run the recipe layer by layer; ``on_layer`` receives each quantized layer (then it is freed)."""
+    t0 = time.perf_counter()
+    ck = model if isinstance(model, HFCheckpoint) else HFCheckpoint(model)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    cfg, family = ck.config, ck.family
+    validate_recipe(recipe, cfg, family)
+    dtype = storage_dtype(recipe, cfg)
+    cal = calibration_set(ck, recipe, calib) if recipe.algorithm != "none" else None
+    search = None
+    plan = None
+    if wants_model_search(recipe):
+        p = recipe.params
+        settings = SearchSettings(grid=tuple(p["grid"]) if p.get("grid") else UNIFORM_GRID, holdout=p["search_holdout"],
+                                  stats_samples=p["search_samples"], per_group=p["search_groups"], refine=p["search_refine"])
+        search = search_smoothing(ck, cal.ids, recipe.scheme, smoothing_groups(recipe, family, cfg), Rounding.from_params(p),
+                                  settings, runtime.device, runtime.batch, runtime.progress,
+                                  ClipSearch() if p.get("clip") and recipe.algorithm == "smoothquant_plus" else None)
+        plan = search["plan"]
+        if search["rounding"] != p["rounding"]:  # the search found round-to-nearest better on held-apart text
+            rtn = {"rounding": search["rounding"], "gptq_act_order": False, "gptq_act_aware": False,
+                   "gptq_quantized_inputs": False, **({"clip": False} if "clip" in p else {})}
+            recipe = Recipe(**{**recipe.__dict__, "params": {**p, **rtn}})
+    algorithm = _FloatLayers() if recipe.algorithm == "none" else make_algorithm(recipe, family, cfg, plan)
+    ids = cal.ids if cal is not None else torch.zeros(1, 2, dtype=torch.long)
+    layers = []
+    with Progress(cfg.num_layers, f"quantizing ({recipe.name})", runtime.progress) as bar:
+        for record in stream_layers(ck, ids, algorithm, runtime.device, runtime.batch, bar):
+            round_block_floats(record.block, cfg, dtype, quantized=not recipe.scheme.is_float)
+            if on_layer is not None:
+                on_layer(record)
+            layers.append(record)
+            record.block, record.result.qweights = None, {}  # free the layer: memory stays near one layer
+            _return_freed_memory()
+    if plan is not None:  # the resolved recipe states the plan it applied
+        recipe = Recipe(**{**recipe.__dict__, "params": {**recipe.params, "alpha": plan}})
+    result = QuantizeResult(recipe, cfg, family, layers, cal.describe() if cal else None, search, time.perf_counter() - t0)
+    result.manifest = build_manifest(ck, result, dtype)
+    return result
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so that a
+    layer-sized peak does not ratchet up layer after layer."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def build_manifest(ck: HFCheckpoint, result: QuantizeResult, dtype: torch.dtype) -> dict[str, Any]:
+    config_sha = hashlib.sha256((ck.path / "config.json").read_bytes()).hexdigest()
+    return {
+        "producer": {"name": "sq-deploy", "version": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "source_model": {"path": str(ck.path.resolve()), "architecture": ck.config.architecture, "config_sha256": config_sha},
+        "family": result.family.name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "recipe": result.recipe.to_dict(),
+        "calibration": result.calibration,
+        "alpha_search": _search_summary(result.search),
+        "layers": [
+            {
+                "index": r.index,
+                "error": r.error,
+                "accumulated_error": r.accumulated_error,
+                "kv_amax": [float(v) for v in r.kv_amax],
+                "info": _plain(r.result.info),
+                "seconds": round(r.seconds, 3),
+            }
+            for r in result.layers
+        ],
+        "seconds": round(result.seconds, 2),
+    }
+
+
+def _search_summary(search: dict | None) -> dict | None:
+    if search is None:
+        return None
+    drop = lambda d: {k: v for k, v in d.items() if k != "per_layer_error"}  # noqa: E731 - too long for a manifest
+    return {k: _plain(drop(v) if isinstance(v, dict) and "per_layer_error" in v else v)
+            for k, v in search.items() if k != "per_layer_error"}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    return v
+
+
+def global_tensors(ck: HFCheckpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {n: ck.get(n, dtype) for n in ck.config.global_names}
+
+
+def quantize_to_dir(
+    model: str | Path,
+    recipe: str | Path | Recipe,
+    out: str | Path,
+    calib: Calibration = Calibration(),
+    runtime: Runtime = Runtime(),
+    force: bool = False,
+) -> tuple[Path, QuantizeResult]:
+    """Quantize and write a QuantizedModel directory atomically."""
+    ck = HFCheckpoint(model)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    validate_recipe(recipe, ck.config, ck.family)
+    dtype = storage_dtype(recipe, ck.config)
+    with atomic_output_dir(out, force, inputs=[ck.path, calib.source]) as tmp:
+        writer = QuantizedModelWriter(tmp, ck.family, ck.config, recipe.scheme, dtype)
+        result = quantize(ck, recipe, calib, runtime, lambda r: writer.add_layer(r.block, r.result.qweights, r.result.smoothing))
+        writer.add_globals(global_tensors(ck, dtype))
+        writer.finish(ck.hf_config, result.manifest, ck.tokenizer_files())
+    return Path(out), result
+
+
+def quantize_in_memory(
+    model: str | Path | HFCheckpoint,
+    recipe: str | Path | Recipe,
+    calib: Calibration = Calibration(),
+    runtime: Runtime = Runtime(),
+) -> tuple[Transformer, QuantizeResult]:
+    """The fake-quantized reference model (float32), for evaluation without writing files."""
+    ck = model if isinstance(model, HFCheckpoint) else HFCheckpoint(model)
+    blocks: list[Block] = []
+    result = quantize(ck, recipe, calib, runtime, lambda r: blocks.append(r.block))
+    dtype = storage_dtype(result.recipe, ck.config)
+    full = load_model(_RoundedGlobals(ck, dtype), with_layers=False)
+    full.layers.extend(blocks)
+    return full.eval(), result
+
+
+class _RoundedGlobals:
+    """Globals rounded through the storage dtype, exactly as the directory stores them."""
+
+    def __init__(self, ck: HFCheckpoint, dtype: torch.dtype):
+        self.ck, self.dtype, self.config = ck, dtype, ck.config
+
+    def has(self, name: str) -> bool:
+        return self.ck.has(name)
+
+    def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.ck.get(name, self.dtype).to(dtype)
