@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from sqdeploy.cli.common import run_cli
+from sqdeploy.formats.onnx import check as onnx_check
+from sqdeploy.formats.trtllm import check as trtllm_check
 
 # kind -> module whose ``main(argv)`` checks that kind of directory
-CHECKERS = {
-    "onnx": "sqdeploy.formats.onnx.check",
-    "trtllm": "sqdeploy.formats.trtllm.check",
-}
+CHECKERS = {"onnx": onnx_check, "trtllm": trtllm_check}
 
 
 def _usage_of_every_checker() -> str:
     """Each subcommand's own option list, so ``sq-check --help`` shows every option in one place."""
     parts = []
     for kind in sorted(CHECKERS):
-        parts.append(importlib.import_module(CHECKERS[kind]).build_parser().format_help().rstrip())
+        parts.append(CHECKERS[kind].build_parser().format_help().rstrip())
     return "\n\n".join(parts)
 
 
@@ -35,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("dir")
         ap.parse_args(argv)
         return 2
-    return importlib.import_module(CHECKERS[argv[0]]).main(argv[1:])
+    return CHECKERS[argv[0]].main(argv[1:])
 
 
 def entry() -> None:

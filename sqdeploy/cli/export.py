@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.target != "quantized":
         from sqdeploy.formats.export import export_target
 
-        report = export_target(args, on_quantized=lambda result: print(layer_summary(result), flush=True))
+        report = export_target(args, calibration_from(args), runtime_from(args), on_quantized=lambda result: print(layer_summary(result), flush=True))
         print(report.get("summary", ""))
         print(f"done in {time.perf_counter() - t0:.1f} s")
     else:

@@ -20,6 +20,9 @@ from pathlib import Path
 
 from sqdeploy.core.errors import SqDeployError
 
+OUTPUT_MARKER = ".sqdeploy-output.json"  # written into every output; identifies it as replaceable, holds the hashes
+TEMP_MARKER = ".sqdeploy-temp.json"  # written into every temporary directory; names its process
+
 RECORDED = (
     "config.json", "generation_config.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -45,8 +48,6 @@ def record_files(directory: Path) -> dict[str, str]:
 
 
 def _record(directory: Path) -> dict | None:
-    from sqdeploy.core.output import OUTPUT_MARKER
-
     path = directory / OUTPUT_MARKER
     if not path.is_file():
         return None
@@ -96,6 +97,4 @@ def _stat(path: Path):
 
 def _in_progress(directory: Path) -> bool:
     """Inside an output still being written (no record yet) or a scratch directory."""
-    from sqdeploy.core.output import TEMP_MARKER
-
     return any((p / TEMP_MARKER).is_file() for p in directory.resolve().parents)

@@ -40,9 +40,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from sqdeploy.core.errors import SqDeployError
+from sqdeploy.core.integrity import OUTPUT_MARKER, TEMP_MARKER, record_files
 
-OUTPUT_MARKER = ".sqdeploy-output.json"  # written into every output; identifies it as replaceable
-TEMP_MARKER = ".sqdeploy-temp.json"  # written into every temporary directory; names its process
 KNOWN_MANIFESTS = ("sqdeploy.json", "sqdeploy-onnx.json", "sqdeploy-build.json")  # outputs older than the marker
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.sqdeploy-(?P<kind>tmp|old|work)-(?P<pid>\d+)-[0-9a-f]+$")
 _LOCK_SUFFIX = ".sqdeploy-lock"
@@ -95,7 +94,6 @@ def check_output_dir(out: str | Path, force: bool, inputs: Iterable[str | Path |
 def write_output_record(path: Path) -> None:
     """Mark ``path`` as an sq-deploy output, with the hashes readers check (:mod:`sqdeploy.core.integrity`)."""
     from sqdeploy import __version__
-    from sqdeploy.core.integrity import record_files
 
     record = {"written_by": "sq-deploy", "version": __version__, "files_sha256": record_files(path)}
     (path / OUTPUT_MARKER).write_text(json.dumps(record, indent=2) + "\n")

@@ -15,7 +15,6 @@ it with the PyTorch backend instead.
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -229,17 +228,15 @@ def installed_version() -> str:
 
 
 def check_checkpoint(ckpt: Path, world_size: int) -> str:
-    """Rank files, then ``sq-check trtllm`` when the checker is installed."""
+    """Rank files, then ``sq-check trtllm`` (names, shapes, dtypes and values) before a long build."""
+    from sqdeploy.formats.trtllm.check import check_dir
+
     missing = [f"rank{r}.safetensors" for r in range(world_size) if not (ckpt / f"rank{r}.safetensors").exists()]
     if missing:
         raise SqDeployError(f"{ckpt} lacks {', '.join(missing)} (mapping.world_size is {world_size}); re-export the checkpoint")
-    try:
-        checker = importlib.import_module("sqdeploy.formats.trtllm.check")
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("sqdeploy.formats.trtllm"):
-            return "config.json and rank files only (sq-check trtllm is not installed)"
-        raise
-    if checker.main([str(ckpt)]):
+    result = check_dir(ckpt)
+    print(result.table(), flush=True)
+    if not result.ok:
         raise SqDeployError(f"{ckpt} fails sq-check trtllm (table above); re-export the checkpoint")
     return "sq-check trtllm passed"
 

@@ -8,15 +8,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sqdeploy.cli.common import calibration_from, runtime_from
 from sqdeploy.core.output import atomic_output_dir, output_lock, scratch_dir
 from sqdeploy.formats.targets import get_target
-from sqdeploy.quantize.pipeline import QuantizeResult, quantize_to_dir
+from sqdeploy.quantize.pipeline import Calibration, QuantizeResult, Runtime, quantize_to_dir
 from sqdeploy.quantize.qmodel import QuantizedModel, is_quantized_dir
 from sqdeploy.quantize.recipes import load_recipe
 
 
-def export_target(args: argparse.Namespace, on_quantized: Callable[[QuantizeResult], None] | None = None) -> dict:
+def export_target(args: argparse.Namespace, calibration: Calibration, runtime: Runtime,
+                  on_quantized: Callable[[QuantizeResult], None] | None = None) -> dict:
     """Returns the target's report (with a ``summary`` string to print); ``on_quantized`` receives
     the quantization's result when the export starts from a float model (for its per-layer summary)."""
     target = get_target(args.target)
@@ -33,7 +33,7 @@ def export_target(args: argparse.Namespace, on_quantized: Callable[[QuantizeResu
             ck = HFCheckpoint(args.model)
             target.precheck((load_recipe(args.recipe), ck.config, ck.family), args)
             scratch = stack.enter_context(scratch_dir(args.out, "quantized"))
-            qdir, result = quantize_to_dir(ck.path, args.recipe, scratch, calibration_from(args), runtime_from(args))
+            qdir, result = quantize_to_dir(ck.path, args.recipe, scratch, calibration, runtime)
             if on_quantized is not None:
                 on_quantized(result)
         with atomic_output_dir(args.out, args.force, inputs=inputs) as tmp:

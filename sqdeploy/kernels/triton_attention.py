@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sqdeploy.kernels.triton_gemm import _counters
+from sqdeploy.kernels.triton_tiles import _counters
 
 MAX_GROUP = 16  # query heads per KV head the kernel handles (padded rows of one MMA tile)
 

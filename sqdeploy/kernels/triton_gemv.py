@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from sqdeploy.kernels.triton_fused import _act
-from sqdeploy.kernels.triton_gemm import _finish
+from sqdeploy.kernels.triton_tiles import _finish
 
 
 @triton.jit

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sqdeploy.kernels.triton_gemm import _finish, _tile_ids
+from sqdeploy.kernels.triton_tiles import _finish, _tile_ids
 from sqdeploy.kernels.tuning import INTERPRET
 
 KIND = "planes"

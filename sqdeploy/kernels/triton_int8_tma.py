@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sqdeploy.kernels.triton_gemm import _store_out, _tile_ids
+from sqdeploy.kernels.triton_tiles import _store_out, _tile_ids
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # kernels run on the CPU (tests)
 

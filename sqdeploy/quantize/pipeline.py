@@ -24,6 +24,7 @@ from sqdeploy.core.output import atomic_output_dir
 from sqdeploy.core.progress import Progress
 from sqdeploy.model.checkpoint import HFCheckpoint
 from sqdeploy.model.loading import load_model
+from sqdeploy.model.tokenizer import check_tokenizer_fits, load_tokenizer  # noqa: F401 - part of this module's API
 from sqdeploy.model.transformer import Block, Transformer
 from sqdeploy.quantize.awq import AWQ, ClipSearch
 from sqdeploy.quantize.calibration import CalibrationSet, build_calibration
@@ -138,15 +139,6 @@ def storage_dtype(recipe: Recipe, cfg: ModelConfig) -> torch.dtype:
     return DTYPES.get(cfg.dtype, torch.float16) if cfg.dtype != "float32" else torch.float32
 
 
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as exc:
-        raise SqDeployError(f"{path}: the tokenizer could not be loaded ({type(exc).__name__}); calibration needs the model's tokenizer files") from None
-
-
 def calibration_set(ck: HFCheckpoint, recipe: Recipe, calib: Calibration) -> CalibrationSet:
     c = calib.resolve(recipe)
     if c["seq_len"] > ck.config.max_positions:
@@ -155,13 +147,6 @@ def calibration_set(ck: HFCheckpoint, recipe: Recipe, calib: Calibration) -> Cal
     tokenizer = load_tokenizer(ck.path)
     check_tokenizer_fits(tokenizer, ck.config.vocab_size, ck.path)
     return build_calibration(tokenizer, c["source"], c["samples"], c["seq_len"])
-
-
-def check_tokenizer_fits(tokenizer, vocab_size: int, where: Path) -> None:
-    """A tokenizer with more tokens than the embedding has rows would index past it."""
-    if len(tokenizer) > vocab_size:
-        raise SqDeployError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab_size}; "
-                            "the tokenizer belongs to another model")
 
 
 def quantize(

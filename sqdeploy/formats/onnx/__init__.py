@@ -1,7 +1,6 @@
 """ONNX export target: decoder graphs with KV cache (float, W8A8 QDQ, W4A16 QDQ or MatMulNBits).
 
-Importing this package registers ``sq-export --target onnx``; ``reader`` registers the
-``sq-eval`` reader for export directories.
+``TARGET`` is ``sq-export --target onnx``; ``reader`` opens export directories for ``sq-eval``.
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ import argparse
 
 from sqdeploy.formats.onnx.options import add_arguments as _add_arguments
 from sqdeploy.formats.onnx.options import precheck
-from sqdeploy.formats.targets import Target, register_target
+from sqdeploy.formats.target import Target
 
 
 def _arguments(g: argparse.ArgumentParser) -> None:
@@ -27,10 +26,10 @@ def _write(qdir, out, args):
     return write(qdir, out, args)
 
 
-register_target(Target(
+TARGET = Target(
     name="onnx",
     help="ONNX decoder graph with KV cache for ONNX Runtime and TensorRT",
     add_arguments=_arguments,
     write=_write,
     precheck=precheck,
-))
+)

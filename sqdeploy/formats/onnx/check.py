@@ -135,7 +135,7 @@ def _count_row(model: onnx.ModelProto, meta: dict) -> Row:
 def windows_for(args, tokenizer_dir: Path, vocab: int) -> torch.Tensor:
     if args.text:
         from sqdeploy.evaluate.perplexity import eval_windows, read_text
-        from sqdeploy.quantize.pipeline import load_tokenizer
+        from sqdeploy.model.tokenizer import load_tokenizer
 
         return eval_windows(load_tokenizer(tokenizer_dir), read_text(args.text), *window_setting(args))
     g = torch.Generator().manual_seed(0)
@@ -268,9 +268,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json_atomic(args.json, {"dir": str(path), "ok": ok, "rows": [r.__dict__ for r in rows], "meta": meta})
     return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    from sqdeploy.cli.common import run_cli
-
-    raise SystemExit(run_cli(main))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sqdeploy.formats.onnx.meta import is_onnx_dir
-from sqdeploy.formats.readers import OpenedModel, Reader, register_reader
+from sqdeploy.formats.opened import OpenedModel, OpenedReader
 
 
 def open_onnx(path: Path, device: str) -> OpenedModel:
@@ -17,4 +17,4 @@ def open_onnx(path: Path, device: str) -> OpenedModel:
     return OpenedModel("onnx", path, dec.logits_fn, path, desc, None)
 
 
-register_reader(Reader("onnx", is_onnx_dir, open_onnx))
+READER = OpenedReader("onnx", is_onnx_dir, open_onnx)

@@ -1,16 +1,16 @@
 """TensorRT-LLM targets: the engine-flow checkpoint and ModelOpt's unified HF checkpoint.
 
-Importing this package registers ``sq-export --target trtllm`` (config.json +
+``TARGETS`` are ``sq-export --target trtllm`` (config.json +
 rank{r}.safetensors for ``trtllm-build``, TensorRT-LLM <= 1.2) and ``--target
 trtllm-hf`` (HF names + hf_quant_config.json, for TensorRT-LLM's PyTorch backend);
-``reader`` registers the ``sq-eval`` reader; ``check`` is ``sq-check trtllm``.
+``reader`` opens checkpoints for ``sq-eval``; ``check`` is ``sq-check trtllm``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from sqdeploy.formats.targets import Target, register_target
+from sqdeploy.formats.target import Target
 
 
 def _add(group, flag: str, **kw) -> None:
@@ -35,28 +35,43 @@ def _arguments(g: argparse.ArgumentParser) -> None:
     _add(g, "--eval-windows", type=int, default=24, help="windows of 512 tokens for --eval-text (default 24)")
 
 
-def _lazy(module: str, name: str):
-    """A target hook that imports its module on first call (TensorRT-LLM code stays unloaded until used)."""
+def _write(qdir, out, args):
+    from sqdeploy.formats.trtllm.writer import write  # TensorRT-LLM writing code loads only when used
 
-    def hook(*args):
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{module}"), name)(*args)
-
-    return hook
+    return write(qdir, out, args)
 
 
-register_target(Target(
-    name="trtllm",
-    help="TensorRT-LLM checkpoint (config.json + rank{r}.safetensors) for trtllm-build, TensorRT-LLM <= 1.2",
-    add_arguments=_arguments,
-    write=_lazy("writer", "write"),
-    precheck=_lazy("writer", "resolve"),
-))
-register_target(Target(
-    name="trtllm-hf",
-    help="ModelOpt unified HF checkpoint (fp16 or W4A16_AWQ) for TensorRT-LLM's PyTorch backend",
-    add_arguments=_arguments,
-    write=_lazy("hf_unified", "write"),
-    precheck=_lazy("hf_unified", "resolve"),
-))
+def _resolve(model, args):
+    from sqdeploy.formats.trtllm.writer import resolve
+
+    return resolve(model, args)
+
+
+def _write_hf(qdir, out, args):
+    from sqdeploy.formats.trtllm.hf_unified import write
+
+    return write(qdir, out, args)
+
+
+def _resolve_hf(model, args):
+    from sqdeploy.formats.trtllm.hf_unified import resolve
+
+    return resolve(model, args)
+
+
+TARGETS = (
+    Target(
+        name="trtllm",
+        help="TensorRT-LLM checkpoint (config.json + rank{r}.safetensors) for trtllm-build, TensorRT-LLM <= 1.2",
+        add_arguments=_arguments,
+        write=_write,
+        precheck=_resolve,
+    ),
+    Target(
+        name="trtllm-hf",
+        help="ModelOpt unified HF checkpoint (fp16 or W4A16_AWQ) for TensorRT-LLM's PyTorch backend",
+        add_arguments=_arguments,
+        write=_write_hf,
+        precheck=_resolve_hf,
+    ),
+)

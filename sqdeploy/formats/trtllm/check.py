@@ -14,91 +14,14 @@ share them. Prints a table; exits 1 on any failure.
 from __future__ import annotations
 
 import argparse
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from sqdeploy.core.errors import SqDeployError
-from sqdeploy.core.report import markdown_table, write_json_atomic
-from sqdeploy.formats.trtllm.config import CheckpointSpec, parse_config
-from sqdeploy.formats.trtllm.names import TensorSpec, expected_tensors, global_rows
-from sqdeploy.model.checkpoint import read_json
-
-ST_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
-FLOAT_ST = ("F16", "BF16", "F32")
-SHOW = 3  # names listed per failing row
-
-
-@dataclass
-class CheckResult:
-    rows: list[list[str]] = field(default_factory=list)
-    spec: CheckpointSpec | None = None
-
-    def add(self, check: str, status: str, detail: str = "") -> None:
-        self.rows.append([check, status, detail])
-
-    @property
-    def ok(self) -> bool:
-        return all(r[1] != "FAIL" for r in self.rows)
-
-    def first_failure(self) -> str:
-        return next((f"{r[0]}: {r[2]}" for r in self.rows if r[1] == "FAIL"), "")
-
-    def table(self) -> str:
-        return markdown_table(["check", "result", "detail"], self.rows)
-
-
-def _dtype_ok(rule: str, st: str, model: str) -> bool:
-    if rule == "int8":
-        return st == "I8"
-    if rule == "float32":
-        return st == "F32"
-    if rule == "model":
-        return st == ST_DTYPES[model]
-    if rule == "model_or_float32":
-        return st in (ST_DTYPES[model], "F32")
-    return st in FLOAT_ST
-
-
-def _headers(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    try:
-        with safe_open(path, "pt") as f:
-            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise SqDeployError(f"{path} is truncated or not a safetensors file ({exc}); re-export the checkpoint") from None
-
-
-def _few(names) -> str:
-    names = sorted(names)
-    return ", ".join(names[:SHOW]) + (f" (+{len(names) - SHOW} more)" if len(names) > SHOW else "")
-
-
-def check_files(path: Path, spec: CheckpointSpec, res: CheckResult) -> list[Path]:
-    want = [path / f"rank{r}.safetensors" for r in range(spec.tp)]
-    present = {p.name for p in path.glob("rank*.safetensors")}
-    missing = [p.name for p in want if p.name not in present]
-    extra = sorted(present - {p.name for p in want})
-    if missing or extra:
-        res.add("rank files", "FAIL", "; ".join(filter(None, [missing and f"missing {', '.join(missing)} (world_size {spec.tp})", extra and f"unexpected {', '.join(extra)}"])))
-    else:
-        res.add("rank files", "ok", f"rank0..rank{spec.tp - 1}.safetensors")
-    return [p for p in want if p.name in present]
-
-
-def check_headers(files: list[Path], expected: dict[str, TensorSpec], spec: CheckpointSpec, res: CheckResult) -> None:
-    for path in files:
-        got = _headers(path)
-        missing, extra = set(expected) - set(got), set(got) - set(expected)
-        shapes = [f"{n} {list(got[n][0])} != {list(e.shape)}" for n, e in expected.items() if n in got and got[n][0] != e.shape]
-        dtypes = [f"{n} {got[n][1]} (want {e.dtype})" for n, e in expected.items() if n in got and not _dtype_ok(e.dtype, got[n][1], spec.dtype)]
-        r = path.stem
-        res.add(f"{r} names", "FAIL" if missing or extra else "ok",
-                "; ".join(filter(None, [missing and f"missing {_few(missing)}", extra and f"unexpected {_few(extra)}"])) or f"{len(got)} tensors")
-        res.add(f"{r} shapes", "FAIL" if shapes else "ok", _few(shapes) if shapes else "")
-        res.add(f"{r} dtypes", "FAIL" if dtypes else "ok", _few(dtypes) if dtypes else "")
+from sqdeploy.core.report import write_json_atomic
+from sqdeploy.formats.trtllm.config import CheckpointSpec
+from sqdeploy.formats.trtllm.layout import SHOW, CheckResult, check_layout, few  # noqa: F401 - CheckResult is part of this module's API
+from sqdeploy.formats.trtllm.names import TensorSpec, global_rows
 
 
 def _value_problems(name: str, t: torch.Tensor, e: TensorSpec, spec: CheckpointSpec, rank: int) -> list[str]:
@@ -132,10 +55,10 @@ def check_values(files: list[Path], expected: dict[str, TensorSpec], spec: Check
                     first[name] = t
                 elif name in first and not torch.equal(first[name], t):
                     diverging.append(name)
-        res.add(f"{path.stem} values", "FAIL" if problems else "ok", _few(problems) if problems else "finite, scales > 0, padding zero")
+        res.add(f"{path.stem} values", "FAIL" if problems else "ok", few(problems) if problems else "finite, scales > 0, padding zero")
     if spec.tp > 1:
         res.add("replicated tensors", "FAIL" if diverging else "ok",
-                f"differ across ranks: {_few(set(diverging))}" if diverging else "identical on every rank")
+                f"differ across ranks: {few(set(diverging))}" if diverging else "identical on every rank")
 
 
 def check_kv_duplicates(path: Path, spec: CheckpointSpec, res: CheckResult) -> None:
@@ -157,7 +80,7 @@ def check_kv_duplicates(path: Path, spec: CheckpointSpec, res: CheckResult) -> N
                     ref = lin.dequantized()
                 elif not torch.equal(ref, lin.dequantized()):
                     bad.append(f"layer {i} {name} rank {r}")
-    res.add("duplicated KV heads", "FAIL" if bad else "ok", _few(bad) if bad else f"each KV head identical on its {group} ranks")
+    res.add("duplicated KV heads", "FAIL" if bad else "ok", few(bad) if bad else f"each KV head identical on its {group} ranks")
 
 
 def warnings(spec: CheckpointSpec, res: CheckResult) -> None:
@@ -166,24 +89,6 @@ def warnings(spec: CheckpointSpec, res: CheckResult) -> None:
         res.add("rotary_base", "warn", "missing: TensorRT-LLM uses 10000")
     if spec.quant.kv == "INT8":
         res.add("INT8 KV cache", "warn", "paged context FMHA does not support it: trtllm-build --use_paged_context_fmha disable")
-
-
-def check_layout(path: Path, res: CheckResult) -> tuple[list[Path], dict[str, TensorSpec]] | None:
-    """config.json, file set, names, shapes and dtypes; None when the config itself fails."""
-    if not path.is_dir():
-        raise SqDeployError(f"{path} is not a directory; pass a TensorRT-LLM checkpoint directory")
-    try:
-        spec = parse_config(read_json(path / "config.json", "TensorRT-LLM checkpoint"))
-    except SqDeployError as exc:
-        res.add("config.json", "FAIL", str(exc))
-        return None
-    res.spec = spec
-    q = spec.quant
-    res.add("config.json", "ok", f"{spec.raw['architecture']}, {spec.dtype}, quant_algo {q.algo}, kv {q.kv}, tp {spec.tp}")
-    files = check_files(path, spec, res)
-    expected = expected_tensors(spec)
-    check_headers(files, expected, spec, res)
-    return files, expected
 
 
 def check_dir(path: str | Path, values: bool = True) -> CheckResult:
@@ -218,9 +123,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json_atomic(args.json, {"dir": str(args.dir), "ok": res.ok, "checks": [dict(zip(("check", "result", "detail"), r)) for r in res.rows]})
     return 0 if res.ok else 1
-
-
-if __name__ == "__main__":
-    from sqdeploy.cli.common import run_cli
-
-    sys.exit(run_cli(main))

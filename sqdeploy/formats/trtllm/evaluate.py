@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from sqdeploy.evaluate.perplexity import eval_windows, model_logits_fn, paired_change, perplexity, read_text
-from sqdeploy.quantize.pipeline import load_tokenizer
+from sqdeploy.model.tokenizer import load_tokenizer
 from sqdeploy.quantize.qmodel import QuantizedModel
 
 

@@ -29,8 +29,10 @@ from sqdeploy import __version__
 from sqdeploy.core.errors import SqDeployError
 from sqdeploy.core.families import Family
 from sqdeploy.core.report import markdown_table
+from sqdeploy.formats.opened import OpenedModel, OpenedReader
 from sqdeploy.formats.trtllm.config import QuantSpec, check_split, quant_spec_for
 from sqdeploy.formats.trtllm.linear import RankLinear, decode
+from sqdeploy.formats.trtllm.modules import TrtLinear
 from sqdeploy.formats.trtllm.pack import pack_int4_rows
 from sqdeploy.formats.trtllm.source import LinearSource
 from sqdeploy.model.checkpoint import stored_name
@@ -200,7 +202,6 @@ class HfUnifiedCheckpoint:
         return self.files.read(self.family.hf_name(stored_name(self, canonical))).to(dtype)
 
     def configure_block(self, block) -> None:
-        from sqdeploy.formats.trtllm.reader import TrtLinear
 
         for name, lin in self.layer(block.index).items():
             pqs = lin.pre_quant_scale
@@ -215,9 +216,11 @@ def is_hf_unified_dir(path: Path) -> bool:
 
 def open_hf_unified(path: Path, device: str):
     from sqdeploy.evaluate.perplexity import model_logits_fn
-    from sqdeploy.formats.readers import OpenedModel
     from sqdeploy.model.loading import load_model
 
     ck = HfUnifiedCheckpoint(path)
     model = load_model(ck, torch.float32, device)
     return OpenedModel("trtllm-hf", path, model_logits_fn(model), path, f"unified HF checkpoint, {ck.quant.algo}", model)
+
+
+READER = OpenedReader("trtllm-hf", is_hf_unified_dir, open_hf_unified)

@@ -24,54 +24,18 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 
-from sqdeploy.core import qmath
 from sqdeploy.core.errors import SqDeployError
 from sqdeploy.core.families import Family, ModelConfig
-from sqdeploy.formats.trtllm.check import CheckResult, check_layout
+from sqdeploy.formats.opened import OpenedModel, OpenedReader
 from sqdeploy.formats.trtllm.config import CheckpointSpec
+from sqdeploy.formats.trtllm.layout import CheckResult, check_layout
 from sqdeploy.formats.trtllm.linear import DTYPES, RankLinear, decode
+from sqdeploy.formats.trtllm.modules import Int8KVCache, TrtLinear
 from sqdeploy.formats.trtllm.names import LAYER, global_rows, rows_per_rank
 from sqdeploy.formats.trtllm.shard import merge, owners, unfuse
-from sqdeploy.model.layers import QLinear
 from sqdeploy.model.transformer import Block, KVCache
-
-
-class TrtLinear(QLinear):
-    """A QLinear with TensorRT-LLM's input handling: a per-channel pre-quant scale
-    (prequant_scaling_factor, 1 / smoother) and, for row-parallel linears with dynamic
-    per-token activations, one per-token scale per rank's slice of the input (each rank
-    quantizes its own columns: the scales are not all-reduced)."""
-
-    def __init__(self, lin: QLinear, pre_quant_scale: torch.Tensor | None = None, act_chunks: int = 1):
-        super().__init__(lin.in_features, lin.out_features, lin.bias is not None)
-        self.weight, self.bias, self.act, self.input_scale = lin.weight, lin.bias, lin.act, lin.input_scale
-        pqs = None if pre_quant_scale is None else pre_quant_scale.float().to(lin.weight.device)
-        self.register_buffer("pre_quant_scale", pqs, persistent=False)
-        self.act_chunks = act_chunks
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pre_quant_scale is not None:
-            x = x * self.pre_quant_scale.to(x.dtype)
-        if self.act.quantized and self.act_chunks > 1:
-            parts = [qmath.fake_quant_act(c, self.act, self.input_scale).to(x.dtype) for c in x.chunk(self.act_chunks, dim=-1)]
-            return F.linear(torch.cat(parts, dim=-1), self.weight, self.bias)
-        return super().forward(x)
-
-
-class Int8KVCache(KVCache):
-    """Stores K (after rotary) and V in INT8 with the layer's kv_cache_scaling_factor, as the engine's cache does."""
-
-    def __init__(self, scales: list[float]):
-        super().__init__(len(scales))
-        self.scales = scales
-
-    def update(self, i: int, k: torch.Tensor, v: torch.Tensor):
-        s = self.scales[i]
-        rt = lambda t: (torch.round(t.float() / s).clamp(-128, 127) * s).to(t.dtype)
-        return super().update(i, rt(k), rt(v))
 
 
 class TrtllmCheckpoint:
@@ -236,7 +200,6 @@ def is_trtllm_dir(path: Path) -> bool:
 
 def open_checkpoint(path: Path, device: str):
     from sqdeploy.evaluate.perplexity import model_logits_fn
-    from sqdeploy.formats.readers import OpenedModel
     from sqdeploy.model.loading import load_model
 
     ck = TrtllmCheckpoint(path)
@@ -247,12 +210,4 @@ def open_checkpoint(path: Path, device: str):
     return OpenedModel("trtllm", path, model_logits_fn(model), path, desc, model)
 
 
-def _register() -> None:
-    from sqdeploy.formats.readers import Reader, register_reader
-    from sqdeploy.formats.trtllm.hf_unified import is_hf_unified_dir, open_hf_unified
-
-    register_reader(Reader("trtllm", is_trtllm_dir, open_checkpoint))
-    register_reader(Reader("trtllm-hf", is_hf_unified_dir, open_hf_unified))
-
-
-_register()
+READER = OpenedReader("trtllm", is_trtllm_dir, open_checkpoint)

@@ -136,8 +136,8 @@ class RecordedSmoothing:
 
 def recorded_calibration(qm: QuantizedModel, ck: HFCheckpoint) -> tuple[torch.Tensor | None, str]:
     """The calibration blocks the recipe used (same source, sizes and sha256), or None and why not."""
+    from sqdeploy.model.tokenizer import load_tokenizer
     from sqdeploy.quantize.calibration import build_calibration
-    from sqdeploy.quantize.pipeline import load_tokenizer
 
     cal = qm.manifest.get("calibration") or {}
     try:

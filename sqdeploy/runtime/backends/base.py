@@ -89,7 +89,7 @@ def eos_ids_of(*candidates: Any) -> frozenset[int]:
 def load_tokenizer(path: Path):
     """The engine's tokenizer, refused if it differs from the one recorded when the directory was written."""
     from sqdeploy.core.integrity import verify_recorded_files
-    from sqdeploy.quantize.pipeline import load_tokenizer as _load
+    from sqdeploy.model.tokenizer import load_tokenizer as _load
 
     verify_recorded_files(path)
     return _load(path)
