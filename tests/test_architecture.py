@@ -172,3 +172,11 @@ def test_the_string_check_sees_a_module_name(tmp_path):
     f = tmp_path / "m.py"
     f.write_text('"""sqdeploy.core.errors in a docstring is fine."""\nX = ["sqdeploy.core.errors"]\n')
     assert _string_module_names(f, {"sqdeploy.core.errors"}) == ["sqdeploy.core.errors"]
+
+
+def test_tests_mirror_the_packages():
+    """Each folder of tests/ is named after the package (or format) its tests cover."""
+    tests = Path(__file__).resolve().parent
+    packages = {p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*") if p.is_dir() and (p / "__init__.py").exists()}
+    folders = {p.relative_to(tests).as_posix() for p in tests.rglob("*") if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders and folders <= packages, f"test folders without a package: {sorted(folders - packages)}"

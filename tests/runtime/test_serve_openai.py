@@ -11,7 +11,7 @@ from sqdeploy.cli.serve import build_parser
 from sqdeploy.runtime import SamplingParams, generate
 from sqdeploy.runtime.server.limits import ServeOptions
 from sqdeploy.runtime.server.run import ServerThread
-from tests.test_serve_protocols import LIMITS, PROMPT, client, engine, url  # noqa: F401 - fixtures
+from tests.runtime.test_serve_protocols import LIMITS, PROMPT, client, engine, url  # noqa: F401 - fixtures
 
 openai = pytest.importorskip("openai", reason="the openai client is a test extra: pip install 'sq-deploy[test]'")
 triton = pytest.importorskip("tritonclient.http", reason="tritonclient is a test extra: pip install 'sq-deploy[test]'")

@@ -1,47 +1,15 @@
 """The whole-model smoothing search: s = 1 is always a candidate, injected outliers get smoothed,
-a too-small calibration set is refused, and AWQ's scales beat round-to-nearest on such outliers."""
+and a too-small calibration set is refused (the outlier model is in conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from sqdeploy.core.errors import SqDeployError
-from sqdeploy.model import HFCheckpoint, load_model
 from sqdeploy.quantize import smoothing_search
 from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_in_memory
 from sqdeploy.quantize.recipes import load_recipe, parse_recipe
-
-OUTLIER_CHANNELS = (3, 17, 40, 77)
-OUTLIER_GAIN = 40.0
-
-
-@pytest.fixture(scope="module")
-def outlier_model(tmp_path_factory, tiny_models):
-    """The tiny Llama with a few norm output channels made 40x larger and the consumers' weight columns
-    40x smaller: the same function, with the activation outliers smoothing exists for."""
-    src = tiny_models["llama"]
-    out = tmp_path_factory.mktemp("outliers") / "llama"
-    out.mkdir()
-    for f in src.iterdir():
-        if f.suffix != ".safetensors":
-            (out / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(src / "model.safetensors")
-    ch = list(OUTLIER_CHANNELS)
-    for key in list(tensors):
-        for norm, consumers in (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
-                                ("post_attention_layernorm", ("gate_proj", "up_proj"))):
-            if key.endswith(f"{norm}.weight"):
-                prefix = key[: -len(f"{norm}.weight")]
-                tensors[key] = tensors[key].clone()
-                tensors[key][ch] *= OUTLIER_GAIN
-                for c in consumers:
-                    name = f"{prefix}{'self_attn' if c[0] in 'qkv' else 'mlp'}.{c}.weight"
-                    tensors[name] = tensors[name].clone()
-                    tensors[name][:, ch] /= OUTLIER_GAIN
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    return out
 
 
 def _static_search(**algo):
@@ -119,24 +87,3 @@ def test_overrides_parse():
     assert load_recipe("w8a8-sq:alpha=0.5:rounding=rtn:gptq_act_order=false").params["rounding"] == "rtn"
     with pytest.raises(SqDeployError, match="alpha must be"):
         load_recipe("w8a8-sq:alpha=1.5")
-
-
-def _logit_error(model_dir, recipe, calib_file) -> float:
-    """Relative squared error of the quantized model's logits against the float model's on calibration text."""
-    ck = HFCheckpoint(model_dir)
-    ids = torch.randint(10, 8000, (2, 48), generator=torch.Generator().manual_seed(0))
-    ref = load_model(ck)(ids)
-    quant, _ = quantize_in_memory(ck, recipe, Calibration(str(calib_file), 8, 32), Runtime(progress=False))
-    with torch.no_grad():
-        return float((quant(ids) - ref).pow(2).sum() / ref.pow(2).sum())
-
-
-def test_awq_beats_rtn_on_injected_outliers(outlier_model, calib_file):
-    """INT4 round-to-nearest zeroes the shrunken weight columns of the outlier channels; AWQ's scales
-    move their range back into the weights."""
-    scheme = {"weight": {"bits": 4, "granularity": "group", "group_size": 32, "symmetric": False}}
-    rtn = parse_recipe({"name": "rtn", "scheme": scheme, "algorithm": "rtn"})
-    awq = parse_recipe({"name": "awq", "scheme": scheme, "algorithm": {"name": "awq", "grid": 10, "clip": False,
-                                                                       "search_samples": 4}})
-    e_rtn, e_awq = _logit_error(outlier_model, rtn, calib_file), _logit_error(outlier_model, awq, calib_file)
-    assert e_awq < 0.5 * e_rtn

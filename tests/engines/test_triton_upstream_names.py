@@ -19,7 +19,7 @@ from sqdeploy.engines.triton import TritonOptions, check_repository, write_repos
 from sqdeploy.engines.triton.schema import model_config_pb2, parse_pbtxt
 from sqdeploy.testing.tiny_onnx import write_tiny_onnx_dir
 
-UPSTREAM = json.loads((Path(__file__).parent / "data" / "tensorrtllm_backend_names.json").read_text())["models"]
+UPSTREAM = json.loads((Path(__file__).resolve().parents[1] / "data" / "tensorrtllm_backend_names.json").read_text())["models"]
 
 
 def _names(repo: Path, model: str) -> dict[str, dict[str, str]]:

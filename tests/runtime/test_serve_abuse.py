@@ -14,7 +14,7 @@ import pytest
 
 from sqdeploy.runtime.server.limits import ServeLimits
 from sqdeploy.runtime.server.run import ServerThread
-from tests.test_serve_protocols import PROMPT, engine  # noqa: F401 - fixture
+from tests.runtime.test_serve_protocols import PROMPT, engine  # noqa: F401 - fixture
 
 HALF_OPEN = 300  # well above max_connections, far below the process's file limit
 GUARDED = ServeLimits(max_connections=32, header_timeout_s=1.5, body_timeout_s=1.0, max_new_tokens=250)

@@ -14,7 +14,7 @@ from sqdeploy.cli.eval import main as eval_main
 from sqdeploy.model import HFCheckpoint, load_model
 from sqdeploy.quantize.pipeline import load_tokenizer
 
-from .conftest import HELDOUT
+from tests.conftest import HELDOUT
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'sq-deploy[lm-eval]'")
 

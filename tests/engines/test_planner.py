@@ -14,7 +14,7 @@ from sqdeploy.engines.model_shape import ModelShape, WeightFormat, quantization_
 from sqdeploy.engines.planner import Deployment, min_gpus, plan_memory, tp_problems, weight_bytes
 from sqdeploy.quantize.recipes import load_recipe
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def shape(name: str) -> ModelShape:

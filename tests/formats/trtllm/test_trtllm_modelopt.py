@@ -19,9 +19,9 @@ from sqdeploy.formats.trtllm.config import QuantSpec, build_config, parse_config
 from sqdeploy.formats.trtllm.names import expected_tensors
 from sqdeploy.model.checkpoint import HFCheckpoint
 from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
-from tests.test_trtllm_support import SQ_STATIC, export, int4_recipe, recipe
+from tests.formats.trtllm.test_trtllm_support import SQ_STATIC, export, int4_recipe, recipe
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 ST = {"float16": "F16", "float32": "F32", "bfloat16": "BF16", "int8": "I8"}
 # manifest -> (recipe, quant spec, tp); fixed-alpha recipes give the layouts of w8a8-sq / w4a16-* without their searches
 CASES = {

@@ -19,7 +19,7 @@ from sqdeploy.formats.trtllm.config import QuantSpec, check_split
 from sqdeploy.formats.trtllm.reader import TrtllmCheckpoint
 from sqdeploy.model.checkpoint import HFCheckpoint
 from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
-from tests.test_trtllm_support import SQ_STATIC, export, recipe
+from tests.formats.trtllm.test_trtllm_support import SQ_STATIC, export, recipe
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from sqdeploy.model import load_model
 from sqdeploy.quantize.pipeline import Calibration, Runtime, load_tokenizer, quantize_to_dir
 from sqdeploy.quantize.qmodel import QuantizedModel
 
-from .conftest import HELDOUT, HUMANEVAL
+from tests.conftest import HELDOUT, HUMANEVAL
 
 # w8a8-sq's layout with a fixed alpha (the alpha search costs minutes and does not change the graph form)
 W8A8 = "name: w8a8-sq-a05\nscheme: w8a8-channel-static\nalgorithm: {name: smoothquant, alpha: 0.5}\n"

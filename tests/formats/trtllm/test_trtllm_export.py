@@ -24,7 +24,15 @@ from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
 from sqdeploy.quantize.qmodel import QuantizedModel
 from sqdeploy.testing.random_model import TINY_CONFIGS, make_random_model
 from tests.conftest import SHARED_MODEL
-from tests.test_trtllm_support import SQ_STATIC, SQ_TOKEN, export, int4_recipe, per_rank_token_reference, recipe, tp_forward
+from tests.formats.trtllm.test_trtllm_support import (
+    SQ_STATIC,
+    SQ_TOKEN,
+    export,
+    int4_recipe,
+    per_rank_token_reference,
+    recipe,
+    tp_forward,
+)
 
 TPS = (1, 2, 4, 8)
 IDS = torch.randint(0, 8000, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -21,7 +21,7 @@ from sqdeploy.model import HFCheckpoint, load_model
 from sqdeploy.quantize.pipeline import Calibration, Runtime, load_tokenizer, quantize_in_memory
 from sqdeploy.quantize.recipes import parse_recipe
 
-from .conftest import HUMANEVAL, SHARED
+from tests.conftest import HUMANEVAL, SHARED
 
 CAL = Calibration(str(HUMANEVAL), 16, 256)
 W8_STATIC = {"weight": {"bits": 8, "granularity": "channel"}, "act": {"kind": "static_tensor"}}

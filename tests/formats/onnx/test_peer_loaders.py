@@ -26,7 +26,7 @@ import pytest
 from sqdeploy.formats.onnx.companions import COMPANIONS, GENAI_CONFIG
 from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 KEYS = json.loads((ROOT / "tests" / "data" / "genai_config_keys.json").read_text())
 PEER_SCRIPT = ROOT / "tools" / "peer_generate.py"
 
