@@ -6,7 +6,14 @@ from pathlib import Path
 
 from sqdeploy.core.errors import SqDeployError
 from sqdeploy.engines.gpus import GpuProfile
-from sqdeploy.engines.model_shape import ModelShape, WeightFormat, is_trtllm_config, quantization_for_scheme, read_config
+from sqdeploy.engines.model_shape import (
+    WeightFormat,
+    config_from_hf,
+    config_from_trtllm,
+    is_trtllm_config,
+    quantization_for_scheme,
+    read_config,
+)
 from sqdeploy.engines.planner import Deployment, MemoryPlan, min_gpus, plan_memory
 
 
@@ -16,14 +23,14 @@ def plan_from_args(source: str | Path, gpu: GpuProfile, recipe: str = "fp16", tp
     cfg, path = read_config(source)
     name = Path(source).name if Path(source).is_dir() else path.stem
     if is_trtllm_config(cfg):
-        shape = ModelShape.from_trtllm_config(cfg)
+        shape = config_from_trtllm(cfg)
         fmt = WeightFormat.from_trtllm(cfg.get("quantization"), shape.dtype)
         default_tp = int((cfg.get("mapping") or {}).get("tp_size", 1))
         parallel_embedding = bool(cfg.get("use_parallel_embedding", False))
     else:
         from sqdeploy.quantize.recipes import load_recipe
 
-        shape = ModelShape.from_hf_config(cfg, dtype=dtype)
+        shape = config_from_hf(cfg, dtype=dtype)
         quant = quantization_for_scheme(load_recipe(recipe).scheme, "INT8" if kv_cache == "int8" else None)
         fmt = WeightFormat.from_trtllm(quant, shape.dtype)
         name = f"{name} {recipe}"

@@ -29,9 +29,10 @@ from math import ceil
 from typing import Any
 
 from sqdeploy.core.errors import SqDeployError
+from sqdeploy.core.families import ModelConfig
 from sqdeploy.core.report import markdown_table
 from sqdeploy.engines.gpus import GIB, GpuProfile
-from sqdeploy.engines.model_shape import ModelShape, WeightFormat
+from sqdeploy.engines.model_shape import WeightFormat, dtype_bytes
 
 TP_CANDIDATES = (1, 2, 4, 8, 16)
 
@@ -50,14 +51,14 @@ class Deployment:
     reserve_bytes: int = GIB
     parallel_embedding: bool = True
 
-    def seq_len(self, shape: ModelShape) -> int:
+    def seq_len(self, shape: ModelConfig) -> int:
         return self.max_seq_len or min(4096, shape.max_positions)
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
     model: str
-    shape: ModelShape
+    shape: ModelConfig
     fmt: WeightFormat
     gpu: GpuProfile
     deployment: Deployment
@@ -137,17 +138,17 @@ class MemoryPlan:
         }
 
 
-def _rank_linears(s: ModelShape, tp: int) -> Iterator[tuple[str, int, int, bool, bool]]:
+def _rank_linears(s: ModelConfig, tp: int) -> Iterator[tuple[str, int, int, bool, bool]]:
     """(module, out_features, in_features, row_parallel, has_bias) of one layer on one rank."""
-    q = s.heads // tp * s.head_dim
-    kv = ceil(s.kv_heads / tp) * s.head_dim
-    i = s.intermediate // tp
-    yield "qkv", q + 2 * kv, s.hidden, False, s.qkv_bias
-    yield "dense", s.hidden, q, True, s.o_bias
-    yield "fc", i, s.hidden, False, s.mlp_bias
+    q = s.num_heads // tp * s.head_dim
+    kv = ceil(s.num_kv_heads / tp) * s.head_dim
+    i = s.intermediate_size // tp
+    yield "qkv", q + 2 * kv, s.hidden_size, False, s.qkv_bias
+    yield "dense", s.hidden_size, q, True, s.o_bias
+    yield "fc", i, s.hidden_size, False, s.mlp_bias
     if s.gated_mlp:
-        yield "gate", i, s.hidden, False, s.mlp_bias
-    yield "proj", s.hidden, i, True, s.mlp_bias
+        yield "gate", i, s.hidden_size, False, s.mlp_bias
+    yield "proj", s.hidden_size, i, True, s.mlp_bias
 
 
 def linear_bytes(fmt: WeightFormat, module: str, out: int, inp: int, row: bool) -> dict[str, int]:
@@ -167,49 +168,49 @@ def linear_bytes(fmt: WeightFormat, module: str, out: int, inp: int, row: bool) 
     return out_b
 
 
-def weight_bytes(s: ModelShape, fmt: WeightFormat, tp: int, parallel_embedding: bool = True) -> dict[str, int]:
+def weight_bytes(s: ModelConfig, fmt: WeightFormat, tp: int, parallel_embedding: bool = True) -> dict[str, int]:
     """Per-GPU weight bytes by component (see the module docstring for the rules)."""
-    d = s.dtype_bytes
+    d = dtype_bytes(s)
     total = {"linear weights": 0, "scales": 0, "zero points": 0, "smoothing vectors": 0, "biases": 0}
     for module, out, inp, row, bias in _rank_linears(s, tp):
         for k, v in linear_bytes(fmt, module, out, inp, row).items():
-            total[k] += v * s.layers
-        total["biases"] += (out if bias else 0) * d * s.layers
-    total["scales"] += fmt.scalar_bytes_per_layer * s.layers
-    vocab_rows = ceil(s.vocab / tp)
-    total["embeddings"] = (vocab_rows if parallel_embedding else s.vocab) * s.hidden * d
-    if s.learned_positions:
-        total["embeddings"] += (ceil(s.max_positions / tp) if parallel_embedding else s.max_positions) * s.hidden * d
-    total["lm_head"] = vocab_rows * s.hidden * d
-    total["norms"] = (2 * s.layers + 1) * s.hidden * (2 if s.norm_bias else 1) * d
+            total[k] += v * s.num_layers
+        total["biases"] += (out if bias else 0) * d * s.num_layers
+    total["scales"] += fmt.scalar_bytes_per_layer * s.num_layers
+    vocab_rows = ceil(s.vocab_size / tp)
+    total["embeddings"] = (vocab_rows if parallel_embedding else s.vocab_size) * s.hidden_size * d
+    if s.position == "learned":
+        total["embeddings"] += (ceil(s.max_positions / tp) if parallel_embedding else s.max_positions) * s.hidden_size * d
+    total["lm_head"] = vocab_rows * s.hidden_size * d
+    total["norms"] = (2 * s.num_layers + 1) * s.hidden_size * (2 if s.norm_has_bias else 1) * d
     return total
 
 
-def kv_bytes_per_token(s: ModelShape, fmt: WeightFormat, tp: int) -> int:
-    return 2 * s.layers * ceil(s.kv_heads / tp) * s.head_dim * fmt.kv_cache_bits // 8
+def kv_bytes_per_token(s: ModelConfig, fmt: WeightFormat, tp: int) -> int:
+    return 2 * s.num_layers * ceil(s.num_kv_heads / tp) * s.head_dim * fmt.kv_cache_bits // 8
 
 
-def activation_bytes_per_token(s: ModelShape, fmt: WeightFormat, tp: int) -> int:
+def activation_bytes_per_token(s: ModelConfig, fmt: WeightFormat, tp: int) -> int:
     """Largest live set inside one layer: residual + normed input + qkv + attention
     output, or residual + normed input + the MLP's intermediate outputs."""
-    q = s.heads // tp * s.head_dim
-    qkv = q + 2 * ceil(s.kv_heads / tp) * s.head_dim
-    i = s.intermediate // tp
-    attn = 2 * s.hidden + qkv + q
-    mlp = 2 * s.hidden + (3 if s.gated_mlp else 2) * i
-    int8_copy = max(s.hidden, i) if fmt.act_bits == 8 else 0
-    return max(attn, mlp) * s.dtype_bytes + int8_copy
+    q = s.num_heads // tp * s.head_dim
+    qkv = q + 2 * ceil(s.num_kv_heads / tp) * s.head_dim
+    i = s.intermediate_size // tp
+    attn = 2 * s.hidden_size + qkv + q
+    mlp = 2 * s.hidden_size + (3 if s.gated_mlp else 2) * i
+    int8_copy = max(s.hidden_size, i) if fmt.act_bits == 8 else 0
+    return max(attn, mlp) * dtype_bytes(s) + int8_copy
 
 
-def tp_problems(s: ModelShape, fmt: WeightFormat, tp: int) -> list[str]:
+def tp_problems(s: ModelConfig, fmt: WeightFormat, tp: int) -> list[str]:
     """Splits TensorRT-LLM cannot build (heads, KV heads, FFN, weight-only padding)."""
     out = []
-    if s.heads % tp:
-        out.append(f"{s.heads} attention heads are not divisible by tp {tp}")
-    if (s.kv_heads >= tp and s.kv_heads % tp) or (s.kv_heads < tp and tp % s.kv_heads):
-        out.append(f"{s.kv_heads} KV heads cannot be split or replicated over tp {tp}")
-    if s.intermediate % tp:
-        out.append(f"intermediate size {s.intermediate} is not divisible by tp {tp}")
+    if s.num_heads % tp:
+        out.append(f"{s.num_heads} attention heads are not divisible by tp {tp}")
+    if (s.num_kv_heads >= tp and s.num_kv_heads % tp) or (s.num_kv_heads < tp and tp % s.num_kv_heads):
+        out.append(f"{s.num_kv_heads} KV heads cannot be split or replicated over tp {tp}")
+    if s.intermediate_size % tp:
+        out.append(f"intermediate size {s.intermediate_size} is not divisible by tp {tp}")
     if fmt.quantized and fmt.act_bits == 16:
         pad = (max(64, fmt.group_size) if fmt.granularity == "group" else 64) * tp
         for module, out_l, in_l, row, _ in _rank_linears(s, 1):
@@ -220,11 +221,11 @@ def tp_problems(s: ModelShape, fmt: WeightFormat, tp: int) -> list[str]:
     return out
 
 
-def plan_memory(s: ModelShape, fmt: WeightFormat, gpu: GpuProfile, dep: Deployment, model: str = "model") -> MemoryPlan:
+def plan_memory(s: ModelConfig, fmt: WeightFormat, gpu: GpuProfile, dep: Deployment, model: str = "model") -> MemoryPlan:
     tp = dep.tp
     weights = weight_bytes(s, fmt, tp, dep.parallel_embedding)
     act_tok = activation_bytes_per_token(s, fmt, tp)
-    act = act_tok * dep.max_num_tokens + dep.max_batch_size * s.vocab * 4
+    act = act_tok * dep.max_num_tokens + dep.max_batch_size * s.vocab_size * 4
     free = gpu.memory_bytes - dep.reserve_bytes - sum(weights.values()) - act
     kv_cache = int(free * dep.kv_cache_fraction) if free > 0 else 0
     kv_tok = kv_bytes_per_token(s, fmt, tp)
@@ -236,7 +237,7 @@ def plan_memory(s: ModelShape, fmt: WeightFormat, gpu: GpuProfile, dep: Deployme
     )
 
 
-def min_gpus(s: ModelShape, fmt: WeightFormat, gpu: GpuProfile, dep: Deployment, model: str = "model") -> MemoryPlan | None:
+def min_gpus(s: ModelConfig, fmt: WeightFormat, gpu: GpuProfile, dep: Deployment, model: str = "model") -> MemoryPlan | None:
     """The plan with the smallest tensor-parallel degree that fits, or None."""
     from dataclasses import replace
 

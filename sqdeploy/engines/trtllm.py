@@ -29,16 +29,9 @@ from typing import Any
 from sqdeploy.core.errors import MissingDependencyError, SqDeployError
 from sqdeploy.core.report import markdown_table
 from sqdeploy.engines.gpus import GpuProfile, check_visible_gpus
-from sqdeploy.engines.model_shape import (
-    GROUPWISE_ALGOS,
-    SQ_PLUGIN_ALGOS,
-    WEIGHT_ONLY_ALGOS,
-    ModelShape,
-    WeightFormat,
-    read_config,
-    trtllm_family,
-)
+from sqdeploy.engines.model_shape import WeightFormat, config_from_trtllm, read_config, trtllm_family
 from sqdeploy.engines.planner import Deployment, MemoryPlan, plan_memory
+from sqdeploy.formats.trtllm.config import GROUPWISE, SQ_PLUGIN, WEIGHT_ONLY
 
 MIN_VERSION = (0, 12)
 REMOVED_IN = (1, 3)
@@ -129,11 +122,11 @@ def read_checkpoint_config(ckpt: Path) -> dict:
 
 def _automatic_plugins(algo: str | None, dtype: str, world_size: int) -> list[str]:
     out = []
-    if algo in WEIGHT_ONLY_ALGOS:
+    if algo in WEIGHT_ONLY:
         out.append(f"weight_only_quant_matmul_plugin = {dtype} ({algo}: INT{algo[1]} weight-only GEMM)")
-    elif algo in GROUPWISE_ALGOS:
+    elif algo in GROUPWISE:
         out.append(f"weight_only_groupwise_quant_matmul_plugin = {dtype} ({algo}: group-wise INT4 GEMM; weights interleaved for the build GPU)")
-    elif algo in SQ_PLUGIN_ALGOS:
+    elif algo in SQ_PLUGIN:
         out.append(f"smooth_quant_gemm_plugin, rmsnorm/layernorm_quantization_plugin = {dtype}, quantize_per_token_plugin, "
                    f"quantize_tensor_plugin ({algo}: INT8 GEMMs with fused norm quantization)")
     elif algo == "W8A8_SQ_PER_CHANNEL":
@@ -189,8 +182,8 @@ def plan_build(ckpt: str | Path, out: str | Path, options: TrtllmOptions) -> Trt
         ("--max_input_len / --max_seq_len", f"prompts up to {max_in} tokens, prompt + output up to {max_seq}"),
         ("--max_num_tokens", f"{options.max_num_tokens} packed tokens per iteration (sizes the activation buffers)"),
     )
-    shape = ModelShape.from_trtllm_config(cfg)
-    shape = replace(shape, layers=ceil(shape.layers / pp))
+    shape = config_from_trtllm(cfg)
+    shape = replace(shape, num_layers=ceil(shape.num_layers / pp))
     dep = Deployment(tp=tp, max_batch_size=options.max_batch_size, max_seq_len=max_seq, max_num_tokens=options.max_num_tokens,
                      kv_cache_fraction=options.kv_cache_fraction, parallel_embedding=bool(cfg.get("use_parallel_embedding", False)))
     memory = plan_memory(shape, WeightFormat.from_trtllm(q, dtype), options.gpu, dep, model=ckpt.name)

@@ -10,19 +10,20 @@ import pytest
 from sqdeploy.cli.build import main as build_main
 from sqdeploy.core.errors import SqDeployError
 from sqdeploy.engines.gpus import GIB, get_gpu
-from sqdeploy.engines.model_shape import ModelShape, WeightFormat, quantization_for_scheme
+from sqdeploy.core.families import ModelConfig
+from sqdeploy.engines.model_shape import WeightFormat, config_from_hf, config_from_trtllm, quantization_for_scheme
 from sqdeploy.engines.planner import Deployment, min_gpus, plan_memory, tp_problems, weight_bytes
 from sqdeploy.quantize.recipes import load_recipe
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 
-def shape(name: str) -> ModelShape:
-    return ModelShape.from_hf_config(json.loads((DATA / f"{name}.config.json").read_text()), dtype="float16")
+def shape(name: str) -> ModelConfig:
+    return config_from_hf(json.loads((DATA / f"{name}.config.json").read_text()), dtype="float16")
 
 
-def fmt(recipe: str, s: ModelShape, kv: str | None = None) -> WeightFormat:
-    return WeightFormat.from_trtllm(quantization_for_scheme(load_recipe(recipe).scheme, kv), s.dtype)
+def fmt(recipe: str, s: ModelConfig, kv: str | None = None, zero_point: bool = False) -> WeightFormat:
+    return WeightFormat.from_trtllm(quantization_for_scheme(load_recipe(recipe).scheme, kv, zero_point), s.dtype)
 
 
 def test_codellama_fp16_tp2_weights_by_hand():
@@ -40,7 +41,8 @@ def test_codellama_fp16_tp2_weights_by_hand():
 
 def test_codellama_w4a16_tp1_weights_by_hand():
     s = shape("codellama-34b")
-    w = weight_bytes(s, fmt("w4a16-awq", s), tp=1)  # INT4 g128, asymmetric: fp16 scales and zeros per group
+    # INT4 g128, asymmetric (--int4-zero-point): fp16 scales and zeros per group
+    w = weight_bytes(s, fmt("w4a16-awq", s, zero_point=True), tp=1)
     params = 48 * (10240 * 8192 + 8192 * 8192 + 3 * 22016 * 8192)
     groups = 48 * (10240 * 64 + 8192 * 64 + 2 * 22016 * 64 + 8192 * 172)
     assert w["linear weights"] == params // 2 == 16_609_443_840
@@ -85,8 +87,9 @@ def test_paper_gpu_counts(model, gpu, recipes, expected):
 
 
 def test_tp_problems_name_the_split():
-    shared = ModelShape(family="llama", hidden=384, intermediate=1024, layers=12, heads=6, kv_heads=2, head_dim=64,
-                        vocab=8192, max_positions=1024, gated_mlp=True)
+    shared = config_from_hf({"architectures": ["LlamaForCausalLM"], "hidden_size": 384, "intermediate_size": 1024,
+                             "num_hidden_layers": 12, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 64,
+                             "vocab_size": 8192, "max_position_embeddings": 1024})
     awq = WeightFormat.from_trtllm({"quant_algo": "W4A16_AWQ", "group_size": 128}, "float16")
     assert tp_problems(shared, awq, 1) == []
     assert "multiple of 256" in tp_problems(shared, awq, 2)[0]  # the shared model's INT4 tp2 refusal
@@ -94,13 +97,15 @@ def test_tp_problems_name_the_split():
 
 
 def test_trtllm_config_reads_like_hf(shared_model):
-    hf = ModelShape.from_hf_config(json.loads((shared_model / "config.json").read_text()))
-    trt = ModelShape.from_trtllm_config({
+    hf = config_from_hf(json.loads((shared_model / "config.json").read_text()))
+    trt = config_from_trtllm({
         "architecture": "LlamaForCausalLM", "dtype": "float16", "num_hidden_layers": 12, "num_attention_heads": 6,
         "num_key_value_heads": 2, "hidden_size": 384, "vocab_size": 8192, "max_position_embeddings": hf.max_positions,
         "head_size": 64, "intermediate_size": 1024, "position_embedding_type": "rope_gpt_neox", "bias": False,
         "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1}})
-    assert trt == hf
+    planned = ("family", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+               "vocab_size", "max_positions", "gated_mlp", "qkv_bias", "o_bias", "mlp_bias", "norm", "position", "dtype")
+    assert [getattr(trt, f) for f in planned] == [getattr(hf, f) for f in planned]
 
 
 def test_cli_plan_error_names_the_numbers(capsys):

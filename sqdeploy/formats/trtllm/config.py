@@ -30,9 +30,20 @@ KNOWN_KV_ALGOS = ("INT8", "FP8", "NVFP4")
 # what sq-deploy writes, checks and reads back
 SUPPORTED_ALGOS = (None, "W8A16", "W4A16", "W4A16_AWQ", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN")
 SUPPORTED_KV = (None, "INT8")
+# the algorithm groups that decide a checkpoint's tensors and trtllm-build's plugins; they
+# cover checkpoints of other producers (ModelOpt) too, which the planner and engine builder take
 WEIGHT_ONLY = ("W8A16", "W4A16")  # float weights in the checkpoint; trtllm-build quantizes them
-GROUPWISE = ("W4A16_AWQ",)
-SQ_PLUGIN = ("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",)
+GROUPWISE = ("W4A16_AWQ", "W4A16_GPTQ")
+SQ_PLUGIN = (
+    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN",
+    "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN", "W8A8_SQ_PER_TENSOR_PLUGIN",
+)
+# what the memory planner and the engine builder take from any producer
+PLANNABLE_ALGOS = (None, "W8A8_SQ_PER_CHANNEL", *SQ_PLUGIN, *WEIGHT_ONLY, *GROUPWISE, "FP8")
+PLANNABLE_KV = (None, "INT8", "FP8")
+# older TensorRT-LLM spellings of the families' architecture names, which trtllm-build still
+# accepts in checkpoints of other producers (sq-deploy writes and reads the family record's name)
+ARCHITECTURE_ALIASES = {"LLaMAForCausalLM": "LlamaForCausalLM", "QWenForCausalLM": "Qwen2ForCausalLM"}
 GROUP_SIZES = (64, 128)  # the group sizes of TensorRT-LLM's group-wise INT4 GEMM kernels
 TP_SIZES = (1, 2, 4, 8)
 
@@ -240,11 +251,15 @@ class CheckpointSpec:
     raw: Mapping[str, Any]
 
 
-def family_for_architecture(arch: Any) -> Family:
+def family_for_architecture(arch: Any, aliases: bool = False) -> Family:
+    """The family whose TensorRT-LLM record names ``arch`` (with ``aliases``: also an older spelling of it)."""
+    name = ARCHITECTURE_ALIASES.get(arch, arch) if aliases and isinstance(arch, str) else arch
     for fam in FAMILIES.values():
-        if fam.trtllm.get("architecture") == arch:
+        if fam.trtllm.get("architecture") == name:
             return fam
     known = sorted(f.trtllm["architecture"] for f in FAMILIES.values() if f.trtllm)
+    if aliases:
+        known = sorted([*known, *ARCHITECTURE_ALIASES])
     raise SqDeployError(f"config.json: architecture {arch!r} is not supported; supported: {', '.join(known)}")
 
 
@@ -289,7 +304,8 @@ def _parse_mapping(m: Any) -> int:
     return tp
 
 
-def _model_config(family: Family, raw: Mapping[str, Any]) -> ModelConfig:
+def model_config(family: Family, raw: Mapping[str, Any]) -> ModelConfig:
+    """The model a checkpoint's config.json describes, read back through the family's config fields."""
     hf: dict[str, Any] = {"architectures": [family.architectures[0]], "model_type": family.name, "dtype": raw["dtype"]}
     for key, (_, hf_key) in family.trtllm["config_fields"].items():
         if raw.get(key) is not None:
@@ -321,7 +337,7 @@ def parse_config(raw: Any) -> CheckpointSpec:
     _expect(not parallel or raw.get("embedding_sharding_dim", 0) == 0, "embedding_sharding_dim 1 is not supported (use 0)")
     tp = _parse_mapping(raw["mapping"])
     quant = parse_quant(raw["quantization"])
-    cfg = _model_config(family, raw)
+    cfg = model_config(family, raw)
     _expect(cfg.num_heads % cfg.num_kv_heads == 0, f"num_attention_heads {cfg.num_heads} is not a multiple of num_key_value_heads {cfg.num_kv_heads}")
     problems = split_problems(family, cfg, quant, tp)
     _expect(not problems, f"tp_size {tp}: {'; '.join(problems)}")
