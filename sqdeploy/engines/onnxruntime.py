@@ -39,10 +39,8 @@ import numpy as np
 
 from sqdeploy.core.errors import MissingDependencyError, SqDeployError
 from sqdeploy.core.report import markdown_table
-from sqdeploy.formats.onnx.contract import GRAPH, META, OnnxExport
+from sqdeploy.formats.onnx.contract import ENGINE_FORMAT, GRAPH, META, SESSION, OnnxExport
 
-SESSION = "session.json"
-ENGINE_FORMAT = "sqdeploy.ort-engine"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC", "disable": "ORT_DISABLE_ALL"}
 # CPU-only layout rewrites (ORT_ENABLE_ALL) do not apply to CUDA; extended is its highest useful level

@@ -38,7 +38,7 @@ __all__ = [
 def resolve_backend(path: str | Path, backend: str = "auto") -> str:
     """The backend for a directory: ONNX exports and ONNX Runtime engines -> onnxruntime, TensorRT-LLM engines ->
     trtllm, model directories (HF, quantized) -> torch."""
-    from sqdeploy.runtime.backends.onnxruntime import is_onnx_dir
+    from sqdeploy.formats.onnx.contract import is_onnx_dir
     from sqdeploy.runtime.backends.trtllm import is_trtllm_engine_dir
 
     if backend not in BACKENDS:

@@ -16,6 +16,7 @@ from sqdeploy.core.errors import SqDeployError
 from sqdeploy.core.output import atomic_output_dir
 from sqdeploy.engines.triton.check import check_repository, report
 from sqdeploy.engines.triton.common import TritonOptions
+from sqdeploy.formats.onnx.contract import GRAPH, META, is_onnx_dir
 
 __all__ = ["TritonOptions", "check_repository", "detect_source", "write_repository"]
 
@@ -24,8 +25,10 @@ def detect_source(src: Path) -> str:
     """trtllm-engine | onnx | trtllm-hf, from the files the directory holds."""
     if not src.is_dir():
         raise SqDeployError(f"{src} is not a directory; pass an engine directory, an ONNX export or a trtllm-hf checkpoint")
-    if (src / "sqdeploy-onnx.json").exists() or (src / "model.onnx").exists():
+    if is_onnx_dir(src):
         return "onnx"
+    if any(src.glob("*.onnx")):
+        raise SqDeployError(f"{src} holds an ONNX graph but no {META}; export it with sq-export --target onnx")
     if any(src.glob("rank*.engine")) or (src / "sqdeploy-build.json").exists():
         return "trtllm-engine"
     if any(src.glob("rank*.safetensors")):
@@ -38,7 +41,7 @@ def detect_source(src: Path) -> str:
             return "trtllm-engine"  # read_engine_dir names the missing engines
         if "architectures" in cfg or "model_type" in cfg:
             return "trtllm-hf"
-    raise SqDeployError(f"{src} holds no TensorRT-LLM engines (rank*.engine), ONNX export (model.onnx) or Hugging Face checkpoint")
+    raise SqDeployError(f"{src} holds no TensorRT-LLM engines (rank*.engine), ONNX export ({GRAPH} + {META}) or Hugging Face checkpoint")
 
 
 def write_repository(src: str | Path, out: str | Path, options: TritonOptions, force: bool = False, tp: int = 1) -> dict[str, Any]:

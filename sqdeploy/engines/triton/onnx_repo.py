@@ -9,7 +9,6 @@ streams text. The decoder can also be called directly for logits.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from sqdeploy.engines.triton.common import (
     write_launch_script,
 )
 from sqdeploy.engines.triton.schema import parameters, tensor
-from sqdeploy.formats.onnx.contract import GRAPH, OnnxExport, TensorSpec
+from sqdeploy.formats.onnx.contract import GRAPH, OnnxExport, TensorSpec, read_session
 
 TRITON_TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
                 "bfloat16": "TYPE_BF16", "bool": "TYPE_BOOL", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8"}
@@ -81,9 +80,8 @@ def _generate_config(src: OnnxExport, o: TritonOptions) -> dict[str, Any]:
 
 def write_onnx_repo(src_dir: Path, repo: Path, o: TritonOptions, final_repo: Path) -> dict[str, Any]:
     src = OnnxExport(src_dir)
-    session = None
-    if (src_dir / "session.json").exists():
-        session = json.loads((src_dir / "session.json").read_text())
+    session = read_session(src_dir)
+    if session is not None:
         if o.device == "gpu" and session.get("execution_provider") != "CUDAExecutionProvider":
             raise SqDeployError(f"{src_dir} was optimised for {session.get('execution_provider')}; pass the ONNX export "
                                 "directory itself for a GPU repository, or --device cpu")

@@ -29,7 +29,8 @@ import torch
 
 from sqdeploy.core.report import markdown_table, write_json_atomic
 from sqdeploy.evaluate.rounding_noise import RoundingNoise, compare, compare_stats, window_stats
-from sqdeploy.formats.onnx.meta import MODEL, read_meta, reference_dir
+from sqdeploy.formats.onnx.contract import GRAPH, read_manifest
+from sqdeploy.formats.onnx.meta import reference_dir
 from sqdeploy.formats.onnx.session import OnnxDecoder, SessionConfig
 
 TOP1_MIN = 0.99
@@ -76,9 +77,9 @@ def graph_rows(path: Path, meta: dict) -> list[Row]:
     from sqdeploy.formats.onnx.contract import read_graph
 
     rows = []
-    model = read_graph(path / MODEL)  # first: a truncated file is refused before the checker chokes on it
+    model = read_graph(path / GRAPH)  # first: a truncated file is refused before the checker chokes on it
     try:
-        onnx.checker.check_model(str(path / MODEL), full_check=True)
+        onnx.checker.check_model(str(path / GRAPH), full_check=True)
         rows.append(Row("onnx.checker (full, shape inference)", True, f"opset {meta['opset']}"))
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         rows.append(Row("onnx.checker (full, shape inference)", False, str(exc).splitlines()[0][:200]))
@@ -238,7 +239,7 @@ def is_exact_form(meta: dict) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     path = Path(args.dir)
-    meta = read_meta(path)
+    meta = read_manifest(path)
     rows = graph_rows(path, meta)
     if not args.skip_runtime:
         from sqdeploy.model.loading import load_model

@@ -16,10 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-GENAI_CONFIG = "genai_config.json"
-HF_CONFIG = "config.json"
-GENERATION_CONFIG = "generation_config.json"
-COMPANIONS = (HF_CONFIG, GENERATION_CONFIG, GENAI_CONFIG)
+from sqdeploy.formats.onnx.contract import COMPANIONS, GENAI_CONFIG, GENERATION_CONFIG, GRAPH, HF_CONFIG
+
+__all__ = ["COMPANIONS", "GENAI_CONFIG", "GENERATION_CONFIG", "HF_CONFIG", "write_companions"]
 
 # GenAI model types whose decoder-only pipeline matches ours by name; others use its generic "decoder"
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
@@ -68,7 +67,7 @@ def genai_config(meta: dict[str, Any], shared_buffer: bool) -> dict[str, Any]:
             "context_length": context,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": meta.get("model_file", "model.onnx"),
+                "filename": meta.get("model_file", GRAPH),
                 "head_size": int(meta["head_dim"]),
                 "hidden_size": int(meta["hidden_size"]),
                 "inputs": inputs,

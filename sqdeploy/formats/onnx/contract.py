@@ -1,4 +1,11 @@
-"""The ONNX export directory, as the engine builders read it.
+"""The ONNX export directory contract: its file names, manifest, graph interface and session file.
+
+This module is the one definition every reader uses: the export's writer, ``sq-eval``'s
+reader, the engine builders (``engines/onnxruntime.py``, ``engines/tensorrt.py``), the
+Triton repositories and the runtime's ONNX Runtime backend. :func:`is_onnx_dir` says
+whether a directory is an export (or an ONNX Runtime engine made from one),
+:func:`read_manifest` validates ``sqdeploy-onnx.json``, and :func:`read_session` reads
+the ``session.json`` of an ONNX Runtime engine directory.
 
 ``sq-export --target onnx`` writes ``model.onnx`` (+ ``model.onnx.data``), the
 tokenizer files and ``sqdeploy-onnx.json``, which describes the graph: family,
@@ -30,10 +37,29 @@ from typing import Any
 
 from sqdeploy.core.errors import SqDeployError
 
-META = "sqdeploy-onnx.json"
+META = "sqdeploy-onnx.json"  # the manifest
 GRAPH = "model.onnx"
 META_FORMAT = "sqdeploy.onnx"
-REQUIRED_META = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "dtype")
+FORMAT_VERSION = 1
+DTYPES = ("float16", "float32")
+# manifest fields every reader relies on, with their JSON types (ints must be >= 1)
+REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "num_layers": int, "num_heads": int, "num_kv_heads": int, "head_dim": int, "vocab_size": int, "max_positions": int,
+    "dtype": str, "variant": str, "inputs": list, "outputs": list, "quantization": (dict, type(None)),
+}
+REQUIRED_META = tuple(REQUIRED_FIELDS)
+# files other ONNX tools (Optimum, ONNX Runtime GenAI) read beside the graph, written from the manifest
+HF_CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+GENAI_CONFIG = "genai_config.json"
+COMPANIONS = (HF_CONFIG, GENERATION_CONFIG, GENAI_CONFIG)
+# an ONNX Runtime engine directory (sq-build --engine onnxruntime): the session it must be loaded with
+SESSION = "session.json"
+ENGINE_FORMAT = "sqdeploy.ort-engine"
+SESSION_LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
+SESSION_MODES = ("sequential", "parallel")
+SESSION_FIELDS = ("execution_provider", "graph_optimization_level", "intra_op_num_threads", "inter_op_num_threads",
+                  "execution_mode", "provider_options")
 # the dimension roles of the contract, by input name pattern and axis
 BATCH, SEQUENCE, PAST, TOTAL = "batch", "sequence", "past_sequence", "total_sequence"
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -90,7 +116,7 @@ class OnnxExport:
         from sqdeploy.core.integrity import verify_recorded_files
 
         verify_recorded_files(self.path)
-        self.meta = _read_meta(self.path / META)
+        self.meta = read_manifest(self.path, verify=False)  # verified just above
         model = read_graph(self.graph_path)
         g = model.graph
         self.opset = {o.domain or "ai.onnx": o.version for o in model.opset_import}
@@ -130,8 +156,6 @@ class OnnxExport:
 
     def companion_files(self) -> list[Path]:
         """config.json, generation_config.json, genai_config.json: what Optimum and ONNX Runtime GenAI read."""
-        from sqdeploy.formats.onnx.companions import COMPANIONS
-
         return [self.path / n for n in COMPANIONS if (self.path / n).exists()]
 
     def tokenizer_files(self) -> list[Path]:
@@ -201,19 +225,77 @@ def contained_file(base: Path, name: str, what: str) -> Path:
     return base / name
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def is_onnx_dir(path: str | Path) -> bool:
+    """An ONNX export, or an ONNX Runtime engine directory made from one: the manifest beside a graph."""
+    p = Path(path)
+    return (p / META).exists() and any(p.glob("*.onnx"))
+
+
+def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """``sqdeploy-onnx.json`` of an export, validated; ``verify`` also checks the files recorded at export
+    (an ONNX Runtime engine directory holds a re-optimised graph, so the runtime reads its manifest unverified)."""
+    path = Path(path)
+    meta_file = path / META
+    if not meta_file.exists():
+        raise SqDeployError(f"{path} is not an sq-deploy ONNX export ({META} is missing); export one with sq-export --target onnx")
     try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SqDeployError(f"{path} is missing; the directory is not an sq-deploy ONNX export (sq-export --target onnx writes it)") from None
+        meta = json.loads(meta_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise SqDeployError(f"{path} is unreadable ({exc}); re-export the model") from None
-    if meta.get("format") != META_FORMAT:
-        raise SqDeployError(f"{path}: format is {meta.get('format')!r}, expected '{META_FORMAT}'; re-export the model")
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise SqDeployError(f"{path} lacks {', '.join(missing)}; re-export the model with this sq-deploy")
+        raise SqDeployError(f"{meta_file} is unreadable ({exc}); re-export the model") from None
+    if verify:
+        from sqdeploy.core.integrity import verify_recorded_files
+
+        verify_recorded_files(path)
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise SqDeployError(f"{meta_file} is not an sq-deploy ONNX description (format {got!r}); re-export with sq-export --target onnx")
+    if not isinstance(meta.get("format_version", 0), int) or meta.get("format_version", 0) > FORMAT_VERSION:
+        raise SqDeployError(f"{path} was written by a newer sq-deploy (ONNX format {meta['format_version']}); upgrade sq-deploy")
+    _check_fields(meta_file, meta)
+    if not (path / meta.get("model_file", GRAPH)).exists():
+        raise SqDeployError(f"{path / meta.get('model_file', GRAPH)} is missing; the export is incomplete, re-export it")
     return meta
+
+
+def _check_fields(meta_file: Path, meta: dict[str, Any]) -> None:
+    """An edited description fails here with its field named, not later with a KeyError."""
+    for key, kind in REQUIRED_FIELDS.items():
+        value = meta.get(key)
+        if key not in meta or not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+            raise SqDeployError(f"{meta_file}: field '{key}' is missing or invalid ({value!r}); re-export the model")
+    if isinstance(meta["quantization"], dict) and not isinstance(meta["quantization"].get("recipe"), str):
+        raise SqDeployError(f"{meta_file}: field 'quantization.recipe' is missing or invalid; re-export the model")
+    if meta["dtype"] not in DTYPES:
+        raise SqDeployError(f"{meta_file}: field 'dtype' is {meta['dtype']!r}, not float16 or float32; re-export the model")
+    if len(meta["inputs"]) != 3 + 2 * meta["num_layers"] or len(meta["outputs"]) != 1 + 2 * meta["num_layers"]:
+        raise SqDeployError(f"{meta_file}: 'num_layers' ({meta['num_layers']}) does not match its inputs and outputs; "
+                            "re-export the model")
+
+
+def read_session(path: str | Path) -> dict[str, Any] | None:
+    """The session settings of an ONNX Runtime engine directory (the ``SESSION_FIELDS`` of ``session.json``
+    that it sets), or None for a plain export; unknown levels or modes are refused."""
+    f = Path(path) / SESSION
+    if not f.exists():
+        return None
+    try:
+        raw = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SqDeployError(f"{f} cannot be read ({exc}); rebuild with sq-build --engine onnxruntime") from None
+    if not isinstance(raw, dict):
+        raise SqDeployError(f"{f} is not a JSON object; rebuild with sq-build --engine onnxruntime")
+    if raw.get("graph_optimization_level", SESSION_LEVELS[-1]) not in SESSION_LEVELS or raw.get("execution_mode", "sequential") not in SESSION_MODES:
+        raise SqDeployError(f"{f}: unknown optimisation level or execution mode; rebuild with sq-build --engine onnxruntime")
+    return {k: raw[k] for k in SESSION_FIELDS if k in raw}
+
+
+def session_graph(path: str | Path) -> str | None:
+    """The graph an engine directory's ``session.json`` names (None: no session file, or none named)."""
+    f = Path(path) / SESSION
+    try:
+        return json.loads(f.read_text()).get("model") if f.exists() else None
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None  # reported with its remedy when the session settings are read
 
 
 def _initializer_bytes(t) -> int:

@@ -1,21 +1,17 @@
-"""``sqdeploy-onnx.json``: what an engine builder or server needs to drive the graph without reading it."""
+"""``sqdeploy-onnx.json`` as the writer fills it in: what an engine builder or server needs to drive the graph
+without reading it (its name, format and required fields are the contract's, :mod:`.contract`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from sqdeploy.core.errors import SqDeployError
 from sqdeploy.core.families.base import ModelConfig
+from sqdeploy.formats.onnx.contract import FORMAT_VERSION, GRAPH, META_FORMAT
 from sqdeploy.formats.onnx.graph import input_names, output_names
 from sqdeploy.formats.onnx.options import OnnxOptions
 from sqdeploy.quantize.qmodel import QuantizedModel
-
-FORMAT = "sqdeploy.onnx"
-FORMAT_VERSION = 1
-META = "sqdeploy-onnx.json"
-MODEL = "model.onnx"
 
 
 def quantized_linears(qm: QuantizedModel) -> int:
@@ -26,7 +22,7 @@ def build_meta(qm: QuantizedModel, opts: OnnxOptions, quantized_matmuls: int, fu
                external_data: bool, reference: str | None) -> dict[str, Any]:
     cfg: ModelConfig = qm.config
     return {
-        "format": FORMAT,
+        "format": META_FORMAT,
         "format_version": FORMAT_VERSION,
         "family": qm.family.name,
         "architecture": cfg.architecture,
@@ -57,57 +53,10 @@ def build_meta(qm: QuantizedModel, opts: OnnxOptions, quantized_matmuls: int, fu
         "pad_token_id": cfg.pad_token_id,
         "inputs": input_names(cfg),
         "outputs": output_names(cfg),
-        "model_file": MODEL,
+        "model_file": GRAPH,
         "external_data": external_data,
         "reference": reference,
     }
-
-
-def is_onnx_dir(path: Path) -> bool:
-    return (Path(path) / META).exists() and (Path(path) / MODEL).exists()
-
-
-def read_meta(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    meta_file = path / META
-    if not meta_file.exists():
-        raise SqDeployError(f"{path} is not an sq-deploy ONNX export ({META} is missing); export one with sq-export --target onnx")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SqDeployError(f"{meta_file} is unreadable ({exc}); re-export the model") from None
-    from sqdeploy.core.integrity import verify_recorded_files
-
-    verify_recorded_files(path)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise SqDeployError(f"{meta_file} is not an sq-deploy ONNX description (format {meta.get('format')!r})")
-    if not isinstance(meta.get("format_version", 0), int) or meta.get("format_version", 0) > FORMAT_VERSION:
-        raise SqDeployError(f"{path} was written by a newer sq-deploy (ONNX format {meta['format_version']}); upgrade sq-deploy")
-    _check_fields(meta_file, meta)
-    if not (path / meta.get("model_file", MODEL)).exists():
-        raise SqDeployError(f"{path / MODEL} is missing; the export is incomplete, re-export it")
-    return meta
-
-
-_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "num_layers": int, "num_heads": int, "num_kv_heads": int, "head_dim": int, "vocab_size": int,
-    "dtype": str, "variant": str, "inputs": list, "outputs": list, "quantization": (dict, type(None)),
-}
-
-
-def _check_fields(meta_file: Path, meta: dict[str, Any]) -> None:
-    """An edited description fails here with its field named, not later with a KeyError."""
-    for key, kind in _FIELDS.items():
-        value = meta.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
-            raise SqDeployError(f"{meta_file}: field '{key}' is missing or invalid ({value!r}); re-export the model")
-    if isinstance(meta["quantization"], dict) and not isinstance(meta["quantization"].get("recipe"), str):
-        raise SqDeployError(f"{meta_file}: field 'quantization.recipe' is missing or invalid; re-export the model")
-    if meta["dtype"] not in ("float16", "float32"):
-        raise SqDeployError(f"{meta_file}: field 'dtype' is {meta['dtype']!r}, not float16 or float32; re-export the model")
-    if len(meta["inputs"]) != 3 + 2 * meta["num_layers"] or len(meta["outputs"]) != 1 + 2 * meta["num_layers"]:
-        raise SqDeployError(f"{meta_file}: 'num_layers' ({meta['num_layers']}) does not match its inputs and outputs; "
-                            "re-export the model")
 
 
 def reference_dir(path: Path, meta: dict[str, Any], override: str | Path | None = None) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqdeploy.formats.onnx.meta import is_onnx_dir
+from sqdeploy.formats.onnx.contract import is_onnx_dir
 from sqdeploy.formats.opened import OpenedModel, OpenedReader
 
 

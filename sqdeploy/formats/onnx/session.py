@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sqdeploy.core.errors import MissingDependencyError, SqDeployError
-from sqdeploy.formats.onnx.meta import MODEL, read_meta
+from sqdeploy.formats.onnx.contract import GRAPH, read_manifest
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -52,10 +52,10 @@ def make_session(path: Path, cfg: SessionConfig = SessionConfig()):
     elif cfg.provider != "cpu":
         raise SqDeployError(f"device {cfg.provider!r}: ONNX exports run on cpu or cuda")
     try:
-        return ort.InferenceSession(str(path / MODEL), so, providers=providers)
+        return ort.InferenceSession(str(path / GRAPH), so, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... types
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise SqDeployError(f"ONNX Runtime cannot load {path / MODEL} ({reason}); re-export it") from None
+        raise SqDeployError(f"ONNX Runtime cannot load {path / GRAPH} ({reason}); re-export it") from None
 
 
 class OnnxDecoder:
@@ -63,7 +63,7 @@ class OnnxDecoder:
 
     def __init__(self, path: str | Path, cfg: SessionConfig = SessionConfig()):
         self.path = Path(path)
-        self.meta = read_meta(self.path)
+        self.meta = read_manifest(self.path)
         if self.meta.get("accuracy_level") and not cfg.accuracy_level:
             cfg = replace(cfg, accuracy_level=self.meta["accuracy_level"])
         self.session = make_session(self.path, cfg)

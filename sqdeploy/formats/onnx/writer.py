@@ -22,8 +22,9 @@ from sqdeploy.core.progress import Progress
 from sqdeploy.core.report import markdown_table
 from sqdeploy.formats.onnx.builder import EXTERNAL_DATA, TensorStore
 from sqdeploy.formats.onnx.companions import write_companions
+from sqdeploy.formats.onnx.contract import GRAPH, META, META_FORMAT
 from sqdeploy.formats.onnx.graph import DecoderGraph
-from sqdeploy.formats.onnx.meta import META, MODEL, build_meta
+from sqdeploy.formats.onnx.meta import build_meta
 from sqdeploy.formats.onnx.options import OnnxOptions, resolve
 from sqdeploy.quantize.qmodel import QuantizedModel, is_quantized_dir
 
@@ -39,15 +40,15 @@ def write_onnx(qdir: Path, out: Path, opts: OnnxOptions, reference: str | None, 
     store = TensorStore(out, external=True)
     try:
         with Progress(qm.config.num_layers, f"ONNX graph ({opts.variant}, {opts.dtype})", progress) as bar:
-            built = DecoderGraph(qm, opts, store).build({"sqdeploy.format": "sqdeploy.onnx"}, bar)
+            built = DecoderGraph(qm, opts, store).build({"sqdeploy.format": META_FORMAT}, bar)
     finally:
         store.close()
     external = opts.external_data or store.nbytes > INLINE_LIMIT
     if not external:
         load_external_data_for_model(built.model, str(out))
         (out / EXTERNAL_DATA).unlink()
-    onnx.save_model(built.model, str(out / MODEL))
-    onnx.checker.check_model(str(out / MODEL))
+    onnx.save_model(built.model, str(out / GRAPH))
+    onnx.checker.check_model(str(out / GRAPH))
     for f in qm.tokenizer_files():
         shutil.copy(f, out / f.name)
     meta = build_meta(qm, opts, built.quantized_matmuls, built.fused, external, reference)
@@ -84,7 +85,7 @@ def _summary(out: Path, meta: dict, ops: dict[str, int], nbytes: int, seconds: f
     q = meta["quantization"]
     keys = ("QuantizeLinear", "DequantizeLinear", "MatMulNBits", "MatMulInteger", "MatMul", "GroupQueryAttention")
     rows = [
-        ["graph", f"{out / MODEL}" + (f" + {EXTERNAL_DATA}" if meta["external_data"] else "")],
+        ["graph", f"{out / GRAPH}" + (f" + {EXTERNAL_DATA}" if meta["external_data"] else "")],
         ["variant / dtype / opset", f"{meta['variant']} / {meta['dtype']} / {meta['opset']}"],
         ["recipe", f"{q['recipe']} ({q['quantized_linears']} quantized linears in {q['quantized_matmuls']} MatMuls)"],
         ["int4 format", str(meta["int4_format"])],

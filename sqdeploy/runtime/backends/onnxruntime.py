@@ -14,7 +14,6 @@ loaded without optimising it again.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,45 +22,22 @@ from typing import Any
 import numpy as np
 
 from sqdeploy.core.errors import MissingDependencyError, SqDeployError
+from sqdeploy.formats.onnx.contract import GRAPH, META, is_onnx_dir, read_manifest, read_session, session_graph
 from sqdeploy.runtime.backends.base import ModelInfo, NumpyCacheOps, eos_ids_of, load_tokenizer
-
-META = "sqdeploy-onnx.json"
-SESSION = "session.json"
-GRAPH = "model.onnx"
-LEVELS = ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
-
-
-def is_onnx_dir(path: Path) -> bool:
-    return (Path(path) / META).exists() and any(Path(path).glob("*.onnx"))
 
 
 def graph_file(path: Path, meta: dict[str, Any]) -> Path:
     """The graph to load: the engine's (``session.json`` "model"), the export's ("model_file"), or model.onnx."""
-    name = meta.get("model_file") or GRAPH
-    if (path / SESSION).exists():
-        try:
-            name = json.loads((path / SESSION).read_text()).get("model") or name
-        except (OSError, json.JSONDecodeError):
-            pass  # reported with its remedy when the session settings are read
+    name = session_graph(path) or meta.get("model_file") or GRAPH
     if not (path / name).exists():
         raise SqDeployError(f"{path / name} is missing; re-export with sq-export --target onnx")
     return path / name
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((path / META).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SqDeployError(f"{path / META} cannot be read ({exc}); re-export with sq-export --target onnx") from None
-    if meta.get("format") != "sqdeploy.onnx":
-        raise SqDeployError(
-            f"{path / META} is not an sq-deploy ONNX description (format {meta.get('format')!r}); "
-            "re-export with sq-export --target onnx"
-        )
-    missing = [k for k in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_positions", "dtype") if k not in meta]
-    if missing:
-        raise SqDeployError(f"{path / META} lacks {', '.join(missing)}; re-export with a current sq-export")
-    return meta
+    """The export's manifest, as the contract validates it (an engine directory's graph is not the exported one,
+    so the files recorded at export are not compared)."""
+    return read_manifest(path, verify=False)
 
 
 @dataclass(frozen=True)
@@ -79,22 +55,12 @@ class SessionSettings:
 
     @classmethod
     def for_dir(cls, path: Path, device: str, threads: int | None, exact: bool = False) -> SessionSettings:
-        if (path / SESSION).exists():
-            try:
-                raw = json.loads((path / SESSION).read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise SqDeployError(
-                    f"{path / SESSION} cannot be read ({exc}); rebuild with sq-build --engine onnxruntime"
-                ) from None
-            known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw and k not in ("prebuilt", "exact")}
+        known = read_session(path)
+        if known is not None:
             s = cls(**known, prebuilt=True)
         else:
             ep = "CUDAExecutionProvider" if device.startswith("cuda") else "CPUExecutionProvider"
             s = cls(execution_provider=ep)
-        if s.graph_optimization_level not in LEVELS or s.execution_mode not in ("sequential", "parallel"):
-            raise SqDeployError(
-                f"{path / SESSION}: unknown optimisation level or execution mode; rebuild with sq-build --engine onnxruntime"
-            )
         if threads or exact:
             s = SessionSettings(**{**s.__dict__, "intra_op_num_threads": threads or s.intra_op_num_threads, "exact": exact})
         return s

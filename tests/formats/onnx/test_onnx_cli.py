@@ -12,7 +12,7 @@ from sqdeploy.cli.check import main as check_main
 from sqdeploy.cli.eval import main as eval_main
 from sqdeploy.cli.export import main as export_main
 from sqdeploy.core.errors import SqDeployError
-from sqdeploy.formats.onnx.meta import read_meta
+from sqdeploy.formats.onnx.contract import read_manifest
 from sqdeploy.testing.random_model import make_random_model
 
 CALIB = ["--calib-samples", "4", "--calib-seq-len", "64", "--quiet"]
@@ -29,7 +29,7 @@ def _cli(*args):
 def test_export_check_and_eval(tiny_models, tmp_path, calib_file, capsys):
     out = tmp_path / "onnx"
     assert _export(tiny_models["llama"], out, "w4a16-rtn", calib_file, "--onnx-variant", "onnxruntime") == 0
-    meta = read_meta(out)
+    meta = read_manifest(out)
     assert meta["format"] == "sqdeploy.onnx" and meta["int4_format"] == "matmulnbits" and meta["variant"] == "onnxruntime"
     assert meta["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"] and meta["outputs"][1] == "present.0.key"
     assert (meta["num_heads"], meta["num_kv_heads"], meta["head_dim"], meta["dtype"]) == (8, 2, 16, "float32")
@@ -54,7 +54,7 @@ def test_export_from_quantized_dir_with_external_data(tiny_models, tmp_path, cal
     assert export_main([str(tiny_models["opt"]), "--recipe", "w8a8-sq", "--out", str(q), "--calib", str(calib_file), *CALIB]) == 0
     out = tmp_path / "onnx"
     assert export_main([str(q), "--target", "onnx", "--out", str(out), "--external-data", "--quiet"]) == 0
-    meta = read_meta(out)
+    meta = read_manifest(out)
     assert meta["external_data"] and (out / "model.onnx.data").stat().st_size > 1_000_000
     assert meta["reference"] == str(q.resolve()) and not (out / "quantized").exists()
     assert check_main(["onnx", str(out), "--windows", "1", "--seq-len", "64"]) == 0

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sqdeploy.formats.onnx.check import KV_QUANT_REL_MAX, graph_rows
-from sqdeploy.formats.onnx.meta import read_meta
+from sqdeploy.formats.onnx.contract import read_manifest
 from sqdeploy.formats.onnx.options import OnnxOptions
 from sqdeploy.formats.onnx.session import OnnxDecoder, SessionConfig
 from sqdeploy.formats.onnx.writer import write_onnx
@@ -64,7 +64,7 @@ def export(qm: QuantizedModel, out, variant="tensorrt", int4_format=None, dtype=
     out.mkdir(parents=True)
     opts = OnnxOptions(variant=variant, dtype=dtype, int4_format=int4_format, **kw)
     write_onnx(qm.path, out, opts, str(qm.path), progress=False)
-    failed = [(r.check, r.detail) for r in graph_rows(out, read_meta(out)) if not r.ok]
+    failed = [(r.check, r.detail) for r in graph_rows(out, read_manifest(out)) if not r.ok]
     assert not failed, failed
     return OnnxDecoder(out, SessionConfig(threads=2))
 
