@@ -30,6 +30,7 @@ from sqdeploy.quantize.awq import AWQ, ClipSearch
 from sqdeploy.quantize.calibration import CalibrationSet, build_calibration
 from sqdeploy.quantize.qmodel import DTYPES, QuantizedModelWriter, round_block_floats
 from sqdeploy.quantize.recipes import ROUNDING_PARAMS, Recipe, load_recipe, wants_model_search
+from sqdeploy.quantize.requant import keep_source, needs_kept_source
 from sqdeploy.quantize.rtn import RTN, Rounding
 from sqdeploy.quantize.smoothing import usable_groups
 from sqdeploy.quantize.smoothing_search import UNIFORM_GRID, SearchSettings, search_smoothing
@@ -72,6 +73,7 @@ class QuantizeResult:
     search: dict | None
     seconds: float
     manifest: dict = field(default_factory=dict)
+    calibration_ids: torch.Tensor | None = field(default=None, repr=False)
 
 
 def validate_recipe(recipe: Recipe, cfg: ModelConfig, family: Family) -> None:
@@ -191,7 +193,8 @@ def quantize(
             _return_freed_memory()
     if plan is not None:  # the resolved recipe states the plan it applied
         recipe = Recipe(**{**recipe.__dict__, "params": {**recipe.params, "alpha": plan}})
-    result = QuantizeResult(recipe, cfg, family, layers, cal.describe() if cal else None, search, time.perf_counter() - t0)
+    result = QuantizeResult(recipe, cfg, family, layers, cal.describe() if cal else None, search, time.perf_counter() - t0,
+                            calibration_ids=cal.ids if cal is not None else None)
     result.manifest = build_manifest(ck, result, dtype)
     return result
 
@@ -272,6 +275,8 @@ def quantize_to_dir(
         result = quantize(ck, recipe, calib, runtime, lambda r: writer.add_layer(r.block, r.result.qweights, r.result.smoothing))
         writer.add_globals(global_tensors(ck, dtype))
         writer.finish(ck.hf_config, result.manifest, ck.tokenizer_files())
+        if needs_kept_source(recipe.scheme):
+            keep_source(ck, result.calibration_ids, tmp)
     return Path(out), result
 
 

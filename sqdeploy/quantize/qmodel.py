@@ -33,6 +33,11 @@ On disk it is a Hugging Face model directory in the **compressed-tensors** forma
     scheme). In a subfolder, so loaders that glob ``*.safetensors`` beside the
     weights never take it for a weight shard; directories written before it moved
     keep it at the top level, where :meth:`QuantizedModel.smoothing` still reads it.
+``sqdeploy/source/`` and ``sqdeploy/calibration.safetensors``
+    only for schemes a target re-quantizes (weight-only, asymmetric INT4; see
+    :mod:`sqdeploy.quantize.requant`): the source model's config and weights (hard links
+    where the file system allows) and the calibration token blocks, so that re-quantization
+    never reopens the source model or the calibration data.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ FORMAT_VERSION = 1
 MANIFEST = "sqdeploy.json"
 SMOOTHING = "sqdeploy/smoothing.safetensors"
 OLD_SMOOTHING = "smoothing.safetensors"  # where directories of format 1 written before the move keep it
+KEPT_SOURCE = "sqdeploy/source"  # what re-quantization needs (sqdeploy.quantize.requant)
+KEPT_CALIBRATION = "sqdeploy/calibration.safetensors"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 

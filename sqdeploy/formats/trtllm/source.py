@@ -6,9 +6,12 @@ smoother is 1. Per quant_algo:
 * float, W8A8 SmoothQuant: the stored integers and scales as they are;
 * W8A16 / W4A16 (per channel): the smoothed *float* weights (trtllm-build quantizes them);
 * W4A16_AWQ from an asymmetric scheme: re-quantized symmetrically from the smoothed
-  float weights with the recipe's rounding (GPTQ re-run on the recorded calibration set
+  float weights with the recipe's rounding (GPTQ re-run on the kept calibration set
   when the recipe rounds with GPTQ) by default, or, behind ``--int4-zero-point``, the asymmetric integers with
   TensorRT-LLM's additive zero ``(8 - z) * s`` (experimental: no NVIDIA tool produces it).
+
+The re-quantization itself is :mod:`sqdeploy.quantize.requant`; it reads only the
+quantized directory (which keeps the source weights and calibration blocks it needs).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from sqdeploy.core.errors import SqDeployError
 from sqdeploy.core.schemes import QuantScheme
 from sqdeploy.formats.trtllm.config import QuantSpec
 from sqdeploy.formats.trtllm.linear import RankLinear, from_qweight, scheme_of
-from sqdeploy.formats.trtllm.requant import SmoothedWeights, recorded_calibration, requantize_streamed, symmetric_int4
 from sqdeploy.quantize.qmodel import QuantizedModel
+from sqdeploy.quantize.requant import SmoothedWeights, recorded_calibration, requantize_streamed, symmetric_int4
 
 
 def canonical_parallel(family) -> dict[str, str]:
@@ -45,19 +48,14 @@ class LinearSource:
         self.smoothed = SmoothedWeights(qm) if self.requant else None
         self.rounding = "rtn"
         self._streamed, self._next = None, 0
-        if self.smoothed is not None and not self.smoothed.available:
-            self.notes.append(f"re-quantized from the dequantized weights (rounded twice): {self.smoothed.reason}")
-        elif self.smoothed is not None and quant.groupwise:
+        if self.smoothed is not None and quant.groupwise:
             self._gptq_if_recipe_does(progress)
 
     def _gptq_if_recipe_does(self, progress: bool) -> None:
-        """A GPTQ recipe is re-rounded with GPTQ (its calibration streamed again), else to nearest."""
+        """A GPTQ recipe is re-rounded with GPTQ (its kept calibration streamed again), else to nearest."""
         if self.qm.recipe.params.get("rounding", "rtn") != "gptq":
             return
-        ids, why = recorded_calibration(self.qm, self.smoothed.ck)
-        if ids is None:
-            self.notes.append(f"GPTQ rounding not reproduced, rounded to nearest instead: {why}")
-            return
+        ids = recorded_calibration(self.qm)
         self._streamed = requantize_streamed(self.qm, self.smoothed.ck, ids, self.scheme, progress, self.clip_search)
         self.rounding = "gptq"
 
@@ -68,10 +66,8 @@ class LinearSource:
 
     @property
     def requant_from(self) -> str | None:
-        """Where re-quantized weights come from: 'smoothed float weights', 'dequantized weights' or None."""
-        if not self.requant:
-            return None
-        return "smoothed float weights" if self.smoothed.available else "dequantized weights"
+        """Where re-quantized weights come from: 'smoothed float weights' or None."""
+        return "smoothed float weights" if self.requant else None
 
     def _requantized(self, i: int) -> dict[str, qmath.QWeight]:
         """Symmetric INT4 weights of layer ``i`` (layers must be asked for in order when GPTQ streams them)."""
@@ -83,7 +79,7 @@ class LinearSource:
         return next(self._streamed)
 
     def _float_weights(self, i: int) -> dict[str, torch.Tensor]:
-        if self.smoothed is not None and self.smoothed.available:
+        if self.smoothed is not None:
             return self.smoothed.layer(i)
         return {n: self.qm.get(f"layers.{i}.{n}.weight") for n in self.cfg.linears}
 

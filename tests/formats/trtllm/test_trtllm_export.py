@@ -273,20 +273,6 @@ def test_int4_gptq_recipe_is_requantized_with_gptq(quantized, tmp_path):
     assert (_logits(ckc) - ref).norm() < (_logits(ck) - ref).norm()
 
 
-def test_int4_requant_without_the_source_model_says_so(tiny_models, calib_file, tmp_path):
-    """When the source model is gone the export still works, from the dequantized weights, and says so."""
-    import shutil
-
-    src = tmp_path / "src"
-    shutil.copytree(tiny_models["llama"], src)
-    qdir = tmp_path / "q"
-    quantize_to_dir(src, recipe(int4_recipe(64)), qdir, Calibration(str(calib_file), 2, 32), Runtime(progress=False))
-    shutil.rmtree(src)
-    report = export(qdir, tmp_path / "ckpt", 1)
-    assert report["requantized_from"] == "dequantized weights"
-    assert any("rounded twice" in n for n in report["notes"])
-
-
 def test_int4_symmetric_recipe_keeps_its_integers(int4_model, quantized, tmp_path):
     qdir = quantized(int4_model, int4_recipe(64, symmetric=True))
     out = tmp_path / "sym"

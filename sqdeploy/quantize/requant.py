@@ -1,22 +1,26 @@
-"""The smoothed float weights of a quantized model, for re-quantizing it another way.
+"""Re-quantizing a quantized model into another weight grid, from what its directory keeps.
 
 TensorRT-LLM has no producer-tested asymmetric INT4 (no NVIDIA tool writes zero
 points for the checkpoint flow), and its weight-only W8A16/W4A16 layouts take float
 weights that trtllm-build quantizes itself. Both want the weights *after smoothing
-and before rounding*: a QuantizedModel records its source model and every smoothing
-vector, so each layer is rebuilt from the source and the recorded vectors are folded
-in exactly as the recipe folded them. Re-quantizing the already rounded asymmetric
-weights instead would round twice; that is only the fallback when the source model
-is gone or no longer matches.
+and before rounding*. Re-quantizing the already rounded asymmetric weights would round
+twice, so a quantized directory of such a scheme keeps what re-quantization needs
+(:func:`needs_kept_source`): the source model's weights (``sqdeploy/source/``, hard
+links where the file system allows) and the calibration token blocks
+(``sqdeploy/calibration.safetensors``). Each layer is rebuilt from the kept weights and
+the recorded smoothing vectors are folded in exactly as the recipe folded them; the
+original source model and calibration data are never opened again.
 
 A recipe that rounds with GPTQ needs the Hessians of its (smoothed) calibration inputs:
-then the recorded calibration set is streamed through the pipeline's own driver once
+then the kept calibration set is streamed through the pipeline's own driver once
 more (:class:`RecordedSmoothing`: fold, then the recipe's rounding into the new scheme).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +32,7 @@ from sqdeploy.core.families.base import ModelConfig
 from sqdeploy.core.schemes import QuantScheme, WeightScheme
 from sqdeploy.model.checkpoint import HFCheckpoint
 from sqdeploy.model.loading import load_block
-from sqdeploy.quantize.qmodel import QuantizedModel
+from sqdeploy.quantize.qmodel import KEPT_CALIBRATION, KEPT_SOURCE, QuantizedModel
 from sqdeploy.quantize.recipes import ROUNDING_PARAMS
 from sqdeploy.quantize.rtn import Rounding
 from sqdeploy.quantize.smoothing import expand_to_consumer, fold
@@ -40,28 +44,23 @@ MAX_REL_ERROR = {4: 0.2, 8: 0.02}
 
 
 class SmoothedWeights:
-    """Per layer, the canonical linears' smoothed float32 weights; ``available`` says whether the source is usable."""
+    """Per layer, the canonical linears' smoothed float32 weights, rebuilt from the directory's kept source weights."""
 
     def __init__(self, qm: QuantizedModel):
         self.qm = qm
         self.cfg: ModelConfig = qm.config
-        self.ck: HFCheckpoint | None = None
-        self.reason = ""
         self.smoothing = qm.smoothing()
-        src = (qm.manifest.get("source_model") or {}).get("path")
-        if not src or not (Path(src) / "config.json").exists():
-            self.reason = f"the source model {src or '(not recorded)'} is not available"
-            return
-        sha = hashlib.sha256((Path(src) / "config.json").read_bytes()).hexdigest()
-        if sha != qm.manifest["source_model"].get("config_sha256"):
-            self.reason = f"the source model at {src} has changed since quantization (config.json differs)"
-            return
-        self.ck = HFCheckpoint(src)
+        src = qm.path / KEPT_SOURCE
+        if not (src / "config.json").exists():
+            raise SqDeployError(
+                f"{qm.path} does not keep the source weights that re-quantizing {qm.scheme.describe()} needs (written by an "
+                "older sq-deploy); re-export from the Hugging Face model: sq-export HF_MODEL --recipe RECIPE --target ..."
+            )
+        sha = hashlib.sha256((src / "config.json").read_bytes()).hexdigest()
+        if sha != (qm.manifest.get("source_model") or {}).get("config_sha256"):
+            raise SqDeployError(f"{src} is not the model {qm.path} was quantized from (config.json differs); re-export from the Hugging Face model")
+        self.ck: HFCheckpoint = HFCheckpoint(src)
         self._check_layer0()
-
-    @property
-    def available(self) -> bool:
-        return self.ck is not None
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         """Smoothed float32 weight of every canonical linear of layer ``i``."""
@@ -81,12 +80,10 @@ class SmoothedWeights:
             deq = qmath.dequantize_weight(self.qm.qweight(0, name), ws)
             err = float((deq - w).norm() / w.norm().clamp_min(1e-12))
             if err > MAX_REL_ERROR[ws.bits]:
-                self.reason = (
-                    f"the source model's smoothed layer 0 {name} differs from the quantized one by {err:.0%}; "
-                    "it is not the model this directory was quantized from"
+                raise SqDeployError(
+                    f"{self.qm.path / KEPT_SOURCE}: smoothed layer 0 {name} differs from the quantized one by {err:.0%}; "
+                    "it is not the model this directory was quantized from: re-export from the Hugging Face model"
                 )
-                self.ck = None
-                return
 
 
 def symmetric_int4(w: torch.Tensor, group: int) -> qmath.QWeight:
@@ -134,19 +131,45 @@ class RecordedSmoothing:
         return ClipSearch(skip=())(block, self.cfg.linears, ws, data)
 
 
-def recorded_calibration(qm: QuantizedModel, ck: HFCheckpoint) -> tuple[torch.Tensor | None, str]:
-    """The calibration blocks the recipe used (same source, sizes and sha256), or None and why not."""
-    from sqdeploy.model.tokenizer import load_tokenizer
-    from sqdeploy.quantize.calibration import build_calibration
+def recorded_calibration(qm: QuantizedModel) -> torch.Tensor:
+    """The calibration blocks the recipe used, as the directory keeps them (checked against their recorded sha256)."""
+    from safetensors.torch import load_file
 
-    cal = qm.manifest.get("calibration") or {}
-    try:
-        c = build_calibration(load_tokenizer(ck.path), cal["source"], cal["samples"], cal["seq_len"])
-    except (SqDeployError, KeyError) as exc:
-        return None, f"the recorded calibration set is not available ({exc})"
-    if c.sha256 != cal.get("sha256"):
-        return None, "the recorded calibration set has changed since quantization (sha256 differs)"
-    return c.ids, ""
+    f = qm.path / KEPT_CALIBRATION
+    if not f.exists():
+        raise SqDeployError(
+            f"{qm.path} does not keep the calibration set that re-rounding with GPTQ needs (written by an older "
+            "sq-deploy); re-export from the Hugging Face model: sq-export HF_MODEL --recipe RECIPE --target ..."
+        )
+    ids = load_file(str(f))["ids"]
+    if hashlib.sha256(ids.numpy().tobytes()).hexdigest() != (qm.manifest.get("calibration") or {}).get("sha256"):
+        raise SqDeployError(f"{f} is not the calibration set the manifest records (sha256 differs); re-export from the Hugging Face model")
+    return ids
+
+
+def needs_kept_source(scheme: QuantScheme) -> bool:
+    """Whether an export re-quantizes this scheme from its smoothed float weights: weight-only schemes
+    (trtllm-build quantizes float weights itself) and asymmetric INT4 (TensorRT-LLM's INT4 is symmetric)."""
+    w = scheme.weight
+    return w is not None and scheme.act.kind == "none" and (w.bits == 8 or w.granularity == "channel" or not w.symmetric)
+
+
+def keep_source(ck: HFCheckpoint, ids: torch.Tensor | None, out: Path) -> None:
+    """Keep in a quantized directory what re-quantization needs: the source weights (hard-linked when the
+    file system allows, else copied) and the calibration token blocks."""
+    from safetensors.torch import save_file
+
+    dst = out / KEPT_SOURCE
+    dst.mkdir(parents=True, exist_ok=True)
+    names = ["config.json", *(p.name for p in sorted(ck.path.glob("*.safetensors")) if not p.name.startswith("."))]
+    names += [p.name for p in ck.path.glob("*.safetensors.index.json")]
+    for name in names:
+        try:
+            os.link(ck.path / name, dst / name)
+        except OSError:
+            shutil.copyfile(ck.path / name, dst / name)
+    if ids is not None:
+        save_file({"ids": ids.contiguous()}, str(out / KEPT_CALIBRATION))
 
 
 def requantize_streamed(
