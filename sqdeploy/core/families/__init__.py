@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from sqdeploy.core.errors import SqDeployError
-from sqdeploy.core.families.base import Family, ModelConfig, SmoothGroup
+from sqdeploy.core.families.base import Family, ModelConfig, SmoothGroup, TrtllmLayout, TrtllmModule
 from sqdeploy.core.families.llama import LLAMA, MISTRAL
 from sqdeploy.core.families.opt import OPT
 from sqdeploy.core.families.qwen2 import QWEN2
@@ -38,4 +38,4 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
-__all__ = ["Family", "ModelConfig", "SmoothGroup", "FAMILIES", "family_for_hf_config", "get_family", "supported_architectures"]
+__all__ = ["Family", "ModelConfig", "SmoothGroup", "TrtllmLayout", "TrtllmModule", "FAMILIES", "family_for_hf_config", "get_family", "supported_architectures"]

@@ -148,6 +148,41 @@ class SmoothGroup:
 
 
 @dataclass(frozen=True)
+class TrtllmModule:
+    """One TensorRT-LLM linear module of a decoder layer: the canonical linears whose rows it
+    concatenates (in order) and its tensor-parallel kind ("column": output rows are split over
+    the ranks, "row": input columns are split and the output is all-reduced)."""
+
+    fuse: tuple[str, ...]
+    tp: str
+
+
+@dataclass(frozen=True)
+class TrtllmLayout:
+    """A family's TensorRT-LLM checkpoint layout (read by ``sqdeploy/formats/trtllm``).
+
+    ``linears``: module name under ``transformer.layers.{i}.`` -> :class:`TrtllmModule`;
+    ``norms``: TensorRT-LLM norm module -> canonical norm; ``globals``: global tensor ->
+    (canonical tensor, split), where "vocab" splits rows over the ranks (zero-padded to a
+    multiple of tp), "embedding" does the same when the config's use_parallel_embedding is
+    set (else whole on every rank) and "replicated" is whole on every rank;
+    ``config_fields``: config.json key -> (ModelConfig field it is written from, HF config key
+    it reads back into); ``config``: keys written verbatim into config.json;
+    ``hf_unified_pre_quant_scale``: in ModelOpt's unified HF checkpoint, the linears loaded
+    unfused that carry their own pre_quant_scale (None: the family has no unified layout).
+    """
+
+    architecture: str
+    decoder: str
+    linears: Mapping[str, TrtllmModule]
+    norms: Mapping[str, str]
+    globals: Mapping[str, tuple[str, str]]
+    config_fields: Mapping[str, tuple[str, str]]
+    config: Mapping[str, Any]
+    hf_unified_pre_quant_scale: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Family:
     """Everything sq-deploy knows about one model family."""
 
@@ -157,8 +192,8 @@ class Family:
     # canonical tensor name -> HF tensor name; layer entries use "{i}"
     hf_names: Mapping[str, str]
     smoothing_groups: tuple[SmoothGroup, ...]
-    # TensorRT-LLM checkpoint facts (architecture name, tensor names, extra config keys)
-    trtllm: Mapping[str, Any] = field(default_factory=dict)
+    # TensorRT-LLM checkpoint layout (None: the family has no TensorRT-LLM target)
+    trtllm: TrtllmLayout | None = None
 
     def hf_name(self, canonical: str) -> str:
         """HF tensor name of a canonical tensor name such as ``layers.3.q.weight``."""

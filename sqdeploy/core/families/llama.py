@@ -5,10 +5,11 @@ Qwen2 shares this layout (``qwen2.py`` reuses the tables) and only adds q/k/v bi
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping
 
 from sqdeploy.core.errors import SqDeployError
-from sqdeploy.core.families.base import Family, ModelConfig, SmoothGroup
+from sqdeploy.core.families.base import Family, ModelConfig, SmoothGroup, TrtllmLayout, TrtllmModule
 
 HF_NAMES = {
     "embed.weight": "model.embed_tokens.weight",
@@ -35,21 +36,17 @@ SMOOTHING_GROUPS = (
     SmoothGroup("v", ("o",), "gqa"),
 )
 
-# TensorRT-LLM checkpoint layout (read by sqdeploy/formats/trtllm). Per layer, under
-# "transformer.layers.{i}.": each TensorRT-LLM linear module, the canonical linears whose
-# rows it concatenates (in order) and its tensor-parallel kind ("column": output rows are
-# split over the ranks, "row": input columns are split and the output is all-reduced);
-# q/k/v rows are split by heads (K/V heads duplicated when tp > KV heads). Note the
-# inverted MLP naming: TensorRT-LLM's GatedMLP computes proj(act(fc(x)) * gate(x)), so
-# "fc" holds HF gate_proj and "gate" holds up_proj.
+# TensorRT-LLM checkpoint layout (read by sqdeploy/formats/trtllm). q/k/v rows are split by
+# heads (K/V heads duplicated when tp > KV heads). Note the inverted MLP naming:
+# TensorRT-LLM's GatedMLP computes proj(act(fc(x)) * gate(x)), so "fc" holds HF gate_proj
+# and "gate" holds up_proj.
 TRTLLM_LINEARS = {
-    "attention.qkv": {"fuse": ("q", "k", "v"), "tp": "column"},
-    "attention.dense": {"fuse": ("o",), "tp": "row"},
-    "mlp.fc": {"fuse": ("gate",), "tp": "column"},
-    "mlp.gate": {"fuse": ("up",), "tp": "column"},
-    "mlp.proj": {"fuse": ("down",), "tp": "row"},
+    "attention.qkv": TrtllmModule(("q", "k", "v"), "column"),
+    "attention.dense": TrtllmModule(("o",), "row"),
+    "mlp.fc": TrtllmModule(("gate",), "column"),
+    "mlp.gate": TrtllmModule(("up",), "column"),
+    "mlp.proj": TrtllmModule(("down",), "row"),
 }
-# config.json key -> (ModelConfig field it is written from, HF config key it reads back into)
 TRTLLM_CONFIG_FIELDS = {
     "num_hidden_layers": ("num_layers", "num_hidden_layers"),
     "num_attention_heads": ("num_heads", "num_attention_heads"),
@@ -67,27 +64,22 @@ TRTLLM_CONFIG_FIELDS = {
     "mlp_bias": ("mlp_bias", "mlp_bias"),
     "tie_word_embeddings": ("tie_embeddings", "tie_word_embeddings"),
 }
-TRTLLM_LAYOUT = {
-    "decoder": "llama",
-    "linears": TRTLLM_LINEARS,
-    # TensorRT-LLM norm module (per layer) -> canonical norm
-    "norms": {"input_layernorm": "attn_norm", "post_layernorm": "mlp_norm"},
-    # global tensor -> (canonical tensor, split): "vocab" = rows split over the ranks
-    # (zero-padded to a multiple of tp), "embedding" = the same when the config's
-    # use_parallel_embedding is set, else whole on every rank, "replicated" = whole on every rank
-    "globals": {
+TRTLLM_LAYOUT = TrtllmLayout(
+    architecture="LlamaForCausalLM",
+    decoder="llama",
+    linears=TRTLLM_LINEARS,
+    norms={"input_layernorm": "attn_norm", "post_layernorm": "mlp_norm"},
+    globals={
         "transformer.vocab_embedding.weight": ("embed.weight", "embedding"),
         "transformer.ln_f.weight": ("final_norm.weight", "replicated"),
         "lm_head.weight": ("lm_head.weight", "vocab"),
     },
-    "config_fields": TRTLLM_CONFIG_FIELDS,
-    # written verbatim into config.json
-    "config": {"position_embedding_type": "rope_gpt_neox", "rotary_pct": 1.0},
-    # ModelOpt's unified HF checkpoint (TensorRT-LLM's PyTorch backend): the linears it
-    # loads unfused, which carry their own pre_quant_scale (q/k/v and gate/up are fused
-    # and take theirs from the norm)
-    "hf_unified": {"pre_quant_scale": ("o", "down")},
-}
+    config_fields=TRTLLM_CONFIG_FIELDS,
+    config={"position_embedding_type": "rope_gpt_neox", "rotary_pct": 1.0},
+    # ModelOpt's unified HF checkpoint (TensorRT-LLM's PyTorch backend): q/k/v and gate/up are
+    # fused there and take their pre_quant_scale from the norm
+    hf_unified_pre_quant_scale=("o", "down"),
+)
 
 
 def rope_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -148,7 +140,7 @@ LLAMA = Family(
     config_from_hf=lambda cfg: llama_like_config(cfg, "llama", sliding_window=None),
     hf_names=HF_NAMES,
     smoothing_groups=SMOOTHING_GROUPS,
-    trtllm={**TRTLLM_LAYOUT, "architecture": "LlamaForCausalLM"},
+    trtllm=TRTLLM_LAYOUT,
 )
 
 MISTRAL = Family(
@@ -157,11 +149,11 @@ MISTRAL = Family(
     config_from_hf=lambda cfg: llama_like_config(cfg, "mistral"),
     hf_names=HF_NAMES,
     smoothing_groups=SMOOTHING_GROUPS,
-    trtllm={
-        **TRTLLM_LAYOUT,
-        "architecture": "MistralForCausalLM",
+    trtllm=replace(
+        TRTLLM_LAYOUT,
+        architecture="MistralForCausalLM",
         # not read by TensorRT-LLM (the window is the runtime's max_attention_window_size);
         # kept so the checkpoint still says what the model needs
-        "config_fields": {**TRTLLM_CONFIG_FIELDS, "sliding_window": ("sliding_window", "sliding_window")},
-    },
+        config_fields={**TRTLLM_CONFIG_FIELDS, "sliding_window": ("sliding_window", "sliding_window")},
+    ),
 )

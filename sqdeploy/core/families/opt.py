@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from sqdeploy.core.errors import SqDeployError
-from sqdeploy.core.families.base import Family, ModelConfig, SmoothGroup
+from sqdeploy.core.families.base import Family, ModelConfig, SmoothGroup, TrtllmLayout, TrtllmModule
 
 _L = "model.decoder.layers.{i}."
 HF_NAMES = {
@@ -86,17 +86,17 @@ OPT = Family(
     ),
     # TensorRT-LLM layout, after its OPT converter (examples/models/contrib/opt/convert_checkpoint.py);
     # field meanings as in llama.py
-    trtllm={
-        "architecture": "OPTForCausalLM",
-        "decoder": "opt",
-        "linears": {
-            "attention.qkv": {"fuse": ("q", "k", "v"), "tp": "column"},
-            "attention.dense": {"fuse": ("o",), "tp": "row"},
-            "mlp.fc": {"fuse": ("up",), "tp": "column"},
-            "mlp.proj": {"fuse": ("down",), "tp": "row"},
+    trtllm=TrtllmLayout(
+        architecture="OPTForCausalLM",
+        decoder="opt",
+        linears={
+            "attention.qkv": TrtllmModule(("q", "k", "v"), "column"),
+            "attention.dense": TrtllmModule(("o",), "row"),
+            "mlp.fc": TrtllmModule(("up",), "column"),
+            "mlp.proj": TrtllmModule(("down",), "row"),
         },
-        "norms": {"input_layernorm": "attn_norm", "post_layernorm": "mlp_norm"},
-        "globals": {
+        norms={"input_layernorm": "attn_norm", "post_layernorm": "mlp_norm"},
+        globals={
             "transformer.vocab_embedding.weight": ("embed.weight", "embedding"),
             # HF keeps 2 unused rows before position 0 (pos_offset); TensorRT-LLM does not
             "transformer.position_embedding.weight": ("pos_embed.weight", "embedding"),
@@ -104,7 +104,7 @@ OPT = Family(
             "transformer.ln_f.bias": ("final_norm.bias", "replicated"),
             "lm_head.weight": ("lm_head.weight", "vocab"),
         },
-        "config_fields": {
+        config_fields={
             "num_hidden_layers": ("num_layers", "num_hidden_layers"),
             "num_attention_heads": ("num_heads", "num_attention_heads"),
             "hidden_size": ("hidden_size", "hidden_size"),
@@ -116,6 +116,6 @@ OPT = Family(
             "tie_word_embeddings": ("tie_embeddings", "tie_word_embeddings"),
         },
         # OPTForCausalLM.check_config defaults do_layer_norm_before to False (post-norm)
-        "config": {"position_embedding_type": "learned_absolute", "do_layer_norm_before": True},
-    },
+        config={"position_embedding_type": "learned_absolute", "do_layer_norm_before": True},
+    ),
 )

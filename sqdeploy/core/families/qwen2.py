@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping
 
 from sqdeploy.core.families.base import Family, ModelConfig
@@ -19,11 +20,11 @@ QWEN2 = Family(
     config_from_hf=_config,
     hf_names=HF_NAMES,
     smoothing_groups=SMOOTHING_GROUPS,
-    trtllm={
-        **TRTLLM_LAYOUT,
-        "architecture": "Qwen2ForCausalLM",
-        "decoder": "qwen",
+    trtllm=replace(
+        TRTLLM_LAYOUT,
+        architecture="Qwen2ForCausalLM",
+        decoder="qwen",
         # QWenForCausalLM builds the Qwen2 layout only when qwen_type says so
-        "config": {**TRTLLM_LAYOUT["config"], "qwen_type": "qwen2"},
-    },
+        config={**TRTLLM_LAYOUT.config, "qwen_type": "qwen2"},
+    ),
 )

@@ -30,7 +30,7 @@ def _value_problems(name: str, t: torch.Tensor, e: TensorSpec, spec: CheckpointS
     if e.kind == "scale" and not bool((t > 0).all()):
         return [f"{name} has a scale <= 0"]
     if e.kind in ("lm_head", "embed") and not e.replicated:
-        real = global_rows(spec.config, spec.family.trtllm["globals"][name][0])
+        real = global_rows(spec.config, spec.family.trtllm.globals[name][0])
         pad = t[max(0, real - rank * e.shape[0]):]
         if pad.numel() and bool(pad.abs().amax() > 0):
             return [f"{name} padding rows (beyond {real}) are not zero"]

@@ -145,7 +145,7 @@ def kv_heads_per_rank(cfg: ModelConfig, tp: int) -> int:
 
 def module_shape(family: Family, cfg: ModelConfig, module: str, tp: int) -> tuple[int, int]:
     """Global (out, in) of a TensorRT-LLM linear as the engine builds it (qkv counts duplicated K/V heads)."""
-    fuse = family.trtllm["linears"][module]["fuse"]
+    fuse = family.trtllm.linears[module].fuse
     if fuse == ("q", "k", "v"):
         out = tp * (cfg.num_heads // tp + 2 * kv_heads_per_rank(cfg, tp)) * cfg.head_dim
         return out, cfg.hidden_size
@@ -176,7 +176,7 @@ def split_problems(family: Family, cfg: ModelConfig, quant: QuantSpec, tp: int) 
             out.append(f"head size {cfg.head_dim} is odd: INT4 rows are packed in pairs")
     if multiple:
         bad = []
-        for module in family.trtllm["linears"]:
+        for module in family.trtllm.linears:
             o, i = module_shape(family, cfg, module, tp)
             if o % multiple or i % multiple:
                 bad.append(f"{module} (in {i}, out {o})")
@@ -221,13 +221,13 @@ def build_config(family: Family, cfg: ModelConfig, quant: QuantSpec, tp: int, dt
     record = family.trtllm
     out: dict[str, Any] = {
         "producer": {"name": "sq-deploy", "version": __version__},
-        "architecture": record["architecture"],
+        "architecture": record.architecture,
         "dtype": dtype,
         "logits_dtype": "float32",
     }
-    for key, (field, _) in record["config_fields"].items():
+    for key, (field, _) in record.config_fields.items():
         out[key] = rotary_scaling(cfg) if field == "rope_scaling" else _plain(getattr(cfg, field))
-    out.update(record["config"])
+    out.update(record.config)
     out.update(
         use_parallel_embedding=True,
         embedding_sharding_dim=0,
@@ -255,9 +255,9 @@ def family_for_architecture(arch: Any, aliases: bool = False) -> Family:
     """The family whose TensorRT-LLM record names ``arch`` (with ``aliases``: also an older spelling of it)."""
     name = ARCHITECTURE_ALIASES.get(arch, arch) if aliases and isinstance(arch, str) else arch
     for fam in FAMILIES.values():
-        if fam.trtllm.get("architecture") == name:
+        if fam.trtllm is not None and fam.trtllm.architecture == name:
             return fam
-    known = sorted(f.trtllm["architecture"] for f in FAMILIES.values() if f.trtllm)
+    known = sorted(f.trtllm.architecture for f in FAMILIES.values() if f.trtllm)
     if aliases:
         known = sorted([*known, *ARCHITECTURE_ALIASES])
     raise SqDeployError(f"config.json: architecture {arch!r} is not supported; supported: {', '.join(known)}")
@@ -307,7 +307,7 @@ def _parse_mapping(m: Any) -> int:
 def model_config(family: Family, raw: Mapping[str, Any]) -> ModelConfig:
     """The model a checkpoint's config.json describes, read back through the family's config fields."""
     hf: dict[str, Any] = {"architectures": [family.architectures[0]], "model_type": family.name, "dtype": raw["dtype"]}
-    for key, (_, hf_key) in family.trtllm["config_fields"].items():
+    for key, (_, hf_key) in family.trtllm.config_fields.items():
         if raw.get(key) is not None:
             hf[hf_key] = raw[key]
     try:
@@ -325,9 +325,9 @@ def parse_config(raw: Any) -> CheckpointSpec:
         _expect(key in raw, f"required key '{key}' is missing")
     family = family_for_architecture(raw["architecture"])
     record = family.trtllm
-    _check_keys("the top level", raw, GENERIC_KEYS | set(record["config_fields"]) | set(record["config"]))
+    _check_keys("the top level", raw, GENERIC_KEYS | set(record.config_fields) | set(record.config))
     _expect(raw["dtype"] in DTYPES, f"dtype {raw['dtype']!r} is not one of {', '.join(DTYPES)}")
-    for key, value in record["config"].items():
+    for key, value in record.config.items():
         if key in ("qwen_type", "do_layer_norm_before", "position_embedding_type"):
             _expect(raw.get(key) == value, f"{key} must be {value!r} for {raw['architecture']} (got {raw.get(key)!r})")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):

@@ -47,7 +47,7 @@ def resolve(qm_or_parts, args: argparse.Namespace) -> QuantSpec:
     else:
         recipe, cfg, family = qm_or_parts
         scheme = recipe.scheme
-    if "hf_unified" not in family.trtllm:
+    if family.trtllm is None or family.trtllm.hf_unified_pre_quant_scale is None:
         raise SqDeployError(f"--target trtllm-hf: TensorRT-LLM's PyTorch backend has no {family.name} model; use --target trtllm")
     if scheme.act.quantized:
         raise SqDeployError(
@@ -90,7 +90,7 @@ def linear_tensors(family: Family, name: str, lin: RankLinear, quant: QuantSpec,
     else:
         out["weight"] = pack_int4_rows(lin.q).view(torch.uint8)
         out["weight_scale"] = lin.scale.float()  # float32 as ModelOpt writes it; TensorRT-LLM casts on load
-        if name in family.trtllm["hf_unified"]["pre_quant_scale"]:
+        if name in family.trtllm.hf_unified_pre_quant_scale:
             pqs = torch.ones(lin.in_features) if lin.pre_quant_scale is None else lin.pre_quant_scale
             out["pre_quant_scale"] = pqs.to(dtype)
     if lin.bias is not None:

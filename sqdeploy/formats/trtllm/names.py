@@ -87,19 +87,19 @@ def rows_per_rank(cfg: ModelConfig, fuse: tuple[str, ...], tp: int) -> list[int]
 
 def module_dims(spec: CheckpointSpec, module: str) -> dict[str, int]:
     """Per-rank values of the symbolic dims of a module."""
-    info = spec.family.trtllm["linears"][module]
+    info = spec.family.trtllm.linears[module]
     cfg, tp = spec.config, spec.tp
-    _, first_in = cfg.linear_shape(info["fuse"][0])
-    if info["tp"] == "column":
-        out, inp = sum(rows_per_rank(cfg, info["fuse"], tp)), first_in
+    _, first_in = cfg.linear_shape(info.fuse[0])
+    if info.tp == "column":
+        out, inp = sum(rows_per_rank(cfg, info.fuse, tp)), first_in
     else:
-        out, inp = sum(cfg.linear_shape(n)[0] for n in info["fuse"]), first_in // tp
+        out, inp = sum(cfg.linear_shape(n)[0] for n in info.fuse), first_in // tp
     g = spec.quant.group_size or 1
     return {"out": out, "in": inp, "out/2": out // 2, "in/g": inp // g, "1": 1}
 
 
 def linear_rules(spec: CheckpointSpec, module: str) -> list[Rule]:
-    parallel = spec.family.trtllm["linears"][module]["tp"]
+    parallel = spec.family.trtllm.linears[module].tp
     rules = [r for r in ALGO_RULES[spec.quant.algo] if r.only in (None, parallel)]
     return [r for r in rules if r.flag is None or getattr(spec.quant, r.flag)]
 
@@ -109,23 +109,23 @@ def _layer_tensors(spec: CheckpointSpec, i: int) -> dict[str, TensorSpec]:
     prefix = LAYER.format(i=i)
     out: dict[str, TensorSpec] = {}
     h = cfg.hidden_size
-    for norm in record["norms"]:
+    for norm in record.norms:
         out[f"{prefix}{norm}.weight"] = TensorSpec((h,), "model", "norm", True, layer=i)
         if cfg.norm_has_bias:
             out[f"{prefix}{norm}.bias"] = TensorSpec((h,), "model", "norm", True, layer=i)
         if spec.quant.sq_plugin:
             # declared in the model dtype; TensorRT-LLM's converter writes float32 (accepted)
             out[f"{prefix}{norm}.scale_to_int"] = TensorSpec((1,), "model_or_float32", "scale", True, layer=i)
-    for module, info in record["linears"].items():
+    for module, info in record.linears.items():
         dims = module_dims(spec, module)
-        split = SPLIT_DIM[info["tp"]]
+        split = SPLIT_DIM[info.tp]
         for rule in linear_rules(spec, module):
             shape = tuple(dims[d] for d in rule.dims)
             out[f"{prefix}{module}.{rule.suffix}"] = TensorSpec(
                 shape, rule.dtype, rule.kind, not any(d in split for d in rule.dims) or spec.tp == 1, module, i
             )
-        if cfg.linear_has_bias(info["fuse"][0]):
-            col = info["tp"] == "column"
+        if cfg.linear_has_bias(info.fuse[0]):
+            col = info.tp == "column"
             out[f"{prefix}{module}.bias"] = TensorSpec((dims["out"],), "model", "bias", not col or spec.tp == 1, module, i)
     if spec.quant.kv == "INT8":
         out[f"{prefix}attention.kv_cache_scaling_factor"] = TensorSpec((1,), "float32", "scale", True, layer=i)
@@ -142,7 +142,7 @@ def global_rows(cfg: ModelConfig, canonical: str) -> int:
 def _global_tensors(spec: CheckpointSpec) -> dict[str, TensorSpec]:
     cfg, tp = spec.config, spec.tp
     out = {}
-    for name, (canonical, split) in spec.family.trtllm["globals"].items():
+    for name, (canonical, split) in spec.family.trtllm.globals.items():
         if split == "replicated":
             out[name] = TensorSpec((cfg.hidden_size,), "model", "norm", True)
             continue

@@ -60,9 +60,9 @@ class TrtllmCheckpoint:
         self.kv_cache_quant_algo: str | None = spec.quant.kv
         self.group_size: int | None = spec.quant.group_size if spec.quant.groupwise else None
         self.dtype = DTYPES[spec.dtype]
-        self._module_of = {n: m for m, info in self.family.trtllm["linears"].items() for n in info["fuse"]}
-        self._norm_of = {c: n for n, c in self.family.trtllm["norms"].items()}
-        self._global_of = {c: (n, split) for n, (c, split) in self.family.trtllm["globals"].items()}
+        self._module_of = {n: m for m, info in self.family.trtllm.linears.items() for n in info.fuse}
+        self._norm_of = {c: n for n, c in self.family.trtllm.norms.items()}
+        self._global_of = {c: (n, split) for n, (c, split) in self.family.trtllm.globals.items()}
         self._files: dict[int, object] = {}
         self._last: tuple | None = None
         self._merged: tuple[int, dict[str, RankLinear]] | None = None
@@ -86,7 +86,7 @@ class TrtllmCheckpoint:
             prefix = LAYER.format(i=layer) + module + "."
             names = [k for k in self._file(rank).keys() if k.startswith(prefix) and "." not in k[len(prefix):]]
             tensors = {n[len(prefix):]: self.read(rank, n) for n in names}
-            parallel = self.family.trtllm["linears"][module]["tp"]
+            parallel = self.family.trtllm.linears[module].tp
             self._last = (key, decode(tensors, self.spec.quant, parallel, self.dtype))
         return self._last[1]
 
@@ -96,7 +96,7 @@ class TrtllmCheckpoint:
             raise SqDeployError(f"unknown linear {name!r}; {self.family.name} has {', '.join(self._module_of)}")
         module = self._module_of[name]
         lin = self._module(rank, layer, module)
-        fuse = self.family.trtllm["linears"][module]["fuse"]
+        fuse = self.family.trtllm.linears[module].fuse
         if len(fuse) == 1:
             return lin
         return unfuse(lin, rows_per_rank(self.config, fuse, self.tp))[fuse.index(name)]
@@ -109,9 +109,9 @@ class TrtllmCheckpoint:
         this rank's block of TensorRT-LLM's position table (no HF offset rows); norms
         (with any folded smoothing) whole.
         """
-        out = {canonical: self.read(rank, name).float() for name, (canonical, _) in self.family.trtllm["globals"].items()}
+        out = {canonical: self.read(rank, name).float() for name, (canonical, _) in self.family.trtllm.globals.items()}
         for i in range(self.config.num_layers):
-            for norm, canonical in self.family.trtllm["norms"].items():
+            for norm, canonical in self.family.trtllm.norms.items():
                 for p in ("weight", "bias") if self.config.norm_has_bias else ("weight",):
                     out[f"layers.{i}.{canonical}.{p}"] = self.read(rank, f"{LAYER.format(i=i)}{norm}.{p}").float()
         return out

@@ -31,7 +31,7 @@ from sqdeploy.quantize.requant import SmoothedWeights, recorded_calibration, req
 
 def canonical_parallel(family) -> dict[str, str]:
     """Canonical linear -> "column" / "row", from the family's TensorRT-LLM modules."""
-    return {name: info["tp"] for info in family.trtllm["linears"].values() for name in info["fuse"]}
+    return {name: info.tp for info in family.trtllm.linears.values() for name in info.fuse}
 
 
 class LinearSource:
@@ -121,11 +121,11 @@ class LinearSource:
         """A fused module (qkv) has one activation scale: use the members' largest (no extra clipping)."""
         if not self.scheme.act.static:
             return lins
-        for module, info in self.family.trtllm["linears"].items():
-            scales = [lins[n].act_scale for n in info["fuse"]]
+        for module, info in self.family.trtllm.linears.items():
+            scales = [lins[n].act_scale for n in info.fuse]
             if len(scales) > 1 and not all(torch.equal(scales[0], s) for s in scales[1:]):
                 top = torch.stack(scales).max()
-                for n in info["fuse"]:
+                for n in info.fuse:
                     lins[n] = replace(lins[n], act_scale=top)
                 self.notes.append(f"layer {i} {module}: members had different activation scales; the largest is used")
         return lins

@@ -61,7 +61,7 @@ def global_tensors(qm: QuantizedModel, spec: CheckpointSpec, dtype: torch.dtype)
     """Embeddings, final norm and lm_head per rank (lm_head always written, tied or not)."""
     cfg, tp = spec.config, spec.tp
     ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
-    for name, (canonical, split) in spec.family.trtllm["globals"].items():
+    for name, (canonical, split) in spec.family.trtllm.globals.items():
         t = qm.get(canonical, dtype)  # lm_head falls back to the tied embedding
         if canonical == "pos_embed.weight":
             t = t[cfg.pos_offset :]
@@ -80,15 +80,15 @@ def layer_tensors(lins: dict, spec: CheckpointSpec, i: int, qm: QuantizedModel, 
     cfg, record, quant = spec.config, spec.family.trtllm, spec.quant
     prefix = LAYER.format(i=i)
     out: dict[str, torch.Tensor] = {}
-    for norm, canonical in record["norms"].items():
+    for norm, canonical in record.norms.items():
         out[f"{prefix}{norm}.weight"] = qm.get(f"layers.{i}.{canonical}.weight", dtype)
         if cfg.norm_has_bias:
             out[f"{prefix}{norm}.bias"] = qm.get(f"layers.{i}.{canonical}.bias", dtype)
         if quant.sq_plugin:
             # per-token activations: the norm plugin's static scale is unused, 1.0 by convention
             out[f"{prefix}{norm}.scale_to_int"] = torch.ones(1, dtype=dtype)
-    for module, info in record["linears"].items():
-        fused = fuse([shard(lins[n], cfg, n, spec.tp, rank) for n in info["fuse"]])
+    for module, info in record.linears.items():
+        fused = fuse([shard(lins[n], cfg, n, spec.tp, rank) for n in info.fuse])
         for suffix, t in encode(fused, quant, dtype).items():
             out[f"{prefix}{module}.{suffix}"] = t
     if quant.kv == "INT8":
