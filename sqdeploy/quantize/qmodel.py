@@ -35,8 +35,8 @@ On disk it is a Hugging Face model directory in the **compressed-tensors** forma
     keep it at the top level, where :meth:`QuantizedModel.smoothing` still reads it.
 ``sqdeploy/source/`` and ``sqdeploy/calibration.safetensors``
     only for schemes a target re-quantizes (weight-only, asymmetric INT4; see
-    :mod:`sqdeploy.quantize.requant`): the source model's config and weights (hard links
-    where the file system allows) and the calibration token blocks, so that re-quantization
+    :mod:`sqdeploy.quantize.requant`): a copy of the source model's config and weights
+    and the calibration token blocks, so that re-quantization
     never reopens the source model or the calibration data.
 """
 

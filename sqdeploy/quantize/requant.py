@@ -5,8 +5,7 @@ points for the checkpoint flow), and its weight-only W8A16/W4A16 layouts take fl
 weights that trtllm-build quantizes itself. Both want the weights *after smoothing
 and before rounding*. Re-quantizing the already rounded asymmetric weights would round
 twice, so a quantized directory of such a scheme keeps what re-quantization needs
-(:func:`needs_kept_source`): the source model's weights (``sqdeploy/source/``, hard
-links where the file system allows) and the calibration token blocks
+(:func:`needs_kept_source`): the source model's weights (a copy, ``sqdeploy/source/``) and the calibration token blocks
 (``sqdeploy/calibration.safetensors``). Each layer is rebuilt from the kept weights and
 the recorded smoothing vectors are folded in exactly as the recipe folded them; the
 original source model and calibration data are never opened again.
@@ -19,7 +18,6 @@ more (:class:`RecordedSmoothing`: fold, then the recipe's rounding into the new 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,19 +153,16 @@ def needs_kept_source(scheme: QuantScheme) -> bool:
 
 
 def keep_source(ck: HFCheckpoint, ids: torch.Tensor | None, out: Path) -> None:
-    """Keep in a quantized directory what re-quantization needs: the source weights (hard-linked when the
-    file system allows, else copied) and the calibration token blocks."""
+    """Keep in a quantized directory what re-quantization needs: a copy of the source weights and the
+    calibration token blocks."""
     from safetensors.torch import save_file
 
     dst = out / KEPT_SOURCE
     dst.mkdir(parents=True, exist_ok=True)
     names = ["config.json", *(p.name for p in sorted(ck.path.glob("*.safetensors")) if not p.name.startswith("."))]
     names += [p.name for p in ck.path.glob("*.safetensors.index.json")]
-    for name in names:
-        try:
-            os.link(ck.path / name, dst / name)
-        except OSError:
-            shutil.copyfile(ck.path / name, dst / name)
+    for name in names:  # copies, not hard links: the output's modes are set afterwards and must not touch the source
+        shutil.copyfile(ck.path / name, dst / name)
     if ids is not None:
         save_file({"ids": ids.contiguous()}, str(out / KEPT_CALIBRATION))
 
