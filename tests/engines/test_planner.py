@@ -9,8 +9,8 @@ import pytest
 
 from sqdeploy.cli.build import main as build_main
 from sqdeploy.core.errors import SqDeployError
-from sqdeploy.engines.gpus import GIB, get_gpu
 from sqdeploy.core.families import ModelConfig
+from sqdeploy.engines.gpus import GIB, get_gpu
 from sqdeploy.engines.model_shape import WeightFormat, config_from_hf, config_from_trtllm, quantization_for_scheme
 from sqdeploy.engines.planner import Deployment, min_gpus, plan_memory, tp_problems, weight_bytes
 from sqdeploy.quantize.recipes import load_recipe
