@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sqdeploy.core.errors import SqDeployError
-from sqdeploy.core.families import ModelConfig, family_for_hf_config
+from sqdeploy.core.families import Family, ModelConfig, family_for_hf_config
 from sqdeploy.core.schemes import QuantScheme
 from sqdeploy.formats.trtllm.config import (
     GROUPWISE,
@@ -55,7 +55,7 @@ def _deploy_dtype(model_dtype: str) -> str:
     return model_dtype if model_dtype in ("float16", "bfloat16") else "float16"
 
 
-def trtllm_family(cfg: Mapping[str, Any]):
+def trtllm_family(cfg: Mapping[str, Any]) -> Family:
     """The family of a TensorRT-LLM checkpoint's architecture (older spellings included)."""
     return family_for_architecture(cfg.get("architecture"), aliases=True)
 
