@@ -5,7 +5,9 @@ that does not keep what re-quantization needs is refused in one line that names 
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 
 import pytest
 
@@ -25,8 +27,19 @@ def _model(tmp_path):
     return make_random_model("llama", tmp_path / "src", tokenizer_from=SHARED_MODEL)
 
 
-def _files(d) -> dict[str, bytes]:
-    return {n: (d / n).read_bytes() for n in OUTPUT_FILES if (d / n).exists()}
+def _files(d) -> dict[str, object]:
+    """config.json's bytes; each rank file as (header, tensor bytes): the header parsed, because
+    safetensors writes the ``__metadata__`` keys in an order that varies from run to run."""
+    out: dict[str, object] = {}
+    for n in OUTPUT_FILES:
+        if (d / n).exists():
+            raw = (d / n).read_bytes()
+            if n.endswith(".safetensors"):
+                size = struct.unpack("<Q", raw[:8])[0]
+                out[n] = (json.loads(raw[8 : 8 + size]), raw[8 + size :])
+            else:
+                out[n] = raw
+    return out
 
 
 @pytest.mark.parametrize("spec,tp", [(int4_recipe(64, rounding="gptq", act_order=True), 1), ("w8a16-rtn", 1)],
