@@ -121,3 +121,31 @@ def test_serve_refuses_cuda_without_a_gpu(tiny_models, capsys):
     assert run_cli(main, [str(tiny_models["llama"]), "--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no CUDA GPU" in err[0]
+
+
+def test_served_over_http_with_cancellation_and_a_too_long_request(tiny_models):
+    import httpx
+
+    from sqdeploy.runtime.server.limits import ServeLimits
+    from sqdeploy.runtime.server.run import ServerThread
+
+    engine = open_engine(tiny_models["llama"], "kernel", "cpu", batch=BatchConfig(2, 16), name="k",
+                         kernel=KernelOptions(max_model_len=48))
+    limits = ServeLimits(max_prompt_tokens=64, max_new_tokens=64, max_concurrent=2, max_queue=4, request_timeout_s=60,
+                         max_body_bytes=1 << 16)
+    want = generate(engine, ["def f(x):"], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    try:
+        with ServerThread(engine, limits) as url:
+            body = {"model": "k", "prompt": "def f(x):", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == want.text
+            with httpx.stream("POST", f"{url}/v1/completions", json={**body, "max_tokens": 40, "stream": True},
+                              timeout=60) as s:
+                next(s.iter_lines())  # first chunk arrived; closing the stream cancels the request
+            too_long = httpx.post(f"{url}/v1/completions", json={**body, "prompt": "x " * 40, "max_tokens": 30}, timeout=60)
+            assert 400 <= too_long.status_code < 500
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            assert r.json()["choices"][0]["text"] == want.text
+        assert engine.backend.free_slots() == 2
+    finally:
+        engine.shutdown()
