@@ -304,7 +304,10 @@ class SlotDecoder:
             self.graphs[n] = (graph, out)
             return self.graphs[n]
         except Exception as exc:  # noqa: BLE001 - capture is an optimisation; eager decode is still correct
-            torch.cuda.synchronize()
+            try:
+                torch.cuda.synchronize()
+            except Exception:  # noqa: BLE001 - a capture that ended badly may leave an error to clear
+                pass
             c.lengths.copy_(saved)
             self.failed.add(n)
             self.log(f"CUDA graph capture of the batch-{n} decode step failed ({type(exc).__name__}: {exc}); "

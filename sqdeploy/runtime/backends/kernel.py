@@ -10,6 +10,7 @@ code runs the kernels' exact PyTorch arithmetic, which is how the test suite che
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -136,7 +137,8 @@ class KernelBackend:
         self.config = config
         dtype = DTYPES[config.dtype] if config.dtype else None
         if model is None:
-            model, tok_path, description = load_kernel_model(Path(path), str(self.device), dtype)
+            with self._on_device():
+                model, tok_path, description = load_kernel_model(Path(path), str(self.device), dtype)
             tokenizer = load_tokenizer(tok_path)
         else:
             tok_path = Path(path) if path is not None else Path(".")
@@ -178,7 +180,13 @@ class KernelBackend:
         """Prompt tokens of one slot at positions ``start ..``; float32 logits of the last one [V] (on the device)."""
         from sqdeploy.kernels.slots import prefill_chunk
 
-        return prefill_chunk(self.model, self.cache, slot, torch.tensor(list(ids), dtype=torch.long), start)
+        with self._on_device():
+            return prefill_chunk(self.model, self.cache, slot, torch.tensor(list(ids), dtype=torch.long), start)
+
+    def _on_device(self):
+        """The backend's GPU as the current device: Triton launches on the current one, and the engine's
+        worker thread starts on GPU 0 whatever ``cuda:N`` was asked for."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def slot_index(self, slots: Sequence[int]) -> torch.Tensor:
         """``slots`` as a device index tensor; the decoding set's is kept, and the active flags follow it."""
@@ -197,9 +205,11 @@ class KernelBackend:
     def decode(self, slots: Sequence[int]) -> torch.Tensor:
         """One decode step of ``slots`` (all decoding rows); float32 logits ``[len(slots), V]`` in their order."""
         idx = self.slot_index(slots)
-        logits = self.decoder.step(list(slots))
+        with self._on_device():
+            logits = self.decoder.step(list(slots))
         return logits.index_select(0, idx)
 
     def warmup(self) -> list[int]:
         """Capture every decode bucket now rather than at its first use; returns the captured sizes."""
-        return self.decoder.capture_all()
+        with self._on_device():
+            return self.decoder.capture_all()
