@@ -374,6 +374,18 @@ def models(c: Check, paths: list[str]) -> None:
         c.data["models"] = results
 
 
+def served(c: Check, path: str) -> None:
+    """Served (HTTP, a sq-serve process on the same GPU) against offline throughput of one directory."""
+    from sqdeploy.runtime.bench.overhead import OverheadConfig, measure_overhead
+
+    cfg = OverheadConfig(batch=8, input_len=128, output_len=32 if c.quick else 64, rounds=2 if c.quick else 3,
+                         requests_per_round=8 if c.quick else 16, device=DEVICE, gpu_memory_fraction=0.5)
+    r = measure_overhead(path, "kernel", cfg, progress=False)
+    c.data["served"] = r
+    log(f"   {path}: offline {r['offline_median']:.0f} tok/s, served {r['served_median']:.0f} tok/s "
+        f"(ratio {r['served_median'] / r['offline_median']:.2f})")
+
+
 LAYERS_7B = 4
 
 
@@ -520,6 +532,7 @@ def render(data: dict) -> str:
              "|---|---|---|"]
     for name, s in data["sections"].items():
         lines.append(f"| {name} | {s['status']} | {s.get('seconds', '')} |")
+    lines += ["", "Verdict: " + verdict(data)]
     tr = data.get("tiny_random")
     if tr:
         lines += ["", "## Tiny random Llama on the kernel backend", "",
@@ -572,10 +585,38 @@ def render(data: dict) -> str:
         if b.get("fit"):
             lines += ["", "2048-token sequences that fit next to a full 32-layer model (float16 KV cache):", "",
                       "| variant | budget | weights GiB | sequences |", "|---|---|---|---|"]
+            base = b["fit"].get("fp16", {})
+            lines[-2:] = ["| variant | budget | weights GiB | sequences | vs fp16 |", "|---|---|---|---|---|"]
             for v, per in b["fit"].items():
                 for budget, f in per.items():
-                    lines.append(f"| {v} | {budget} | {f['weights_gib_32_layers']} | {f['sequences_2048']} |")
+                    ref = base.get(budget, {}).get("sequences_2048")
+                    ratio = f"{f['sequences_2048'] / ref:.2f}x" if ref else ""
+                    lines.append(f"| {v} | {budget} | {f['weights_gib_32_layers']} | {f['sequences_2048']} | {ratio} |")
+    sv = data.get("served")
+    if sv:
+        lines += ["", f"## Served vs offline ({sv.get('path')}, kernel backend, batch 8)", "",
+                  f"offline {sv['offline_median']:.1f} tok/s, served {sv['served_median']:.1f} tok/s, "
+                  f"served / offline {sv['served_median'] / sv['offline_median']:.2f}"]
     return "\n".join(lines) + "\n"
+
+
+def verdict(data: dict) -> str:
+    """One line: which checks passed, failed or did not run."""
+    parts = []
+    tr = (data.get("tiny_random") or {}).get("rows", [])
+    if tr:
+        ok = [r.get("ok") for r in tr]
+        parts.append(f"tiny random {sum(bool(x) for x in ok)}/{len(ok)} ok")
+    rows = [r for m in data.get("models", []) or [] for r in m.get("rows", [])]
+    if rows:
+        good = [r for r in rows if r.get("logits_ok") and r.get("greedy", {}).get("ok")]
+        parts.append(f"models {len(good)}/{len(rows)} ok (logits within tolerance, greedy agreement)")
+        replays = sum(r.get("greedy", {}).get("graph_replays", 0) for r in rows)
+        parts.append(f"CUDA-graph replays {replays}")
+    failed = [n for n, s in data["sections"].items() if s["status"] == "failed"]
+    if failed:
+        parts.append("failed sections: " + ", ".join(failed))
+    return "; ".join(parts) or "nothing ran"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -585,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="an HF or quantized model directory to check (repeatable), e.g. shared/models/tiny-code-llama")
     ap.add_argument("--quick", action="store_true", help="fewer variants, shorter outputs (a smoke run)")
     ap.add_argument("--budget", type=float, default=330.0, help="seconds; sections past it are skipped (default 330)")
-    ap.add_argument("--only", default=None, help="comma-separated sections: tiny_random, models, bench_7b")
+    ap.add_argument("--only", default=None, help="comma-separated sections: tiny_random, models, bench_7b, served")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -603,10 +644,10 @@ def main(argv: list[str] | None = None) -> int:
     tok_dir = next((m for m in args.model if (Path(m) / "tokenizer.json").exists()), None)
     c.run("environment", environment)
     for name, fn, extra in (("tiny_random", tiny_random, ()), ("models", models, (args.model,)),
-                            ("bench_7b", bench_7b, (tok_dir,))):
+                            ("bench_7b", bench_7b, (tok_dir,)), ("served", served, (args.model[:1] or [""])[0:1])):
         if only and name not in only:
             continue
-        if name == "models" and not args.model:
+        if name in ("models", "served") and not args.model:
             c.data["sections"][name] = {"status": "skipped: no --model given"}
             continue
         c.run(name, fn, *extra)

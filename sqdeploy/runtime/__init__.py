@@ -23,7 +23,8 @@ from sqdeploy.runtime.engine import (
 class KernelOptions:
     """The kernel backend's KV cache budget (``kv_cache_gib``, or a ``gpu_memory_fraction`` of the device,
     default 0.9), positions per sequence (``max_model_len``, default the model's context), CUDA-graph
-    decode steps, activation dtype (float16 by default on a GPU) and the seed of unseeded sampling."""
+    decode steps (captured for every batch-size bucket at start), activation dtype (float16 by default
+    on a GPU) and the seed of unseeded sampling."""
 
     kv_cache_gib: float | None = None
     gpu_memory_fraction: float | None = None
@@ -31,6 +32,7 @@ class KernelOptions:
     cuda_graphs: bool = True
     dtype: str | None = None
     seed: int | None = None
+    capture_at_start: bool = True
 
 
 BACKENDS = ("auto", "kernel", "onnxruntime", "torch", "trtllm")
@@ -119,7 +121,7 @@ def open_engine(
 
         k = kernel or KernelOptions()
         cfg = KernelConfig(batch.max_batch_size, batch.max_prefill_tokens, k.kv_cache_gib, k.gpu_memory_fraction,
-                           k.max_model_len, k.cuda_graphs, k.dtype, k.seed)
+                           k.max_model_len, k.cuda_graphs, k.dtype, k.seed, k.capture_at_start)
         step = KernelBackend(path, device, cfg, threads)
     else:
         from sqdeploy.runtime.backends.torch import TorchBackend

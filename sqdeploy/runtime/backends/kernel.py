@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ class KernelConfig:
     ``gpu_memory_fraction`` of the device's memory once the model is loaded (minus room for
     activations), and on the CPU it holds ``max_batch_size`` full-length sequences.
     ``max_model_len`` caps the positions per sequence (default: the model's context).
+    ``capture_at_start`` captures every decode bucket's CUDA graph before serving, so no request
+    waits for a capture.
     """
 
     max_batch_size: int = 8
@@ -43,6 +46,7 @@ class KernelConfig:
     cuda_graphs: bool = True
     dtype: str | None = None
     seed: int | None = None
+    capture_at_start: bool = False
 
     def __post_init__(self):
         if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
@@ -163,6 +167,10 @@ class KernelBackend:
         )
         self._active: tuple[int, ...] = ()
         self._active_idx: torch.Tensor | None = None
+        if config.capture_at_start and self.decoder.use_graphs:
+            t0 = time.perf_counter()
+            sizes = self.warmup()
+            self.log(f"decode steps captured in CUDA graphs for batch sizes {sizes} ({time.perf_counter() - t0:.1f} s)")
 
     # -- slots
     def free_slots(self) -> int:
