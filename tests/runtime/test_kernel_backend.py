@@ -149,3 +149,20 @@ def test_served_over_http_with_cancellation_and_a_too_long_request(tiny_models):
         assert engine.backend.free_slots() == 2
     finally:
         engine.shutdown()
+
+
+def test_serve_refuses_a_cache_budget_below_one_sequence(tiny_models, capsys):
+    from sqdeploy.cli.common import run_cli
+    from sqdeploy.cli.serve import main
+
+    assert run_cli(main, [str(tiny_models["llama"]), "--backend", "kernel", "--device", "cpu", "--kv-cache-gib", "1e-6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--kv-cache-gib" in err[-1]
+
+
+def test_offline_benchmark_on_the_kernel_backend(tiny_models):
+    from sqdeploy.runtime.bench.offline import EngineSpec, OfflineGrid, run_variant
+
+    r = run_variant(EngineSpec(str(tiny_models["llama"]), "kernel", "cpu"), OfflineGrid((1, 2), (8,), (4,), 1, 0))
+    assert r["engine_backend"] == "kernel" and [row["batch_size"] for row in r["rows"]] == [1, 2]
+    assert all(row["tokens_per_s"] > 0 for row in r["rows"])
