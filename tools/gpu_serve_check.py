@@ -99,7 +99,7 @@ class Check:
         (self.out / "gpu-serve-check.json").write_text(json.dumps(self.data, indent=1, default=str))
 
 
-# ------------------------------------------------------------------ helpers
+# ------------------------------------------------------------------ building blocks
 
 def kernel_backend(model, tokenizer=None, max_batch: int = 8, max_prefill: int = 4096, max_len: int | None = None,
                    graphs: bool = True, description: str = "random"):
