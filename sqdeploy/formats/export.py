@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from sqdeploy.core import phases
 from sqdeploy.core.output import atomic_output_dir, output_lock, scratch_dir
 from sqdeploy.formats.targets import get_target
 from sqdeploy.quantize.pipeline import Calibration, QuantizeResult, Runtime, quantize_to_dir
@@ -37,6 +38,10 @@ def export_target(args: argparse.Namespace, calibration: Calibration, runtime: R
             if on_quantized is not None:
                 on_quantized(result)
         with atomic_output_dir(args.out, args.force, inputs=inputs) as tmp:
+            phases.lap("start (imports, checks)")
+            phases.section(f"write {target.name}")
             report = target.write(qdir, tmp, args)
+            phases.lap()
+        phases.lap("move output into place")
     report.setdefault("seconds", round(time.perf_counter() - t0, 2))
     return report

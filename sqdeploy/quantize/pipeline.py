@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from sqdeploy import __version__
+from sqdeploy.core import phases
 from sqdeploy.core.errors import SqDeployError
 from sqdeploy.core.families import Family, ModelConfig
 from sqdeploy.core.output import atomic_output_dir
@@ -158,22 +159,26 @@ def quantize(
 ) -> QuantizeResult:
     """Run the recipe layer by layer; ``on_layer`` receives each quantized layer (then it is freed)."""
     t0 = time.perf_counter()
+    phases.lap("start (imports, checks)")
     ck = model if isinstance(model, HFCheckpoint) else HFCheckpoint(model)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     cfg, family = ck.config, ck.family
     validate_recipe(recipe, cfg, family)
     dtype = storage_dtype(recipe, cfg)
     cal = calibration_set(ck, recipe, calib) if recipe.algorithm != "none" else None
+    phases.lap("open model, tokenize calibration set")
     search = None
     plan = None
     if wants_model_search(recipe):
         p = recipe.params
+        phases.section("alpha search (whole model)")
         settings = SearchSettings(grid=tuple(p["grid"]) if p.get("grid") else UNIFORM_GRID, holdout=p["search_holdout"],
                                   stats_samples=p["search_samples"], per_group=p["search_groups"], refine=p["search_refine"])
         search = search_smoothing(ck, cal.ids, recipe.scheme, smoothing_groups(recipe, family, cfg), Rounding.from_params(p),
                                   settings, runtime.device, runtime.batch, runtime.progress,
                                   ClipSearch() if p.get("clip") and recipe.algorithm == "smoothquant_plus" else None)
         plan = search["plan"]
+        phases.lap()
         if search["rounding"] != p["rounding"]:  # the search found round-to-nearest better on held-apart text
             rtn = {"rounding": search["rounding"], "gptq_act_order": False, "gptq_act_aware": False,
                    "gptq_quantized_inputs": False, **({"clip": False} if "clip" in p else {})}
@@ -186,9 +191,11 @@ def quantize(
             round_block_floats(record.block, cfg, dtype, quantized=not recipe.scheme.is_float)
             if on_layer is not None:
                 on_layer(record)
+            phases.lap("write quantized model")
             layers.append(record)
             record.block, record.result.qweights = None, {}  # free the layer: memory stays near one layer
             _return_freed_memory()
+            phases.lap("free layer")
     if plan is not None:  # the resolved recipe states the plan it applied
         recipe = Recipe(**{**recipe.__dict__, "params": {**recipe.params, "alpha": plan}})
     result = QuantizeResult(recipe, cfg, family, layers, cal.describe() if cal else None, search, time.perf_counter() - t0)
@@ -272,6 +279,7 @@ def quantize_to_dir(
         result = quantize(ck, recipe, calib, runtime, lambda r: writer.add_layer(r.block, r.result.qweights, r.result.smoothing))
         writer.add_globals(global_tensors(ck, dtype))
         writer.finish(ck.hf_config, result.manifest, ck.tokenizer_files())
+        phases.lap("write quantized model")
     return Path(out), result
 
 
