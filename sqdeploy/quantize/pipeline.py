@@ -27,6 +27,7 @@ from sqdeploy.model.checkpoint import HFCheckpoint
 from sqdeploy.model.loading import load_model
 from sqdeploy.model.tokenizer import check_tokenizer_fits, load_tokenizer  # noqa: F401 - part of this module's API
 from sqdeploy.model.transformer import Block, Transformer
+from sqdeploy.quantize import preflight
 from sqdeploy.quantize.awq import AWQ, ClipSearch
 from sqdeploy.quantize.calibration import CalibrationSet, build_calibration
 from sqdeploy.quantize.qmodel import DTYPES, QuantizedModelWriter, round_block_floats
@@ -261,6 +262,18 @@ def global_tensors(ck: HFCheckpoint, dtype: torch.dtype) -> dict[str, torch.Tens
     return {n: ck.get(n, dtype) for n in ck.config.global_names}
 
 
+def check_resources(ck: HFCheckpoint, recipe: Recipe, out: str | Path, calib: Calibration = Calibration(),
+                    runtime: Runtime = Runtime(), target_copies: float = 0.0) -> None:
+    """Before calibration, refuse an export that cannot finish: too little free disk under ``out``
+    for the quantized model (plus ``target_copies`` times its size for an export target), or a
+    GPU too small for one layer and its calibration activations (:mod:`.preflight`)."""
+    dtype = storage_dtype(recipe, ck.config)
+    preflight.check_disk(out, preflight.output_bytes(ck.config, recipe.scheme, dtype, target_copies))
+    if recipe.algorithm != "none":
+        c = calib.resolve(recipe)
+        preflight.check_gpu(runtime.device, ck.config, runtime.batch, c["seq_len"], recipe.params.get("rounding") == "gptq")
+
+
 def quantize_to_dir(
     model: str | Path,
     recipe: str | Path | Recipe,
@@ -274,6 +287,7 @@ def quantize_to_dir(
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     validate_recipe(recipe, ck.config, ck.family)
     dtype = storage_dtype(recipe, ck.config)
+    check_resources(ck, recipe, out, calib, runtime)
     with atomic_output_dir(out, force, inputs=[ck.path, calib.source]) as tmp:
         writer = QuantizedModelWriter(tmp, ck.family, ck.config, recipe.scheme, dtype)
         result = quantize(ck, recipe, calib, runtime, lambda r: writer.add_layer(r.block, r.result.qweights, r.result.smoothing))
