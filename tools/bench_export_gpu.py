@@ -14,13 +14,14 @@ its own child process and records:
 * the per-layer times of the progress lines, the output size, and any error.
 
 The plan runs in priority order until ``--budget`` seconds are used: every recipe on a 7B
-shape of ``--layers`` layers (TensorRT-LLM at ``--tp``), the ONNX export of it, a 13B shape,
-the first recipe again at ``--depth-layers`` (two depths give the per-layer constants), then
-the full-depth 7B export when the time measured so far says it fits. Each export's timeout is
-what is left of the budget. From the per-layer constants the report extrapolates time, host
+shape of ``--layers`` layers (TensorRT-LLM at ``--tp``), the first recipe again at
+``--depth-layers`` (two depths give the per-layer constants), the 13B shape, the ONNX export,
+then the full-depth 7B export when the time measured so far says it fits, then the other
+recipes on 13B. Each export may take ``--export-timeout`` seconds (and no more than is left of
+the budget); one stopped early still reports its per-layer times and memory curve. From the per-layer constants the report extrapolates time, host
 RSS and GPU memory to a 70B shape (80 layers). Outputs in ``--out``: ``bench-export-gpu.json``,
-``bench-export-gpu.md``, ``bench-export-gpu.png`` (when matplotlib is installed), one log per
-export; a summary table is printed at the end.
+``bench-export-gpu.md``, ``bench-export-gpu.png`` (when matplotlib is installed) and
+``bench-export-gpu.log`` (every export's output); a summary table is printed at the end.
 
     python tools/bench_export_gpu.py --out $OUT            # about 8 minutes on an H200
     python tools/bench_export_gpu.py --out OUT --device cpu --shapes small --layers 2 --depth-layers 3 --budget 300
@@ -104,6 +105,21 @@ class Models:
         self.work, self.device, self.seed = work, device, seed
         self.made: dict[tuple[str, int], Path] = {}
         self.seconds: dict[str, float] = {}
+        self.written = [0, 0.0]  # bytes drawn and written, seconds: the rate estimates a deeper model's cost
+
+    def layers_made(self, shape: str) -> int:
+        cfg = self.work / f"{shape}-base" / "config.json"
+        return json.loads(cfg.read_text())["num_hidden_layers"] if cfg.exists() else 0
+
+    def seconds_to_make(self, shape: str, layers: int) -> float:
+        from sqdeploy.testing.random_checkpoint import SHAPES, checkpoint_bytes
+
+        have = self.layers_made(shape)
+        if layers <= have:
+            return 0.0
+        extra = checkpoint_bytes(SHAPES[shape], layers) - checkpoint_bytes(SHAPES[shape], have)
+        rate = self.written[0] / self.written[1] if self.written[1] > 0 else 0.5 * 2**30
+        return extra / rate
 
     def get(self, shape: str, layers: int) -> Path:
         from sqdeploy.testing.random_checkpoint import SHAPES, with_layers
@@ -114,10 +130,14 @@ class Models:
         hf = dict(SHAPES[shape])
         base = self.work / f"{shape}-base"
         t0 = time.perf_counter()
-        have = json.loads((base / "config.json").read_text())["num_hidden_layers"] if (base / "config.json").exists() else 0
+        have = self.layers_made(shape)
         if have < layers:
             # the base grows: layer i is drawn from its own seed, so a deeper base keeps the shallower one's layers
+            from sqdeploy.testing.random_checkpoint import checkpoint_bytes
+
             _grow(base, hf, have, layers, self.seed, self.device)
+            self.written[0] += checkpoint_bytes(hf, layers) - (checkpoint_bytes(hf, have) if have else 0)
+            self.written[1] += time.perf_counter() - t0
         path = self.work / f"{shape}-L{layers}"
         with_layers(base, path, layers)
         self.seconds[f"{shape}-L{layers}"] = round(time.perf_counter() - t0, 2)
@@ -218,7 +238,7 @@ def run_export(job: Job, model: Path, calib: str, args, out_root: Path, timeout:
     res = Result(job=asdict(job) | {"name": job.name})
     out = out_root / job.name
     phases_json = out_root / f"{job.name}.phases.json"
-    log_path = Path(args.out) / f"{job.name}.log"
+    log_path = Path(args.out) / "bench-export-gpu.log"  # one log for all exports: few files to carry back
     cmd = [sys.executable, "-u", "-m", "sqdeploy.cli.export", str(model), "--recipe", job.recipe, "--target", job.target,
            "--device", args.device, "--calib", calib, "--out", str(out), "--force"]
     if job.target == "trtllm":
@@ -232,7 +252,8 @@ def run_export(job: Job, model: Path, calib: str, args, out_root: Path, timeout:
     log(f"start {job.name} (timeout {timeout:.0f} s): {' '.join(cmd[3:])}")
     t0 = time.perf_counter()
     progress: dict = {}
-    logf = log_path.open("w")
+    logf = log_path.open("a")
+    logf.write(f"\n===== {job.name}: {' '.join(cmd)}\n")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
     sampler = Sampler(proc.pid, progress)
     sampler.start()
@@ -308,16 +329,16 @@ def _thin(curve: list, n: int) -> list:
 # ---------------------------------------------------------------- plan and constants
 
 def plan(args) -> list[Job]:
+    """Exports in priority order: what the budget cuts off comes last."""
     shapes = [s for s in args.shapes.split(",") if s]
     recipes = [r for r in args.recipes.split(",") if r]
     first, L = shapes[0], args.layers
     jobs = [Job(first, L, r, "trtllm", "recipes") for r in recipes]
-    if args.onnx and first != "13b":
-        jobs.append(Job(first, L, args.onnx_recipe, "onnx", "onnx"))
-    for s in shapes[1:]:
-        jobs.append(Job(s, L, recipes[0], "trtllm", s))
     if args.depth_layers and args.depth_layers != L:
         jobs.append(Job(first, args.depth_layers, recipes[0], "trtllm", "depth"))
+    jobs += [Job(s, L, recipes[0], "trtllm", s) for s in shapes[1:]]
+    if args.onnx:
+        jobs.append(Job(first, L, args.onnx_recipe, "onnx", "onnx"))
     if args.full:
         from sqdeploy.testing.random_checkpoint import SHAPES
 
@@ -516,17 +537,26 @@ def environment(args) -> dict:
 
 
 def missing_packages() -> list[str]:
-    import importlib.util
+    """Modules the export needs that do not import here (a package's own missing dependency included)."""
+    import importlib
 
-    return [m for m in NEEDED if importlib.util.find_spec(m) is None]
+    missing = []
+    for m in NEEDED + ("compressed_tensors.quantization",):
+        try:
+            importlib.import_module(m)
+        except ImportError as exc:
+            name = getattr(exc, "name", None) or m
+            if name not in missing:
+                missing.append(name)
+    return missing
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for the JSON, Markdown, PNG and logs")
     ap.add_argument("--shapes", default="7b,13b", help="comma-separated: 7b, 13b, 70b, small (the first gets every recipe)")
-    ap.add_argument("--layers", type=int, default=4, help="decoder layers of the reduced-depth models (default 4)")
-    ap.add_argument("--depth-layers", type=int, default=8, help="a second depth for the first recipe (0: none)")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers of the reduced-depth models (default 2)")
+    ap.add_argument("--depth-layers", type=int, default=4, help="a second depth for the first recipe (default 4; 0: none)")
     ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
                     help="the full-depth export of the first shape with the first recipe, when the budget allows")
     ap.add_argument("--recipes", default=",".join(RECIPES))
@@ -538,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib-samples", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--calib-seq-len", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--budget", type=float, default=440.0, help="seconds after which no export starts (default 440)")
+    ap.add_argument("--export-timeout", type=float, default=120.0,
+                    help="seconds one export may take (default 120; the full-depth one gets what is left)")
     ap.add_argument("--work", default=None, help="folder for the checkpoints and exports (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the exports and checkpoints")
     return ap
@@ -581,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if job.estimate_gate:
                 est = estimate_seconds(results, job)
+                est = None if est is None else est + models.seconds_to_make(job.shape, job.layers)
                 if est is None or est > left:
                     why = "no shallower run to estimate from" if est is None else f"estimated {est:.0f} s > {left:.0f} s left"
                     results.append(Result(job=asdict(job) | {"name": job.name}, note=why))
@@ -591,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
                 if calib is None:
                     calib = str(random_prompts(work / "calib.jsonl", SHAPES[job.shape]["vocab_size"]))
                 left = args.budget - (time.perf_counter() - T0)
-                res = run_export(job, model, calib, args, work, max(left, MIN_START_S))
+                cap = left if job.role == "full" else min(left, args.export_timeout)
+                res = run_export(job, model, calib, args, work, max(cap, MIN_START_S))
                 res.checkpoint_mib = round(_du(model) / 2**20, 1)
             except Exception as exc:  # noqa: BLE001 - one failed export must not end the benchmark
                 res = Result(job=asdict(job) | {"name": job.name}, status="error", note=f"{type(exc).__name__}: {exc}")
