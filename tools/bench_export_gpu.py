@@ -18,12 +18,13 @@ shape of ``--layers`` layers (TensorRT-LLM at ``--tp``), the first recipe again 
 ``--depth-layers`` (two depths give the per-layer constants), the 13B shape, the ONNX export,
 then the full-depth 7B export when the time measured so far says it fits, then the other
 recipes on 13B. Each export may take ``--export-timeout`` seconds (and no more than is left of
-the budget); one stopped early still reports its per-layer times and memory curve. From the per-layer constants the report extrapolates time, host
-RSS and GPU memory to a 70B shape (80 layers). Outputs in ``--out``: ``bench-export-gpu.json``,
+the budget); one stopped early still reports its per-layer times and memory curve. From the
+per-layer constants the report extrapolates time, host RSS and GPU memory to a 70B shape
+(80 layers). Outputs in ``--out``: ``bench-export-gpu.json``,
 ``bench-export-gpu.md``, ``bench-export-gpu.png`` (when matplotlib is installed) and
 ``bench-export-gpu.log`` (every export's output); a summary table is printed at the end.
 
-    python tools/bench_export_gpu.py --out $OUT            # about 8 minutes on an H200
+    python tools/bench_export_gpu.py --out $OUT            # at most about 7.5 minutes
     python tools/bench_export_gpu.py --out OUT --device cpu --shapes small --layers 2 --depth-layers 3 --budget 300
 """
 
@@ -445,7 +446,7 @@ def summary_rows(results: list[Result]) -> list[list]:
                      None if r.minor_faults is None else f"{r.minor_faults / 1e6:.2f}", r.peak_rss_mib,
                      r.gpu_max_allocated_mib, r.output_mib,
                      "; ".join(f"{k} {v:.1f}" for k, v in top) + (f" — {r.note}" if r.note else "")])
-    return rows
+    return [["" if v is None else v for v in row] for row in rows]
 
 
 HEAD = ["export", "role", "status", "wall s", "s/layer (quantize)", "user s", "sys s", "minor faults M",
@@ -567,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib", default=None, help="calibration file (default: random-word prompts made here)")
     ap.add_argument("--calib-samples", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--calib-seq-len", type=int, default=None, help="default: the recipe's")
-    ap.add_argument("--budget", type=float, default=440.0, help="seconds after which no export starts (default 440)")
+    ap.add_argument("--budget", type=float, default=430.0, help="seconds after which no export starts (default 430)")
     ap.add_argument("--export-timeout", type=float, default=120.0,
                     help="seconds one export may take (default 120; the full-depth one gets what is left)")
     ap.add_argument("--work", default=None, help="folder for the checkpoints and exports (default: a temporary folder)")

@@ -127,6 +127,11 @@ class PlannedFile:
         _pwrite_all(self.fd, memoryview(tensor_bytes(t)), self.data_start + start)
         self.missing.discard(name)
 
+    def __del__(self) -> None:  # an export that failed half-way: its temporary directory goes, the descriptor too
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def close(self) -> None:
         if self.fd < 0:
             return
