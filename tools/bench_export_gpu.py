@@ -7,7 +7,9 @@ calibration prompts (or takes ``--calib``), then runs ``sq-export`` for each pla
 its own child process and records:
 
 * wall time, user and system CPU, minor and major page faults (``wait4`` on the child);
-* peak host RSS (the child's ``ru_maxrss``, and VmRSS sampled every 0.2 s as a curve);
+* peak host RSS: the child's own ``VmHWM`` at exit (``ru_maxrss`` is kept too, but a child's
+  starts at the parent's high-water mark, which fork and exec carry over), and VmRSS sampled
+  every 0.2 s as a curve (the peak of an export killed at its timeout);
 * peak GPU memory (``torch.cuda.max_memory_allocated`` / ``reserved``) and seconds per phase,
   from the record ``sq-export`` writes with ``SQDEPLOY_PHASES_JSON`` set
   (:mod:`sqdeploy.core.phases`);
@@ -85,6 +87,7 @@ class Result:
     minor_faults: int | None = None
     major_faults: int | None = None
     peak_rss_mib: float | None = None
+    ru_maxrss_mib: float | None = None  # includes the benchmark's own RSS at fork time
     rss_curve: list = field(default_factory=list)  # [seconds, MiB, layers done]
     gpu_max_allocated_mib: float | None = None
     gpu_max_reserved_mib: float | None = None
@@ -294,13 +297,17 @@ def run_export(job: Job, model: Path, calib: str, args, out_root: Path, timeout:
     res.returncode = proc.returncode
     res.user_s, res.sys_s = round(usage.ru_utime, 2), round(usage.ru_stime, 2)
     res.minor_faults, res.major_faults = usage.ru_minflt, usage.ru_majflt
-    res.peak_rss_mib = round(usage.ru_maxrss / 1024, 1)
+    res.ru_maxrss_mib = round(usage.ru_maxrss / 1024, 1)
+    sampled = max((c[1] for c in sampler.curve), default=None)
+    res.peak_rss_mib = sampled
     res.rss_curve = _thin(sampler.curve, 400)
     res.nvml_peak_mib = None if sampler.nvml_peak is None else round(sampler.nvml_peak / 2**20, 1)
     res.tail = tail[-12:]
     try:
         rec = json.loads(phases_json.read_text())
         res.phases = rec.get("phases", {})
+        if rec.get("peak_rss_bytes"):
+            res.peak_rss_mib = round(rec["peak_rss_bytes"] / 2**20, 1)
         for key, name in (("cuda_max_memory_allocated", "gpu_max_allocated_mib"), ("cuda_max_memory_reserved", "gpu_max_reserved_mib")):
             if rec.get(key) is not None:
                 setattr(res, name, round(rec[key] / 2**20, 1))

@@ -3,8 +3,9 @@
 Random Llama models of one width and several depths (shards hard-linked from the deepest,
 :mod:`sqdeploy.testing.random_checkpoint`) are quantized once (``--target quantized``); then each
 code version (``--code NAME=REPO_ROOT``, imported through PYTHONPATH) exports every quantized
-model to a TensorRT-LLM checkpoint in a fresh process, whose peak resident set (``ru_maxrss``
-from ``wait4``) is recorded. A writer that holds every rank's tensors until the end grows by
+model to a TensorRT-LLM checkpoint in a fresh process, whose peak resident set is recorded:
+``VmHWM`` read by the child itself at exit (``ru_maxrss`` would not do: a child's starts at its
+parent's high-water mark, which fork and exec carry over). A writer that holds every rank's tensors until the end grows by
 about one quantized layer per layer; one that streams the rank files stays flat. Writes
 ``export-writer-rss.{json,md,png}`` into ``--out``.
 
@@ -25,12 +26,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# sq-export with its own peak RSS (VmHWM of the process after exec) written to $BENCH_HWM_FILE at exit
+LAUNCH = (
+    "import atexit, os, runpy\n"
+    "def _hwm():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            open(os.environ['BENCH_HWM_FILE'], 'w').write(line.split()[1])\n"
+    "atexit.register(_hwm)\n"
+    "runpy.run_module('sqdeploy.cli.export', run_name='__main__', alter_sys=True)\n"
+)
 WIDTH = {"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 8, "num_key_value_heads": 8,
          "vocab_size": 4096}
 
 
 def run(cmd: list[str], code: Path, log: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(code), "PYTHONUNBUFFERED": "1"}
+    hwm = log.with_suffix(".hwm")
+    env = {**os.environ, "PYTHONPATH": str(code), "PYTHONUNBUFFERED": "1", "BENCH_HWM_FILE": str(hwm)}
+    cmd = [cmd[0], "-c", LAUNCH, *cmd[3:]]  # cmd is [python, -m, sqdeploy.cli.export, ...]
     t0 = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -38,7 +51,7 @@ def run(cmd: list[str], code: Path, log: Path) -> dict:
     code_ = os.waitstatus_to_exitcode(status)
     if code_ != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({code_}); see {log}")
-    return {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_mib": round(ru.ru_maxrss / 1024, 1),
+    return {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_mib": round(int(hwm.read_text()) / 1024, 1),
             "user_s": round(ru.ru_utime, 2), "sys_s": round(ru.ru_stime, 2)}
 
 
@@ -49,6 +62,7 @@ def main() -> int:
     ap.add_argument("--depths", default="4,8,16")
     ap.add_argument("--tp", type=int, default=8)
     ap.add_argument("--recipe", default="w8a8-sq-o1")
+    ap.add_argument("--work", default=None, help="working folder (kept; quantized models already there are reused)")
     args = ap.parse_args()
     from sqdeploy.core.report import markdown_table
     from sqdeploy.testing.random_checkpoint import SMALL, random_prompts, with_layers, write_random_llama
@@ -57,10 +71,14 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     depths = [int(d) for d in args.depths.split(",")]
     codes = dict(c.split("=", 1) for c in args.code)
-    work = Path(tempfile.mkdtemp(prefix="writer-rss-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="writer-rss-"))
     hf = {**SMALL, **WIDTH}
-    base = write_random_llama(work / "base", hf, max(depths), device="cpu")
-    calib = random_prompts(work / "calib.jsonl", hf["vocab_size"], texts=8, words=200)
+    base = work / "base"
+    if not (base / "config.json").exists():
+        write_random_llama(base, hf, max(depths), device="cpu")
+    calib = work / "calib.jsonl"
+    if not calib.exists():
+        random_prompts(calib, hf["vocab_size"], texts=8, words=200)
     rows, results = [], {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "shape": hf, "tp": args.tp,
                          "recipe": args.recipe, "depths": depths, "quantize": {}, "write": {n: {} for n in codes}}
     py = sys.executable
@@ -68,12 +86,13 @@ def main() -> int:
         model = with_layers(base, work / f"L{d}", d)
         qdir = work / f"q{d}"
         first = next(iter(codes.values()))
-        results["quantize"][d] = run([py, "-m", "sqdeploy.cli.export", str(model), "--recipe", args.recipe, "--out", str(qdir),
-                                      "--calib", str(calib), "--calib-samples", "4", "--calib-seq-len", "128", "--quiet"],
-                                     Path(first).resolve(), work / f"q{d}.log")
+        if not (qdir / "config.json").exists():
+            results["quantize"][d] = run([py, "-m", "sqdeploy.cli.export", str(model), "--recipe", args.recipe, "--out", str(qdir),
+                                          "--calib", str(calib), "--calib-samples", "4", "--calib-seq-len", "128", "--quiet"],
+                                         Path(first).resolve(), work / f"q{d}.log")
         for name, code in codes.items():
             r = run([py, "-m", "sqdeploy.cli.export", str(qdir), "--target", "trtllm", "--tp", str(args.tp), "--out",
-                     str(work / f"t{d}-{name}"), "--quiet"], Path(code).resolve(), work / f"t{d}-{name}.log")
+                     str(work / f"t{d}-{name}"), "--quiet", "--force"], Path(code).resolve(), work / f"t{d}-{name}.log")
             r["rank_files_mib"] = round(sum(f.stat().st_size for f in (work / f"t{d}-{name}").glob("rank*.safetensors")) / 2**20, 1)
             results["write"][name][d] = r
             rows.append([d, name, r["peak_rss_mib"], r["rank_files_mib"], r["wall_s"]])
