@@ -374,6 +374,28 @@ def per_layer_fit(results: list[Result], shape: str, recipe: str, target: str = 
     return out
 
 
+def borrowed_fit(results: list[Result], shape: str, recipe: str) -> dict | None:
+    """One depth of ``recipe``: its per-layer part with the fixed part of another recipe measured at two
+    depths on the same shape (start, tokenization and embedding do not depend on the recipe)."""
+    own = [r for r in results if r.status == "ok" and r.job["shape"] == shape and r.job["recipe"] == recipe
+           and r.job["target"] == "trtllm"]
+    if not own:
+        return None
+    for other in dict.fromkeys(r.job["recipe"] for r in results):
+        fit = per_layer_fit(results, shape, other)
+        if fit and other != recipe:
+            r, out = own[0], {"from_layers": [own[0].job["layers"]], "fixed_from": other}
+            for key, val in fit.items():
+                if not isinstance(val, dict) or getattr(r, key, None) is None:
+                    continue
+                if key in ("peak_rss_mib", "gpu_max_allocated_mib"):  # memory: the other recipe's growth per layer
+                    out[key] = {"per_layer": val["per_layer"], "fixed": round(getattr(r, key) - val["per_layer"] * r.job["layers"], 3)}
+                else:  # time, CPU, faults: the other recipe's fixed part
+                    out[key] = {"per_layer": round((getattr(r, key) - val["fixed"]) / r.job["layers"], 3), "fixed": val["fixed"]}
+            return out
+    return None
+
+
 def estimate_seconds(results: list[Result], job: Job) -> float | None:
     fit = per_layer_fit(results, job.shape, job.recipe, job.target)
     if fit and "wall_s" in fit:
@@ -410,9 +432,9 @@ def extrapolate_70b(results: list[Result], recipe: str) -> dict | None:
     """
     from sqdeploy.testing.random_checkpoint import SHAPES
 
-    fit = None
+    fit, shape = None, None
     for shape in ("7b", "13b", "small"):
-        fit = per_layer_fit(results, shape, recipe)
+        fit = per_layer_fit(results, shape, recipe) or borrowed_fit(results, shape, recipe)
         if fit:
             break
     if not fit or "wall_s" not in fit:
@@ -420,7 +442,8 @@ def extrapolate_70b(results: list[Result], recipe: str) -> dict | None:
     p_src, p70 = layer_params(SHAPES[shape]), layer_params(SHAPES["70b"])
     ratio = p70 / p_src
     wall = fit["wall_s"]["fixed"] + fit["wall_s"]["per_layer"] * ratio * 80
-    out = {"from": f"{shape} at {fit['from_layers']} layers", "layer_param_ratio": round(ratio, 2),
+    out = {"from": f"{shape} at {fit['from_layers']} layers" + (f", fixed part of {fit['fixed_from']}" if "fixed_from" in fit else ""),
+           "layer_param_ratio": round(ratio, 2),
            "wall_s": round(wall, 1), "per_layer_s": round(fit["wall_s"]["per_layer"] * ratio, 2)}
     if "peak_rss_mib" in fit:
         rss = fit["peak_rss_mib"]
