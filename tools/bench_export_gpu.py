@@ -140,6 +140,10 @@ class Models:
             from sqdeploy.testing.random_checkpoint import checkpoint_bytes
 
             _grow(base, hf, have, layers, self.seed, self.device)
+            if self.device == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()  # the exports get the GPU memory the drawing used
             self.written[0] += checkpoint_bytes(hf, layers) - (checkpoint_bytes(hf, have) if have else 0)
             self.written[1] += time.perf_counter() - t0
         path = self.work / f"{shape}-L{layers}"
