@@ -46,7 +46,8 @@ def run(cmd: list[str], code: Path, log: Path) -> dict:
     cmd = [cmd[0], "-c", LAUNCH, *cmd[3:]]  # cmd is [python, -m, sqdeploy.cli.export, ...]
     t0 = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        # cwd: python puts it first on sys.path, so the child would import the code it is started from
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(code))
         _, status, ru = os.wait4(proc.pid, 0)
     code_ = os.waitstatus_to_exitcode(status)
     if code_ != 0:
