@@ -102,14 +102,18 @@ def main() -> int:
         w = results["write"][name]
         results["write"][name]["growth_mib_per_layer"] = round(
             (w[depths[-1]]["peak_rss_mib"] - w[depths[0]]["peak_rss_mib"]) / (depths[-1] - depths[0]), 2)
-    (out / "export-writer-rss.json").write_text(json.dumps(results, indent=1) + "\n")
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    results["date"], results["commit"] = time.strftime("%Y-%m-%d", time.gmtime()), commit
+    results["cpu"] = f"{os.cpu_count()} CPUs"
     md = [f"# Peak host RSS of the TensorRT-LLM writer against depth (tp {args.tp}, `{args.recipe}`)", "",
-          f"Command: `{results['command']}`", "",
+          f"Recorded {results['date']} with the code of `{commit}` as `after` (CPU, {os.cpu_count()} cores); "
+          f"command: `{results['command']}`", "",
           f"Random Llama, hidden {hf['hidden_size']}, intermediate {hf['intermediate_size']}, vocabulary {hf['vocab_size']}; "
           "each row is `sq-export QDIR --target trtllm` from the same quantized model, in a fresh process.", "",
           markdown_table(["layers", "code", "peak RSS MiB", "rank files MiB", "wall s"], rows), "",
           "Growth per layer: " + ", ".join(f"{n} {results['write'][n]['growth_mib_per_layer']} MiB" for n in codes), ""]
     (out / "export-writer-rss.md").write_text("\n".join(md))
+    (out / "export-writer-rss.json").write_text(json.dumps(results, indent=1) + "\n")
     try:
         import matplotlib
 
