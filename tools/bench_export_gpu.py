@@ -502,7 +502,10 @@ def markdown(report: dict) -> str:
     if names:
         rows = [[k] + [r.phases.get(k, "") for r in res if r.phases] for k in names]
         lines += [markdown_table(["phase"] + [r.job["name"] for r in res if r.phases], rows), ""]
-    lines += ["## Per-layer constants and 70B extrapolation", ""]
+    lines += ["## Per-layer constants and 70B extrapolation", "",
+              "Fits over two depths of one export (`fixed` + `per_layer` x layers). Host RSS between two small depths "
+              "also holds the quantized model's output shard filling up (256 MiB, then written), so its per-layer "
+              "growth there overstates the growth over 80 layers; the full-depth run, when it ran, is the second depth.", ""]
     for recipe, fit in report["fits"].items():
         lines.append(f"* `{recipe}`: {json.dumps(fit)}")
     for recipe, ex in report["extrapolation_70b"].items():
