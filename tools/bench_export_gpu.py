@@ -608,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget", type=float, default=430.0, help="seconds after which no export starts (default 430)")
     ap.add_argument("--export-timeout", type=float, default=120.0,
                     help="seconds one export may take (default 120; the full-depth one gets what is left)")
-    ap.add_argument("--work", default=None, help="folder for the checkpoints and exports (default: a temporary folder)")
+    ap.add_argument("--work", default=None, help="folder for the checkpoints and exports (default: a temporary folder on "
+                    "the local disk with the most free space; not tmpfs)")
     ap.add_argument("--keep", action="store_true", help="keep the exports and checkpoints")
     return ap
 
@@ -682,10 +683,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _local_tmp() -> str | None:
-    for d in ("/tmp", "/var/tmp"):
-        if os.path.isdir(d) and os.access(d, os.W_OK):
-            return d
-    return None
+    """The writable folder on a disk (not tmpfs, which is memory) with the most free space."""
+    tmpfs = set()
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 2 and parts[2] in ("tmpfs", "ramfs"):
+                tmpfs.add(parts[1])
+    except OSError:
+        pass
+
+    def mount_of(path: str) -> str:
+        p = os.path.realpath(path)
+        while not os.path.ismount(p):
+            p = os.path.dirname(p)
+        return p
+
+    best, free = None, -1
+    for d in ("/tmp", "/var/tmp", str(ROOT.parent)):
+        if not (os.path.isdir(d) and os.access(d, os.W_OK)) or mount_of(d) in tmpfs:
+            continue
+        f = shutil.disk_usage(d).free
+        if f > free:
+            best, free = d, f
+    return best
 
 
 def _write(report: dict, results: list[Result], models: Models, out: Path) -> None:
