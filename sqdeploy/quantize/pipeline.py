@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from sqdeploy import __version__
+from sqdeploy.core import phases
 from sqdeploy.core.errors import SqDeployError
 from sqdeploy.core.families import Family, ModelConfig
 from sqdeploy.core.output import atomic_output_dir
@@ -26,6 +27,7 @@ from sqdeploy.model.checkpoint import HFCheckpoint
 from sqdeploy.model.loading import load_model
 from sqdeploy.model.tokenizer import check_tokenizer_fits, load_tokenizer  # noqa: F401 - part of this module's API
 from sqdeploy.model.transformer import Block, Transformer
+from sqdeploy.quantize import preflight
 from sqdeploy.quantize.awq import AWQ, ClipSearch
 from sqdeploy.quantize.calibration import CalibrationSet, build_calibration
 from sqdeploy.quantize.qmodel import DTYPES, QuantizedModelWriter, round_block_floats
@@ -158,22 +160,26 @@ def quantize(
 ) -> QuantizeResult:
     """Run the recipe layer by layer; ``on_layer`` receives each quantized layer (then it is freed)."""
     t0 = time.perf_counter()
+    phases.lap("start (imports, checks)")
     ck = model if isinstance(model, HFCheckpoint) else HFCheckpoint(model)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     cfg, family = ck.config, ck.family
     validate_recipe(recipe, cfg, family)
     dtype = storage_dtype(recipe, cfg)
     cal = calibration_set(ck, recipe, calib) if recipe.algorithm != "none" else None
+    phases.lap("open model, tokenize calibration set")
     search = None
     plan = None
     if wants_model_search(recipe):
         p = recipe.params
+        phases.section("alpha search (whole model)")
         settings = SearchSettings(grid=tuple(p["grid"]) if p.get("grid") else UNIFORM_GRID, holdout=p["search_holdout"],
                                   stats_samples=p["search_samples"], per_group=p["search_groups"], refine=p["search_refine"])
         search = search_smoothing(ck, cal.ids, recipe.scheme, smoothing_groups(recipe, family, cfg), Rounding.from_params(p),
                                   settings, runtime.device, runtime.batch, runtime.progress,
                                   ClipSearch() if p.get("clip") and recipe.algorithm == "smoothquant_plus" else None)
         plan = search["plan"]
+        phases.lap()
         if search["rounding"] != p["rounding"]:  # the search found round-to-nearest better on held-apart text
             rtn = {"rounding": search["rounding"], "gptq_act_order": False, "gptq_act_aware": False,
                    "gptq_quantized_inputs": False, **({"clip": False} if "clip" in p else {})}
@@ -186,9 +192,11 @@ def quantize(
             round_block_floats(record.block, cfg, dtype, quantized=not recipe.scheme.is_float)
             if on_layer is not None:
                 on_layer(record)
+            phases.lap("write quantized model")
             layers.append(record)
             record.block, record.result.qweights = None, {}  # free the layer: memory stays near one layer
             _return_freed_memory()
+            phases.lap("free layer")
     if plan is not None:  # the resolved recipe states the plan it applied
         recipe = Recipe(**{**recipe.__dict__, "params": {**recipe.params, "alpha": plan}})
     result = QuantizeResult(recipe, cfg, family, layers, cal.describe() if cal else None, search, time.perf_counter() - t0)
@@ -254,6 +262,18 @@ def global_tensors(ck: HFCheckpoint, dtype: torch.dtype) -> dict[str, torch.Tens
     return {n: ck.get(n, dtype) for n in ck.config.global_names}
 
 
+def check_resources(ck: HFCheckpoint, recipe: Recipe, out: str | Path, calib: Calibration = Calibration(),
+                    runtime: Runtime = Runtime(), target_copies: float = 0.0) -> None:
+    """Before calibration, refuse an export that cannot finish: too little free disk under ``out``
+    for the quantized model (plus ``target_copies`` times its size for an export target), or a
+    GPU too small for one layer and its calibration activations (:mod:`.preflight`)."""
+    dtype = storage_dtype(recipe, ck.config)
+    preflight.check_disk(out, preflight.output_bytes(ck.config, recipe.scheme, dtype, target_copies))
+    if recipe.algorithm != "none":
+        c = calib.resolve(recipe)
+        preflight.check_gpu(runtime.device, ck.config, runtime.batch, c["seq_len"], recipe.params.get("rounding") == "gptq")
+
+
 def quantize_to_dir(
     model: str | Path,
     recipe: str | Path | Recipe,
@@ -267,11 +287,13 @@ def quantize_to_dir(
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     validate_recipe(recipe, ck.config, ck.family)
     dtype = storage_dtype(recipe, ck.config)
+    check_resources(ck, recipe, out, calib, runtime)
     with atomic_output_dir(out, force, inputs=[ck.path, calib.source]) as tmp:
         writer = QuantizedModelWriter(tmp, ck.family, ck.config, recipe.scheme, dtype)
         result = quantize(ck, recipe, calib, runtime, lambda r: writer.add_layer(r.block, r.result.qweights, r.result.smoothing))
         writer.add_globals(global_tensors(ck, dtype))
         writer.finish(ck.hf_config, result.manifest, ck.tokenizer_files())
+        phases.lap("write quantized model")
     return Path(out), result
 
 

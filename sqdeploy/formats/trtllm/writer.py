@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from sqdeploy.core import phases
 from sqdeploy.core.errors import SqDeployError
 from sqdeploy.core.progress import Progress
 from sqdeploy.core.report import markdown_table
@@ -26,6 +26,7 @@ from sqdeploy.formats.trtllm.linear import DTYPES, encode
 from sqdeploy.formats.trtllm.names import LAYER, global_rows
 from sqdeploy.formats.trtllm.shard import fuse, shard
 from sqdeploy.formats.trtllm.source import LinearSource
+from sqdeploy.formats.trtllm.stream import RankFiles
 from sqdeploy.quantize.qmodel import QuantizedModel
 
 
@@ -109,20 +110,20 @@ def write(qdir: Path, out: Path, args: argparse.Namespace) -> dict:
     spec = parse_config(json.loads(json.dumps(config)))  # what we write must read back
     progress = not getattr(args, "quiet", False)
     source = LinearSource(qm, quant, progress, getattr(args, "int4_requant_clip", "search") == "search")
-    ranks = global_tensors(qm, spec, dtype)
+    meta = {"format": "pt", "producer": "sq-deploy"}
+    files = RankFiles(out, global_tensors(qm, spec, dtype), qm.config.num_layers, LAYER, meta)  # one layer in memory
     with Progress(qm.config.num_layers, f"writing TensorRT-LLM checkpoint (tp {tp})", progress) as bar:
         for i in range(qm.config.num_layers):
             lins = source.layer(i)
-            for r in range(tp):
-                ranks[r].update(layer_tensors(lins, spec, i, qm, dtype, r))
+            files.add_layer([layer_tensors(lins, spec, i, qm, dtype, r) for r in range(tp)])
             bar.advance()
-    meta = {"format": "pt", "producer": "sq-deploy"}
-    for r, tensors in enumerate(ranks):
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"rank{r}.safetensors"), metadata=meta)
+    files.close()
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for f in qm.tokenizer_files():  # a convention only: trtllm-build reads config.json and rank files
         shutil.copy(f, out / f.name)
+    phases.lap()
     result = check_dir(out)
+    phases.lap("check written checkpoint")
     if not result.ok:
         raise SqDeployError(f"internal error: the written checkpoint fails its own check: {result.first_failure()}")
     return _report(qm, spec, source, out, args)
