@@ -2,6 +2,7 @@
 
     from sqdeploy.formats.export import export
     from sqdeploy.formats.onnx.options import OnnxExportOptions
+    from sqdeploy.formats.trtllm.options import TrtllmOptions
 
     export("out/llama-w8a8", OnnxExportOptions(variant="onnxruntime"), "out/llama-onnx")
     export("models/llama", TrtllmOptions(tp=2), "out/llama-trt", recipe="w4a16-awq")

@@ -1,8 +1,9 @@
 """Recipes: YAML files that map one to one onto a scheme and an algorithm's settings.
 
 A recipe is found by name among the recipes shipped with the package, or read from a
-path. Unknown keys are rejected with the allowed ones, so a typo never silently falls
-back to a default. The *resolved* recipe (defaults filled in, searched alphas) is
+path. Its algorithm section is parsed into that algorithm's typed config (see
+:mod:`.algorithm`): unknown keys are rejected with the allowed ones, so a typo never
+silently falls back to a default, and a value of the wrong type names the type it must have. The *resolved* recipe (defaults filled in, searched alphas) is
 written into every artifact.
 """
 
@@ -20,7 +21,6 @@ from sqdeploy.core.errors import SqDeployError
 from sqdeploy.core.schemes import ActScheme, QuantScheme, WeightScheme, preset
 from sqdeploy.quantize import registry
 from sqdeploy.quantize.algorithm import parse_config
-from sqdeploy.quantize.rtn import RTNConfig
 
 TOP_KEYS = {"name", "description", "scheme", "algorithm", "smoothing_groups", "calibration", "dtype"}
 CALIB_KEYS = {"source": "humaneval", "samples": 128, "seq_len": 512}
@@ -31,7 +31,7 @@ class Recipe:
     name: str
     scheme: QuantScheme
     algorithm: str
-    config: Any = field(default_factory=RTNConfig, hash=False)  # the algorithm's config (see .registry)
+    config: Any = field(hash=False)  # the frozen config of the registered algorithm named above (see .registry)
     smoothing_groups: tuple[str, ...] | str | None = None  # None: every group the family declares; "norms": norm -> linear groups
     calibration: dict[str, Any] = field(default_factory=lambda: dict(CALIB_KEYS), hash=False)
     dtype: str = "auto"  # storage dtype of float tensors: auto (the model's), float16, bfloat16, float32
