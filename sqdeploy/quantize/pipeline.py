@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,17 +27,13 @@ from sqdeploy.model.checkpoint import HFCheckpoint
 from sqdeploy.model.loading import load_model
 from sqdeploy.model.tokenizer import check_tokenizer_fits, load_tokenizer  # noqa: F401 - part of this module's API
 from sqdeploy.model.transformer import Block, Transformer
-from sqdeploy.quantize import preflight
-from sqdeploy.quantize.awq import AWQ, ClipSearch
+from sqdeploy.quantize import preflight, registry
+from sqdeploy.quantize.algorithm import SearchInputs
 from sqdeploy.quantize.calibration import CalibrationSet, build_calibration
 from sqdeploy.quantize.qmodel import DTYPES, QuantizedModelWriter, round_block_floats
-from sqdeploy.quantize.recipes import ROUNDING_PARAMS, Recipe, load_recipe, wants_model_search
-from sqdeploy.quantize.rtn import RTN, Rounding
+from sqdeploy.quantize.recipes import Recipe, load_recipe
 from sqdeploy.quantize.smoothing import usable_groups
-from sqdeploy.quantize.smoothing_search import UNIFORM_GRID, SearchSettings, search_smoothing
-from sqdeploy.quantize.smoothquant import SmoothQuant
-from sqdeploy.quantize.smoothquant_plus import SmoothQuantPlus
-from sqdeploy.quantize.streaming import LayerAlgorithm, LayerRecord, stream_layers
+from sqdeploy.quantize.streaming import LayerRecord, stream_layers
 
 
 @dataclass(frozen=True)
@@ -99,42 +95,6 @@ def smoothing_groups(recipe: Recipe, family: Family, cfg: ModelConfig):
     return groups
 
 
-def make_algorithm(recipe: Recipe, family: Family, cfg: ModelConfig, plan: dict | None = None) -> LayerAlgorithm:
-    """The layer algorithm of ``recipe``; ``plan``: the smoothing the whole-model search chose."""
-    groups = smoothing_groups(recipe, family, cfg)
-    p = dict(recipe.params)
-    rounding = Rounding.from_params(p)
-    for key in ROUNDING_PARAMS:
-        p.pop(key)
-    if recipe.algorithm == "rtn":
-        return RTN(recipe.scheme, cfg.linears, rounding)
-    alpha = plan if plan is not None else p.get("alpha")
-    clip = ClipSearch() if p.get("clip") and recipe.algorithm == "smoothquant_plus" else None
-    if recipe.algorithm in ("smoothquant", "smoothquant_plus") and isinstance(alpha, dict):
-        return SmoothQuantPlus(recipe.scheme, cfg, groups, alpha, rounding=rounding, clip=clip)
-    if recipe.algorithm == "smoothquant":
-        kw = {"grid": tuple(p["grid"])} if p.get("grid") else {}
-        return SmoothQuant(recipe.scheme, cfg, groups, p["alpha"], search_samples=p["search_samples"], rounding=rounding,
-                           search_refine=p["search_refine"], **kw)
-    if recipe.algorithm == "smoothquant_plus":
-        return SmoothQuantPlus(recipe.scheme, cfg, groups, {g.name: alpha for g in groups}, rounding=rounding, clip=clip)
-    if recipe.algorithm == "awq":
-        return AWQ(recipe.scheme, cfg, groups, rounding=rounding, **p)
-    raise SqDeployError(f"algorithm '{recipe.algorithm}' does not quantize layers")
-
-
-class _FloatLayers:
-    """The 'none' algorithm: layers pass through unchanged (fp16/fp32 exports)."""
-
-    name = "float"
-    needs_quant_stream = False
-
-    def quantize_layer(self, block, data):
-        from sqdeploy.quantize.streaming import LayerResult
-
-        return LayerResult()
-
-
 def storage_dtype(recipe: Recipe, cfg: ModelConfig) -> torch.dtype:
     if recipe.dtype != "auto":
         return DTYPES[recipe.dtype]
@@ -166,25 +126,20 @@ def quantize(
     cfg, family = ck.config, ck.family
     validate_recipe(recipe, cfg, family)
     dtype = storage_dtype(recipe, cfg)
-    cal = calibration_set(ck, recipe, calib) if recipe.algorithm != "none" else None
+    handler = registry.get(recipe.algorithm)
+    cal = calibration_set(ck, recipe, calib) if handler.quantizes else None
     phases.lap("open model, tokenize calibration set")
+    groups = smoothing_groups(recipe, family, cfg)
     search = None
-    plan = None
-    if wants_model_search(recipe):
-        p = recipe.params
+    if handler.model_search is not None and cal is not None:
         phases.section("alpha search (whole model)")
-        settings = SearchSettings(grid=tuple(p["grid"]) if p.get("grid") else UNIFORM_GRID, holdout=p["search_holdout"],
-                                  stats_samples=p["search_samples"], per_group=p["search_groups"], refine=p["search_refine"])
-        search = search_smoothing(ck, cal.ids, recipe.scheme, smoothing_groups(recipe, family, cfg), Rounding.from_params(p),
-                                  settings, runtime.device, runtime.batch, runtime.progress,
-                                  ClipSearch() if p.get("clip") and recipe.algorithm == "smoothquant_plus" else None)
-        plan = search["plan"]
+        found = handler.model_search(recipe.config, SearchInputs(ck, cal.ids, recipe.scheme, groups, runtime.device,
+                                                                 runtime.batch, runtime.progress))
+        if found is not None:  # the resolved recipe states what the search chose
+            config, search = found
+            recipe = replace(recipe, config=config)
         phases.lap()
-        if search["rounding"] != p["rounding"]:  # the search found round-to-nearest better on held-apart text
-            rtn = {"rounding": search["rounding"], "gptq_act_order": False, "gptq_act_aware": False,
-                   "gptq_quantized_inputs": False, **({"clip": False} if "clip" in p else {})}
-            recipe = Recipe(**{**recipe.__dict__, "params": {**p, **rtn}})
-    algorithm = _FloatLayers() if recipe.algorithm == "none" else make_algorithm(recipe, family, cfg, plan)
+    algorithm = handler.build(recipe.config, recipe.scheme, cfg, groups)
     ids = cal.ids if cal is not None else torch.zeros(1, 2, dtype=torch.long)
     layers = []
     with Progress(cfg.num_layers, f"quantizing ({recipe.name})", runtime.progress) as bar:
@@ -197,8 +152,6 @@ def quantize(
             record.block, record.result.qweights = None, {}  # free the layer: memory stays near one layer
             _return_freed_memory()
             phases.lap("free layer")
-    if plan is not None:  # the resolved recipe states the plan it applied
-        recipe = Recipe(**{**recipe.__dict__, "params": {**recipe.params, "alpha": plan}})
     result = QuantizeResult(recipe, cfg, family, layers, cal.describe() if cal else None, search, time.perf_counter() - t0)
     result.manifest = build_manifest(ck, result, dtype)
     return result
