@@ -58,12 +58,12 @@ def relative(row: dict, prefix: str = "") -> str:
 
 
 def export(qdir: Path, out: Path, tp: int, zero_point: bool = False, clip: str = "search") -> dict:
+    from sqdeploy.formats.trtllm.options import TrtllmOptions
     from sqdeploy.formats.trtllm.writer import write
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    args = argparse.Namespace(tp=tp, pp=1, kv_cache=None, int4_zero_point=zero_point, int4_requant_clip=clip, quiet=True)
-    return write(qdir, out, args)
+    return write(qdir, out, TrtllmOptions(tp=tp, int4_zero_point=zero_point, int4_requant_clip=clip), progress=False)
 
 
 def label(recipe: str) -> str:

@@ -33,6 +33,12 @@ def _rates(text: str) -> tuple[float, ...]:
     return vals
 
 
+def _kv_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="kernel backend: KV cache size in GiB")
+    p.add_argument("--gpu-memory-fraction", type=float, default=None,
+                   help="kernel backend: share of the GPU's memory for model and KV cache (default 0.9)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sq-bench", description=__doc__)
     sub = ap.add_subparsers(dest="mode", required=True)
@@ -44,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--repeat", type=int, default=3, help="measured runs per point; the median is reported (default 3)")
     off.add_argument("--warmup", type=int, default=1, help="short unmeasured runs per point (default 1)")
     off.add_argument("--backend", default="auto", help="auto | onnxruntime | torch | trtllm")
-    off.add_argument("--device", default="cpu")
+    off.add_argument("--device", default="auto", help="auto (default: the GPU for model directories when one is visible), cpu, cuda[:N]")
+    _kv_options(off)
     off.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: the runtime's choice)")
     off.add_argument(
         "--in-process", action="store_true", help="run every variant in this process (faster; peak memory then mixes variants)"
@@ -72,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--rounds", type=int, default=5, help="alternating offline/served rounds; medians are compared (default 5)")
     ov.add_argument("--requests-per-round", type=int, default=16, help="served requests per round (default 16)")
     ov.add_argument("--backend", default="auto")
+    ov.add_argument("--device", default="auto", help="auto (default: the GPU for model directories when one is visible), cpu, cuda[:N]")
+    _kv_options(ov)
     ov.add_argument("--threads", type=int, default=None)
     for p in (off, on, ov):
         p.add_argument("--out", default=None, help="report directory (default: sq-bench-MODE-TIMESTAMP)")
@@ -104,7 +113,10 @@ def offline(args, argv) -> int:
     from sqdeploy.runtime.bench.report import machine, offline_table, write_report
 
     grid = OfflineGrid(args.batch_sizes, args.input_lens, args.output_lens, args.repeat, args.warmup, args.seed)
-    specs = [EngineSpec(d, args.backend, args.device, args.threads) for d in args.engine_dirs]
+    specs = [
+        EngineSpec(d, args.backend, args.device, args.threads, args.kv_cache_gib, args.gpu_memory_fraction)
+        for d in args.engine_dirs
+    ]
     out = args.out or f"sq-bench-offline-{time.strftime('%Y%m%d-%H%M%S')}"
     with atomic_output_dir(out, args.force, _inputs(args)) as tmp:
         results = run_offline(specs, grid, isolate=not args.in_process, progress=not args.quiet)
@@ -186,7 +198,8 @@ def overhead(args, argv) -> int:
     from sqdeploy.runtime.bench.report import machine, write_report
 
     cfg = OverheadConfig(
-        args.batch_size, args.input_len, args.output_len, args.rounds, args.requests_per_round, args.threads, args.seed
+        args.batch_size, args.input_len, args.output_len, args.rounds, args.requests_per_round, args.threads, args.seed,
+        args.device, args.kv_cache_gib, args.gpu_memory_fraction,
     )
     out = args.out or f"sq-bench-overhead-{time.strftime('%Y%m%d-%H%M%S')}"
     with atomic_output_dir(out, args.force, _inputs(args)) as tmp:

@@ -98,3 +98,28 @@ def runtime_from(args: argparse.Namespace):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SqDeployError(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
     return Runtime(device=args.device, batch=args.batch, progress=not args.quiet)  # one line per step when not a TTY
+
+
+def add_kernel_options(ap: argparse.ArgumentParser) -> None:
+    """KV cache and decode options of the kernel backend (HF / quantized directories on a GPU)."""
+    g = ap.add_argument_group("kernel backend (GPU)")
+    g.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV cache size in GiB (default: what --gpu-memory-fraction leaves once the model is loaded)")
+    g.add_argument("--gpu-memory-fraction", type=float, default=None,
+                   help="share of the GPU's memory this process may fill, model and KV cache together (default 0.9)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="positions per sequence in the KV cache (default: the model's context)")
+    g.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly instead of replaying CUDA graphs")
+    g.add_argument("--dtype", default=None, choices=["float16", "bfloat16"], help="activation dtype (default float16)")
+
+
+def kernel_options(args):
+    from sqdeploy.runtime import KernelOptions
+
+    return KernelOptions(
+        kv_cache_gib=getattr(args, "kv_cache_gib", None),
+        gpu_memory_fraction=getattr(args, "gpu_memory_fraction", None),
+        max_model_len=getattr(args, "max_model_len", None),
+        cuda_graphs=not getattr(args, "no_cuda_graphs", False),
+        dtype=getattr(args, "dtype", None),
+    )

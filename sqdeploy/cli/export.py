@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from sqdeploy.cli.common import add_calibration_arguments, add_runtime_arguments, calibration_from, run_cli, runtime_from
+from sqdeploy.cli.targets import add_target_arguments, options_from
 from sqdeploy.core.report import markdown_table
 
 
@@ -29,8 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--list-recipes", action="store_true", help="list the built-in recipes and exit")
     add_calibration_arguments(ap)
     add_runtime_arguments(ap)
-    for t in targets.values():
-        t.add_arguments(ap.add_argument_group(f"--target {t.name}"))
+    add_target_arguments(ap)
     return ap
 
 
@@ -87,9 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     check_output_dir(args.out, args.force, inputs=[args.model, args.calib])
     t0 = time.perf_counter()
     if args.target != "quantized":
-        from sqdeploy.formats.export import export_target
+        from sqdeploy.formats.export import export
 
-        report = export_target(args, calibration_from(args), runtime_from(args), on_quantized=lambda result: print(layer_summary(result), flush=True))
+        options = options_from(args)
+        report = export(args.model, options, args.out, args.recipe, calibration_from(args), runtime_from(args), args.force,
+                        on_quantized=lambda result: print(layer_summary(result), flush=True))
         print(report.get("summary", ""))
         print(f"done in {time.perf_counter() - t0:.1f} s")
     else:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from sqdeploy.cli.common import run_cli
+from sqdeploy.cli.common import add_kernel_options, kernel_options, run_cli
 from sqdeploy.core.errors import SqDeployError
 
 
@@ -35,13 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "engine_dir",
         help="ONNX export or ONNX Runtime engine (onnxruntime), TensorRT-LLM engine (trtllm), "
-        "or an HF / quantized model directory (torch)",
+        "or an HF / quantized model directory (kernel on a GPU, torch on the CPU)",
     )
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     ap.add_argument("--port", type=port_number, default=8000, help="port (default 8000)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS, help="default: chosen from the directory's kind")
     ap.add_argument("--model-name", default=None, help="name clients use (default: the directory's name)")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (onnxruntime needs onnxruntime-gpu for cuda)")
+    ap.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default: the GPU for HF / quantized directories when one is visible, else the CPU), cpu, cuda, "
+        "cuda:1 (onnxruntime needs onnxruntime-gpu for cuda)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: the runtime's own choice)")
     g = ap.add_argument_group("limits")
     g.add_argument(
@@ -63,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-body-bytes", type=int, default=1 << 20, help="largest request body; beyond that HTTP 413 (default 1 MiB)"
     )
-    g.add_argument("--max-prefill-tokens", type=int, default=4096, help="padded prompt tokens per prefill step (default 4096)")
+    g.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=4096,
+        help="prompt tokens per prefill step (default 4096); the kernel backend feeds longer prompts in chunks of this size",
+    )
     g.add_argument("--drain-timeout", type=float, default=60.0, help="seconds SIGTERM waits for requests in flight (default 60)")
     g.add_argument(
         "--max-connections",
@@ -90,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="Jinja chat template for /v1/chat/completions (default: the tokenizer's own)",
     )
+    add_kernel_options(ap)
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return ap
 
@@ -119,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         args.threads,
         BatchConfig(args.max_concurrent, args.max_prefill_tokens),
         args.model_name,
+        kernel=kernel_options(args),
     )
     if options.chat_template is not None:
         check_template(engine, options.chat_template, args.chat_template)

@@ -113,10 +113,6 @@ def act_scale(amax: torch.Tensor | float) -> torch.Tensor:
     return (torch.as_tensor(amax, dtype=torch.float32) / ACT_QMAX).clamp_min(EPS)
 
 
-def quantize_act(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.round(x.float() / scale).clamp(-128, 127).to(torch.int8)
-
-
 def fake_quant_act(x: torch.Tensor, scheme: ActScheme, static_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Round-trip activations through INT8 as the scheme prescribes (float32 out)."""
     if scheme.kind == "none":

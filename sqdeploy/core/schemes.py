@@ -95,11 +95,6 @@ class QuantScheme:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "QuantScheme":
-        w = d.get("weight")
-        return cls(weight=WeightScheme(**w) if w else None, act=ActScheme(**(d.get("act") or {})))
-
     def describe(self) -> str:
         if self.weight is None:
             return "float"

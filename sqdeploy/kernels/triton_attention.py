@@ -24,7 +24,7 @@ MAX_GROUP = 16  # query heads per KV head the kernel handles (padded rows of one
 
 @triton.jit
 def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, ws_ptr, cnt_ptr, scale,
-                        H, HKV, TMAX, NSPLIT, WINDOW,
+                        H, HKV, TMAX, NSPLIT, WINDOW, LEN_STRIDE,
                         G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, NSPLIT_P2: tl.constexpr):
     bh = tl.program_id(0)  # b * HKV + kv head
     split = tl.program_id(1)
@@ -33,7 +33,7 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, ws_ptr, cnt_ptr, 
     rows = tl.arange(0, 16)
     dims = tl.arange(0, D)
     live = rows < G
-    length = tl.load(len_ptr)
+    length = tl.load(len_ptr + b * LEN_STRIDE)
     q = tl.load(q_ptr + ((b * H + hk * G + rows) * D)[:, None] + dims[None, :], mask=live[:, None], other=0.0)
     t = split * CHUNK + tl.arange(0, CHUNK)
     valid = t < length
@@ -89,8 +89,9 @@ def supported(heads: int, kv_heads: int, head_dim: int) -> bool:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
                      window: int | None = None) -> torch.Tensor:
-    """``q`` [B, H, D] (one position per row), caches [B, Hkv, Tmax, D], ``length`` int64 [1] valid positions
-    (the new one included); returns [B, H, D]."""
+    """``q`` [B, H, D] (one position per row), caches [B, Hkv, Tmax, D], ``length`` int64 valid positions
+    (the new one included): ``[1]`` shared by every row, or ``[B]`` one per row (the slot cache of a
+    serving batch, whose rows started at different times); returns [B, H, D]."""
     b, h, d = q.shape
     hkv, tmax = k_cache.shape[1], k_cache.shape[2]
     chunk = max(64, triton.next_power_of_2(triton.cdiv(tmax, 16)))
@@ -99,6 +100,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ws = torch.empty((b * hkv, nsplit, 16, d + 2), dtype=torch.float32, device=q.device)
     _decode_attn_kernel[(b * hkv, nsplit)](
         q, k_cache, v_cache, length, out, ws, _counters(q.device), 1.0 / math.sqrt(d), h, hkv, tmax, nsplit,
-        window or 0, G=h // hkv, D=d, CHUNK=chunk, NSPLIT_P2=triton.next_power_of_2(nsplit), num_warps=4,
+        window or 0, 1 if length.numel() > 1 else 0, G=h // hkv, D=d, CHUNK=chunk, NSPLIT_P2=triton.next_power_of_2(nsplit), num_warps=4,
     )
     return out

@@ -22,6 +22,7 @@ from sqdeploy.core import qmath
 from sqdeploy.core.families.base import ModelConfig, SmoothGroup
 from sqdeploy.core.schemes import QuantScheme
 from sqdeploy.model.transformer import Block
+from sqdeploy.quantize.algorithm import Algorithm, AlgorithmConfig
 from sqdeploy.quantize.rtn import Rounding
 from sqdeploy.quantize.smoothing import expand_to_consumer, fold, group_input_stats
 from sqdeploy.quantize.streaming import ChannelStats, LayerData, LayerResult
@@ -90,30 +91,30 @@ class ClipSearch:
                     for n in names}
 
 
+@dataclass(frozen=True)
+class AWQConfig(AlgorithmConfig):
+    """``algorithm: awq``: the scale search's grid and inputs, and the clipping search's (``clip``)."""
+
+    grid: int = 20  # ratios r = i / grid tried per smoothing group
+    duo_scaling: bool = True  # s = mean|X|^r / mean|W|^(1-r); false: mean|X|^r
+    clip: bool = True
+    clip_grid: int = ClipSearch.grid
+    max_shrink: float = ClipSearch.max_shrink
+    search_samples: int = ClipSearch.samples
+    clip_tokens: int = ClipSearch.tokens
+
+
 class AWQ:
     name = "awq"
     needs_quant_stream = False
 
-    def __init__(
-        self,
-        scheme: QuantScheme,
-        cfg: ModelConfig,
-        groups: tuple[SmoothGroup, ...],
-        grid: int = 20,
-        duo_scaling: bool = True,
-        clip: bool = True,
-        clip_grid: int = 20,
-        max_shrink: float = 0.5,
-        search_samples: int = 16,
-        clip_tokens: int = 512,
-        rounding: Rounding = Rounding(),
-    ):
-        self.rounding = rounding
+    def __init__(self, scheme: QuantScheme, cfg: ModelConfig, groups: tuple[SmoothGroup, ...], config: AWQConfig = AWQConfig()):
+        self.rounding = rounding = Rounding.of(config)
         self.needs_hessian = rounding.needs_hessian
         self.scheme, self.cfg, self.groups = scheme, cfg, groups
-        self.grid, self.duo_scaling, self.clip = grid, duo_scaling, clip
-        self.clip_grid, self.max_shrink = clip_grid, max_shrink
-        self.search_samples, self.clip_tokens = search_samples, clip_tokens
+        self.grid, self.duo_scaling, self.clip = config.grid, config.duo_scaling, config.clip
+        self.clip_grid, self.max_shrink = config.clip_grid, config.max_shrink
+        self.search_samples, self.clip_tokens = config.search_samples, config.clip_tokens
 
     # ----------------------------------------------------------- scale search
     def _search_group(self, block: Block, group: SmoothGroup, x_in: torch.Tensor, data: LayerData) -> tuple[torch.Tensor, dict]:
@@ -163,3 +164,6 @@ class AWQ:
                 block, cfg.linears, self.scheme.weight, data)
         qweights = self.rounding(block, cfg.linears, self.scheme, data, stats, clip)
         return LayerResult(qweights=qweights, smoothing=scales, info=info)
+
+
+ALGORITHM = Algorithm("awq", AWQConfig, lambda config, scheme, cfg, groups: AWQ(scheme, cfg, groups, config))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from sqdeploy.core import qmath
+from sqdeploy.core import phases, qmath
 from sqdeploy.core.schemes import WeightScheme
 
 BLOCK = 128
@@ -62,6 +62,7 @@ def gptq_quantize(
     contiguous (what every export format stores, no ``g_idx``): with groups, their scales
     are then fixed from the unrounded weights before any column moves ("static groups").
     """
+    phases.lap()  # the caller's section ends here
     w = w.detach().float().clone()
     out_f, in_f = w.shape
     h = h.to(w.device, torch.float32).clone()
@@ -117,7 +118,9 @@ def gptq_quantize(
             w1[:, j:] -= e[:, None] * hinv1[j, j:][None, :]
             err1[:, j] = e
         w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
-    return qmath.QWeight(q=q_all, scale=scales, zero=None if zeros is None else zeros.to(torch.int8))
+    out = qmath.QWeight(q=q_all, scale=scales, zero=None if zeros is None else zeros.to(torch.int8))
+    phases.lap("GPTQ")
+    return out
 
 
 def act_aware_sums(pairs, quantize) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

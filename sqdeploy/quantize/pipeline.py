@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from sqdeploy import __version__
+from sqdeploy.core import phases
 from sqdeploy.core.errors import SqDeployError
 from sqdeploy.core.families import Family, ModelConfig
 from sqdeploy.core.output import atomic_output_dir
@@ -26,17 +27,14 @@ from sqdeploy.model.checkpoint import HFCheckpoint
 from sqdeploy.model.loading import load_model
 from sqdeploy.model.tokenizer import check_tokenizer_fits, load_tokenizer  # noqa: F401 - part of this module's API
 from sqdeploy.model.transformer import Block, Transformer
-from sqdeploy.quantize.awq import AWQ, ClipSearch
+from sqdeploy.quantize import preflight, registry
+from sqdeploy.quantize.algorithm import SearchInputs
 from sqdeploy.quantize.calibration import CalibrationSet, build_calibration
 from sqdeploy.quantize.qmodel import DTYPES, QuantizedModelWriter, round_block_floats
-from sqdeploy.quantize.recipes import ROUNDING_PARAMS, Recipe, load_recipe, wants_model_search
+from sqdeploy.quantize.recipes import Recipe, load_recipe
 from sqdeploy.quantize.requant import keep_source, needs_kept_source
-from sqdeploy.quantize.rtn import RTN, Rounding
 from sqdeploy.quantize.smoothing import usable_groups
-from sqdeploy.quantize.smoothing_search import UNIFORM_GRID, SearchSettings, search_smoothing
-from sqdeploy.quantize.smoothquant import SmoothQuant
-from sqdeploy.quantize.smoothquant_plus import SmoothQuantPlus
-from sqdeploy.quantize.streaming import LayerAlgorithm, LayerRecord, stream_layers
+from sqdeploy.quantize.streaming import LayerRecord, stream_layers
 
 
 @dataclass(frozen=True)
@@ -99,42 +97,6 @@ def smoothing_groups(recipe: Recipe, family: Family, cfg: ModelConfig):
     return groups
 
 
-def make_algorithm(recipe: Recipe, family: Family, cfg: ModelConfig, plan: dict | None = None) -> LayerAlgorithm:
-    """The layer algorithm of ``recipe``; ``plan``: the smoothing the whole-model search chose."""
-    groups = smoothing_groups(recipe, family, cfg)
-    p = dict(recipe.params)
-    rounding = Rounding.from_params(p)
-    for key in ROUNDING_PARAMS:
-        p.pop(key)
-    if recipe.algorithm == "rtn":
-        return RTN(recipe.scheme, cfg.linears, rounding)
-    alpha = plan if plan is not None else p.get("alpha")
-    clip = ClipSearch() if p.get("clip") and recipe.algorithm == "smoothquant_plus" else None
-    if recipe.algorithm in ("smoothquant", "smoothquant_plus") and isinstance(alpha, dict):
-        return SmoothQuantPlus(recipe.scheme, cfg, groups, alpha, rounding=rounding, clip=clip)
-    if recipe.algorithm == "smoothquant":
-        kw = {"grid": tuple(p["grid"])} if p.get("grid") else {}
-        return SmoothQuant(recipe.scheme, cfg, groups, p["alpha"], search_samples=p["search_samples"], rounding=rounding,
-                           search_refine=p["search_refine"], **kw)
-    if recipe.algorithm == "smoothquant_plus":
-        return SmoothQuantPlus(recipe.scheme, cfg, groups, {g.name: alpha for g in groups}, rounding=rounding, clip=clip)
-    if recipe.algorithm == "awq":
-        return AWQ(recipe.scheme, cfg, groups, rounding=rounding, **p)
-    raise SqDeployError(f"algorithm '{recipe.algorithm}' does not quantize layers")
-
-
-class _FloatLayers:
-    """The 'none' algorithm: layers pass through unchanged (fp16/fp32 exports)."""
-
-    name = "float"
-    needs_quant_stream = False
-
-    def quantize_layer(self, block, data):
-        from sqdeploy.quantize.streaming import LayerResult
-
-        return LayerResult()
-
-
 def storage_dtype(recipe: Recipe, cfg: ModelConfig) -> torch.dtype:
     if recipe.dtype != "auto":
         return DTYPES[recipe.dtype]
@@ -160,27 +122,26 @@ def quantize(
 ) -> QuantizeResult:
     """Run the recipe layer by layer; ``on_layer`` receives each quantized layer (then it is freed)."""
     t0 = time.perf_counter()
+    phases.lap("start (imports, checks)")
     ck = model if isinstance(model, HFCheckpoint) else HFCheckpoint(model)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     cfg, family = ck.config, ck.family
     validate_recipe(recipe, cfg, family)
     dtype = storage_dtype(recipe, cfg)
-    cal = calibration_set(ck, recipe, calib) if recipe.algorithm != "none" else None
+    handler = registry.get(recipe.algorithm)
+    cal = calibration_set(ck, recipe, calib) if handler.quantizes else None
+    phases.lap("open model, tokenize calibration set")
+    groups = smoothing_groups(recipe, family, cfg)
     search = None
-    plan = None
-    if wants_model_search(recipe):
-        p = recipe.params
-        settings = SearchSettings(grid=tuple(p["grid"]) if p.get("grid") else UNIFORM_GRID, holdout=p["search_holdout"],
-                                  stats_samples=p["search_samples"], per_group=p["search_groups"], refine=p["search_refine"])
-        search = search_smoothing(ck, cal.ids, recipe.scheme, smoothing_groups(recipe, family, cfg), Rounding.from_params(p),
-                                  settings, runtime.device, runtime.batch, runtime.progress,
-                                  ClipSearch() if p.get("clip") and recipe.algorithm == "smoothquant_plus" else None)
-        plan = search["plan"]
-        if search["rounding"] != p["rounding"]:  # the search found round-to-nearest better on held-apart text
-            rtn = {"rounding": search["rounding"], "gptq_act_order": False, "gptq_act_aware": False,
-                   "gptq_quantized_inputs": False, **({"clip": False} if "clip" in p else {})}
-            recipe = Recipe(**{**recipe.__dict__, "params": {**p, **rtn}})
-    algorithm = _FloatLayers() if recipe.algorithm == "none" else make_algorithm(recipe, family, cfg, plan)
+    if handler.model_search is not None and cal is not None:
+        phases.section("alpha search (whole model)")
+        found = handler.model_search(recipe.config, SearchInputs(ck, cal.ids, recipe.scheme, groups, runtime.device,
+                                                                 runtime.batch, runtime.progress))
+        if found is not None:  # the resolved recipe states what the search chose
+            config, search = found
+            recipe = replace(recipe, config=config)
+        phases.lap()
+    algorithm = handler.build(recipe.config, recipe.scheme, cfg, groups)
     ids = cal.ids if cal is not None else torch.zeros(1, 2, dtype=torch.long)
     layers = []
     with Progress(cfg.num_layers, f"quantizing ({recipe.name})", runtime.progress) as bar:
@@ -188,11 +149,11 @@ def quantize(
             round_block_floats(record.block, cfg, dtype, quantized=not recipe.scheme.is_float)
             if on_layer is not None:
                 on_layer(record)
+            phases.lap("write quantized model")
             layers.append(record)
             record.block, record.result.qweights = None, {}  # free the layer: memory stays near one layer
             _return_freed_memory()
-    if plan is not None:  # the resolved recipe states the plan it applied
-        recipe = Recipe(**{**recipe.__dict__, "params": {**recipe.params, "alpha": plan}})
+            phases.lap("free layer")
     result = QuantizeResult(recipe, cfg, family, layers, cal.describe() if cal else None, search, time.perf_counter() - t0,
                             calibration_ids=cal.ids if cal is not None else None)
     result.manifest = build_manifest(ck, result, dtype)
@@ -257,6 +218,18 @@ def global_tensors(ck: HFCheckpoint, dtype: torch.dtype) -> dict[str, torch.Tens
     return {n: ck.get(n, dtype) for n in ck.config.global_names}
 
 
+def check_resources(ck: HFCheckpoint, recipe: Recipe, out: str | Path, calib: Calibration = Calibration(),
+                    runtime: Runtime = Runtime(), target_copies: float = 0.0) -> None:
+    """Before calibration, refuse an export that cannot finish: too little free disk under ``out``
+    for the quantized model (plus ``target_copies`` times its size for an export target), or a
+    GPU too small for one layer and its calibration activations (:mod:`.preflight`)."""
+    dtype = storage_dtype(recipe, ck.config)
+    preflight.check_disk(out, preflight.output_bytes(ck.config, recipe.scheme, dtype, target_copies))
+    if recipe.algorithm != "none":
+        c = calib.resolve(recipe)
+        preflight.check_gpu(runtime.device, ck.config, runtime.batch, c["seq_len"], recipe.params.get("rounding") == "gptq")
+
+
 def quantize_to_dir(
     model: str | Path,
     recipe: str | Path | Recipe,
@@ -270,11 +243,13 @@ def quantize_to_dir(
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     validate_recipe(recipe, ck.config, ck.family)
     dtype = storage_dtype(recipe, ck.config)
+    check_resources(ck, recipe, out, calib, runtime)
     with atomic_output_dir(out, force, inputs=[ck.path, calib.source]) as tmp:
         writer = QuantizedModelWriter(tmp, ck.family, ck.config, recipe.scheme, dtype)
         result = quantize(ck, recipe, calib, runtime, lambda r: writer.add_layer(r.block, r.result.qweights, r.result.smoothing))
         writer.add_globals(global_tensors(ck, dtype))
         writer.finish(ck.hf_config, result.manifest, ck.tokenizer_files())
+        phases.lap("write quantized model")
         if needs_kept_source(recipe.scheme):
             keep_source(ck, result.calibration_ids, tmp)
     return Path(out), result

@@ -1,8 +1,9 @@
 """Recipes: YAML files that map one to one onto a scheme and an algorithm's settings.
 
 A recipe is found by name among the recipes shipped with the package, or read from a
-path. Unknown keys are rejected with the allowed ones, so a typo never silently falls
-back to a default. The *resolved* recipe (defaults filled in, searched alphas) is
+path. Its algorithm section is parsed into that algorithm's typed config (see
+:mod:`.algorithm`): unknown keys are rejected with the allowed ones, so a typo never
+silently falls back to a default, and a value of the wrong type names the type it must have. The *resolved* recipe (defaults filled in, searched alphas) is
 written into every artifact.
 """
 
@@ -18,27 +19,9 @@ import yaml
 
 from sqdeploy.core.errors import SqDeployError
 from sqdeploy.core.schemes import ActScheme, QuantScheme, WeightScheme, preset
+from sqdeploy.quantize import registry
+from sqdeploy.quantize.algorithm import parse_config
 
-# the whole-model smoothing search (alpha: search): sequences held apart to score plans, per-group stage
-SEARCH_PARAMS = {"search_holdout": 6, "search_groups": True}
-# algorithm -> the parameters its recipe section may set, with defaults
-ALGORITHM_PARAMS: dict[str, dict[str, Any]] = {
-    "none": {},
-    "rtn": {},
-    "smoothquant": {"alpha": 0.5, "grid": None, "search_samples": 16, "search_refine": 0, **SEARCH_PARAMS},
-    "smoothquant_plus": {"alpha": "search", "grid": None, "search_samples": 32, "search_refine": 2, "clip": False,
-                         **SEARCH_PARAMS},
-    "awq": {
-        "grid": 20, "duo_scaling": True, "clip": True, "clip_grid": 20, "max_shrink": 0.5,
-        "search_samples": 16, "clip_tokens": 512,
-    },
-}
-# how the final weights round, for every algorithm that quantizes
-ROUNDING_PARAMS = {"rounding": "rtn", "gptq_damp": 0.01, "act_scale_search": False, "gptq_act_aware": False,
-                   "gptq_quantized_inputs": False, "gptq_act_order": False}
-for _name, _params in ALGORITHM_PARAMS.items():
-    if _name != "none":
-        _params.update(ROUNDING_PARAMS)
 TOP_KEYS = {"name", "description", "scheme", "algorithm", "smoothing_groups", "calibration", "dtype"}
 CALIB_KEYS = {"source": "humaneval", "samples": 128, "seq_len": 512}
 
@@ -48,15 +31,16 @@ class Recipe:
     name: str
     scheme: QuantScheme
     algorithm: str
-    params: dict[str, Any] = field(default_factory=dict, hash=False)
+    config: Any = field(hash=False)  # the frozen config of the registered algorithm named above (see .registry)
     smoothing_groups: tuple[str, ...] | str | None = None  # None: every group the family declares; "norms": norm -> linear groups
     calibration: dict[str, Any] = field(default_factory=lambda: dict(CALIB_KEYS), hash=False)
     dtype: str = "auto"  # storage dtype of float tensors: auto (the model's), float16, bfloat16, float32
     description: str = ""
 
     @property
-    def needs_calibration(self) -> bool:
-        return self.algorithm not in ("none", "rtn") or self.scheme.act.static
+    def params(self) -> dict[str, Any]:
+        """The algorithm's settings as the recipe file writes them."""
+        return self.config.params()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,34 +77,6 @@ def _scheme(spec: Any) -> QuantScheme:
     return QuantScheme(weight=WeightScheme(**w) if w else None, act=ActScheme(**a))
 
 
-def _check_rounding(origin: str, params: dict[str, Any], scheme: QuantScheme) -> None:
-    """The GPTQ options only mean something together: refuse a recipe that would silently ignore one."""
-    if params["gptq_act_aware"] and (params["rounding"] != "gptq" or scheme.act.kind == "none"):
-        raise SqDeployError(f"{origin}: gptq_act_aware needs rounding: gptq and quantized activations (scheme.act)")
-    if params["gptq_act_order"] and params["rounding"] != "gptq":
-        raise SqDeployError(f"{origin}: gptq_act_order needs rounding: gptq")
-    if params["gptq_quantized_inputs"] and not params["gptq_act_aware"]:
-        raise SqDeployError(f"{origin}: gptq_quantized_inputs needs gptq_act_aware: true")
-
-
-def _check_alpha(origin: str, name: str, alpha: Any) -> None:
-    """alpha: a number, null (no smoothing), a plan {group: number or null}, 'search' (whole model) or
-    'auto' (SmoothQuant: per layer; SmoothQuant+: the whole-model search)."""
-    ok_number = lambda a: a is None or (isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1)  # noqa: E731
-    if alpha in ("search", "auto") or ok_number(alpha):
-        return
-    if isinstance(alpha, dict) and all(isinstance(k, str) and ok_number(v) for k, v in alpha.items()):
-        return
-    raise SqDeployError(f"{origin} algorithm '{name}': alpha must be a number in [0, 1], null, "
-                        f"a mapping group -> number or null, 'search' or 'auto'; got {alpha!r}")
-
-
-def wants_model_search(recipe: "Recipe") -> bool:
-    """Whether the recipe's smoothing comes from the whole-model search."""
-    alpha = recipe.params.get("alpha")
-    return alpha == "search" or (recipe.algorithm == "smoothquant_plus" and alpha == "auto")
-
-
 def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise SqDeployError(f"{origin}: a recipe is a YAML mapping")
@@ -129,21 +85,15 @@ def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
     if isinstance(algo, str):
         algo = {"name": algo}
     name = algo.get("name")
-    if name not in ALGORITHM_PARAMS:
-        raise SqDeployError(f"{origin}: unknown algorithm {name!r}; known: {', '.join(ALGORITHM_PARAMS)}")
-    params = {k: v for k, v in algo.items() if k != "name"}
-    _reject_unknown(f"{origin} algorithm '{name}'", params, ALGORITHM_PARAMS[name])
-    params = {**ALGORITHM_PARAMS[name], **params}
+    handler = registry.get(name, origin)
+    config = parse_config(handler.config, {k: v for k, v in algo.items() if k != "name"}, f"{origin} algorithm '{name}'")
     calib = dict(data.get("calibration") or {})
     _reject_unknown(f"{origin} calibration", calib, CALIB_KEYS)
     groups = data.get("smoothing_groups", "all")
     scheme = _scheme(data.get("scheme"))
-    if scheme.is_float and name != "none":
+    if scheme.is_float and handler.quantizes:
         raise SqDeployError(f"{origin}: algorithm '{name}' needs a quantization scheme")
-    if name != "none":
-        _check_rounding(origin, params, scheme)
-    if "alpha" in params:
-        _check_alpha(origin, name, params["alpha"])
+    config.check(origin, name, scheme)
     dtype = data.get("dtype", "auto")
     if dtype not in ("auto", "float16", "bfloat16", "float32"):
         raise SqDeployError(f"{origin}: dtype must be auto, float16, bfloat16 or float32, got {dtype!r}")
@@ -152,7 +102,7 @@ def parse_recipe(data: dict[str, Any], origin: str = "recipe") -> Recipe:
         description=str(data.get("description", "")),
         scheme=scheme,
         algorithm=name,
-        params=params,
+        config=config,
         smoothing_groups=None if groups in ("all", None) else groups if groups == "norms" else tuple(groups),
         calibration={**CALIB_KEYS, **calib},
         dtype=dtype,

@@ -31,7 +31,6 @@ from sqdeploy.core.schemes import QuantScheme, WeightScheme
 from sqdeploy.model.checkpoint import HFCheckpoint
 from sqdeploy.model.loading import load_block
 from sqdeploy.quantize.qmodel import KEPT_CALIBRATION, KEPT_SOURCE, QuantizedModel
-from sqdeploy.quantize.recipes import ROUNDING_PARAMS
 from sqdeploy.quantize.rtn import Rounding
 from sqdeploy.quantize.smoothing import expand_to_consumer, fold
 from sqdeploy.quantize.streaming import LayerResult
@@ -174,8 +173,7 @@ def requantize_streamed(
     from sqdeploy.core.progress import Progress
     from sqdeploy.quantize.streaming import stream_layers
 
-    p = qm.recipe.params
-    rounding = Rounding.from_params({**ROUNDING_PARAMS, **p})  # directories written before a key existed take its default
+    rounding = Rounding.of(qm.recipe.config)  # parsed: keys missing in older directories took their defaults
     algorithm = RecordedSmoothing(qm, scheme, rounding, clip_search)
     with Progress(qm.config.num_layers, f"re-quantizing ({rounding.method} rounding)", progress) as bar:
         for record in stream_layers(ck, ids, algorithm, "cpu", 8, bar):

@@ -6,11 +6,15 @@ call :func:`quantize_block`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from sqdeploy.core import qmath
+from sqdeploy.core.families.base import ModelConfig
 from sqdeploy.core.schemes import QuantScheme
 from sqdeploy.model.transformer import Block
+from sqdeploy.quantize.algorithm import Algorithm, AlgorithmConfig
 from sqdeploy.quantize.gptq import ROW_PARALLEL, act_aware_sums, act_aware_target, collect_hessians, gptq_quantize, input_sharing
 from sqdeploy.quantize.streaming import ChannelStats, LayerData, LayerResult
 
@@ -101,10 +105,12 @@ class Rounding:
         self.act_aware, self.quantized_inputs, self.act_order = act_aware, quantized_inputs, act_order
 
     @classmethod
-    def from_params(cls, p: dict) -> "Rounding":
-        """The rounding a recipe's algorithm section describes (keys of ``recipes.ROUNDING_PARAMS``)."""
-        return cls(p["rounding"], p["gptq_damp"], act_scale_search=p["act_scale_search"], act_aware=p["gptq_act_aware"],
-                   quantized_inputs=p["gptq_quantized_inputs"], act_order=p["gptq_act_order"])
+    def of(cls, config: object) -> "Rounding":
+        """The rounding a recipe's algorithm section describes (an :class:`AlgorithmConfig`; any other
+        config, e.g. the float pass-through's, rounds with the defaults)."""
+        c = config if isinstance(config, AlgorithmConfig) else AlgorithmConfig()
+        return cls(c.rounding, c.gptq_damp, act_scale_search=c.act_scale_search, act_aware=c.gptq_act_aware,
+                   quantized_inputs=c.gptq_quantized_inputs, act_order=c.gptq_act_order)
 
     def __call__(self, block: Block, names, scheme: QuantScheme, data: LayerData, stats, clip=None):
         """``stats`` describe the (smoothed) inputs; their ``xtx`` gives GPTQ's Hessians when collected."""
@@ -202,3 +208,15 @@ class RTN:
 
     def quantize_layer(self, block: Block, data: LayerData) -> LayerResult:
         return LayerResult(qweights=self.rounding(block, self.linears, self.scheme, data, data.stats))
+
+
+@dataclass(frozen=True)
+class RTNConfig(AlgorithmConfig):
+    """``algorithm: rtn``: only the rounding keys."""
+
+
+def _build(config: RTNConfig, scheme: QuantScheme, cfg: ModelConfig, groups) -> RTN:
+    return RTN(scheme, cfg.linears, Rounding.of(config))
+
+
+ALGORITHM = Algorithm("rtn", RTNConfig, _build)

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -49,6 +50,7 @@ from sqdeploy.core.progress import Progress
 from sqdeploy.core.schemes import QuantScheme
 from sqdeploy.model.loading import TensorSource, load_block, load_model
 from sqdeploy.model.transformer import Block, Context
+from sqdeploy.quantize.algorithm import SearchInputs
 from sqdeploy.quantize.awq import ClipSearch
 from sqdeploy.quantize.rtn import Rounding
 from sqdeploy.quantize.smoothing import smooth_block, smoothquant_scale
@@ -276,3 +278,31 @@ def search_smoothing(
         "seconds": time.perf_counter() - t0,
     }
 
+
+
+def check_alpha(origin: str, name: str, alpha: Any) -> None:
+    """alpha: a number, null (no smoothing), a plan {group: number or null}, 'search' (whole model) or
+    'auto' (SmoothQuant: per layer; SmoothQuant+: the whole-model search)."""
+    ok_number = lambda a: a is None or (isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1)  # noqa: E731
+    if alpha in ("search", "auto") or ok_number(alpha):
+        return
+    if isinstance(alpha, dict) and all(isinstance(k, str) and ok_number(v) for k, v in alpha.items()):
+        return
+    raise SqDeployError(f"{origin} algorithm '{name}': alpha must be a number in [0, 1], null, "
+                        f"a mapping group -> number or null, 'search' or 'auto'; got {alpha!r}")
+
+
+def search_plan(config: Any, inputs: SearchInputs) -> tuple[Any, dict]:
+    """The whole-model search as an algorithm's ``model_search`` hook: ``config`` has the ``search_*`` keys,
+    ``grid`` and the rounding keys (and ``clip``). Returns the config with the chosen plan as its alpha and,
+    when round-to-nearest scored better on the held-apart sequences, round-to-nearest as its rounding."""
+    clip = ClipSearch() if getattr(config, "clip", False) else None
+    settings = SearchSettings(grid=tuple(config.grid) if config.grid else UNIFORM_GRID, holdout=config.search_holdout,
+                              stats_samples=config.search_samples, per_group=config.search_groups, refine=config.search_refine)
+    search = search_smoothing(inputs.src, inputs.ids, inputs.scheme, inputs.groups, Rounding.of(config), settings,
+                              inputs.device, inputs.batch, inputs.progress, clip)
+    resolved = replace(config, alpha=search["plan"])
+    if search["rounding"] != config.rounding:
+        resolved = replace(resolved, rounding=search["rounding"], gptq_act_order=False, gptq_act_aware=False,
+                           gptq_quantized_inputs=False, **({"clip": False} if hasattr(config, "clip") else {}))
+    return resolved, search

@@ -17,15 +17,37 @@ picks; the chosen alpha is then rounded as the recipe says.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 from sqdeploy.core.families.base import ModelConfig, SmoothGroup
 from sqdeploy.core.schemes import QuantScheme
 from sqdeploy.model.transformer import Block
+from sqdeploy.quantize.algorithm import Algorithm, AlgorithmConfig, SearchInputs
 from sqdeploy.quantize.rtn import Rounding
 from sqdeploy.quantize.smoothing import smooth_block, smoothquant_scale
+from sqdeploy.quantize.smoothing_search import SearchSettings, check_alpha, search_plan
+from sqdeploy.quantize.smoothquant_plus import SmoothQuantPlus
 from sqdeploy.quantize.streaming import LayerData, LayerResult, relative_error, run_block
 
 DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(2, 19))  # 0.10 ... 0.90
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig(AlgorithmConfig):
+    """``algorithm: smoothquant``. alpha: a number (the paper's 0.5), null (no smoothing), a plan
+    {group: alpha or null}, ``auto`` (searched per layer on ``grid``, default :data:`DEFAULT_GRID`)
+    or ``search`` (the whole-model search of :mod:`.smoothing_search`, on its grid)."""
+
+    alpha: float | str | dict[str, float | None] | None = 0.5
+    grid: tuple[float, ...] | None = None
+    search_samples: int = 16  # calibration sequences that score the candidates
+    search_refine: int = 0  # finalists scored again with the recipe's rounding
+    search_holdout: int = SearchSettings.holdout
+    search_groups: bool = SearchSettings.per_group
+
+    def check(self, origin: str, name: str, scheme: QuantScheme) -> None:
+        super().check(origin, name, scheme)
+        check_alpha(origin, name, self.alpha)
 
 
 class SmoothQuant:
@@ -37,16 +59,12 @@ class SmoothQuant:
         scheme: QuantScheme,
         cfg: ModelConfig,
         groups: tuple[SmoothGroup, ...],
-        alpha: float | str = 0.5,
-        grid: tuple[float, ...] = DEFAULT_GRID,
-        search_samples: int = 16,
-        rounding: Rounding = Rounding(),
-        search_refine: int = 0,
+        config: SmoothQuantConfig = SmoothQuantConfig(),
     ):
         self.scheme, self.cfg, self.groups = scheme, cfg, groups
-        self.alpha, self.grid, self.search_samples = alpha, grid, search_samples
-        self.search_refine = search_refine
-        self.rounding = rounding
+        self.alpha, self.grid, self.search_samples = config.alpha, tuple(config.grid or DEFAULT_GRID), config.search_samples
+        self.search_refine = config.search_refine
+        self.rounding = rounding = Rounding.of(config)
         self.needs_hessian = rounding.needs_hessian
         self.needs_quant_stream = rounding.needs_quant_stream
 
@@ -86,3 +104,16 @@ class SmoothQuant:
         scales, qweights = self._apply(block, data, alpha, final=True, last=True)
         info["alpha"] = alpha
         return LayerResult(qweights=qweights, smoothing=scales, info=info)
+
+
+def _build(config: SmoothQuantConfig, scheme: QuantScheme, cfg: ModelConfig, groups: tuple[SmoothGroup, ...]):
+    if isinstance(config.alpha, dict):  # a plan (given, or chosen by the whole-model search)
+        return SmoothQuantPlus(scheme, cfg, groups, config.alpha, rounding=Rounding.of(config))
+    return SmoothQuant(scheme, cfg, groups, config)
+
+
+def _model_search(config: SmoothQuantConfig, inputs: SearchInputs):
+    return search_plan(config, inputs) if config.alpha == "search" else None
+
+
+ALGORITHM = Algorithm("smoothquant", SmoothQuantConfig, _build, _model_search)

@@ -9,13 +9,34 @@ main pass: every layer is smoothed with the plan, then rounded as the recipe say
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqdeploy.core.families.base import ModelConfig, SmoothGroup
 from sqdeploy.core.schemes import QuantScheme
 from sqdeploy.model.transformer import Block
+from sqdeploy.quantize.algorithm import Algorithm, AlgorithmConfig, SearchInputs
 from sqdeploy.quantize.awq import ClipSearch
 from sqdeploy.quantize.rtn import Rounding
-from sqdeploy.quantize.smoothing_search import apply_plan
+from sqdeploy.quantize.smoothing_search import SearchSettings, apply_plan, check_alpha, search_plan
 from sqdeploy.quantize.streaming import LayerData, LayerResult
+
+
+@dataclass(frozen=True)
+class SmoothQuantPlusConfig(AlgorithmConfig):
+    """``algorithm: smoothquant_plus``. alpha: ``search`` or ``auto`` (the whole-model search), a number
+    for every group, null, or a plan {group: alpha or null}; ``clip``: AWQ's clipping search before rounding."""
+
+    alpha: float | str | dict[str, float | None] | None = "search"
+    grid: tuple[float, ...] | None = None  # the search's uniform alphas (default: its own grid)
+    search_samples: int = 32  # at most this many sequences give the search's statistics
+    search_refine: int = 2  # plans scored again with the recipe's rounding
+    clip: bool = False
+    search_holdout: int = SearchSettings.holdout
+    search_groups: bool = SearchSettings.per_group
+
+    def check(self, origin: str, name: str, scheme: QuantScheme) -> None:
+        super().check(origin, name, scheme)
+        check_alpha(origin, name, self.alpha)
 
 
 class SmoothQuantPlus:
@@ -40,3 +61,16 @@ class SmoothQuantPlus:
         scales, qweights = apply_plan(block, self.cfg, self.groups, self.alphas, self.scheme, data, self.rounding, last=True,
                                       clip=self.clip)
         return LayerResult(qweights=qweights, smoothing=scales, info={"alpha": dict(self.plan)})
+
+
+def _build(config: SmoothQuantPlusConfig, scheme: QuantScheme, cfg: ModelConfig, groups: tuple[SmoothGroup, ...]):
+    alpha = config.alpha
+    plan = alpha if isinstance(alpha, dict) else {g.name: alpha for g in groups}
+    return SmoothQuantPlus(scheme, cfg, groups, plan, rounding=Rounding.of(config), clip=ClipSearch() if config.clip else None)
+
+
+def _model_search(config: SmoothQuantPlusConfig, inputs: SearchInputs):
+    return search_plan(config, inputs) if config.alpha in ("search", "auto") else None
+
+
+ALGORITHM = Algorithm("smoothquant_plus", SmoothQuantPlusConfig, _build, _model_search)

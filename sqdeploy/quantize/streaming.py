@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 
+from sqdeploy.core import phases
 from sqdeploy.core.errors import SqDeployError
 from sqdeploy.core.progress import Progress
 from sqdeploy.model.loading import TensorSource, load_block, load_model
@@ -260,18 +261,23 @@ def stream_layers(
     ctx = Context(mask=ctx.mask.to(device), cos=_to(ctx.cos, device), sin=_to(ctx.sin, device))
     xq = list(x) if algorithm.needs_quant_stream else None
     n = src.config.num_layers
+    phases.lap("embed calibration set")
     for i in range(n):
         t0 = time.perf_counter()
         if progress:
             progress.update(f"layer {i + 1}/{n}: calibrating")
         block = load_block(src, i, torch.float32, device)
+        phases.lap("load layer")
         with StatsCollector(block, src.config.linears, getattr(algorithm, "needs_hessian", False)) as collector:
             y = run_block(block, x, ctx, device)
         check_finite(y, f"after layer {i}")
         data = LayerData(i, x, y, collector.stats, collector.kv_amax, ctx, device, xq)
+        phases.lap("calibration forward + statistics")
+        phases.section(f"{algorithm.name}: smoothing, search, rounding")
         if progress:
             progress.update(f"layer {i + 1}/{n}: {algorithm.name}")
         result = algorithm.quantize_layer(block, data)
+        phases.lap()
         yq_same = run_block(block, x, ctx, device)
         error = relative_error(yq_same, y)
         if not math.isfinite(error):
@@ -283,7 +289,10 @@ def stream_layers(
         if xq is not None:
             xq = run_block(block, xq, ctx, device)
             acc = relative_error(xq, y)
-        yield LayerRecord(i, block.to("cpu"), result, error, acc, collector.kv_amax, time.perf_counter() - t0)
+        record = LayerRecord(i, block.to("cpu"), result, error, acc, collector.kv_amax, time.perf_counter() - t0)
+        phases.lap("layer error + quantized stream")
+        yield record
+        phases.restart()
         x = y
         if progress:
             progress.advance()

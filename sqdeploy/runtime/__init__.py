@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqdeploy.core.errors import SqDeployError
@@ -17,7 +18,24 @@ from sqdeploy.runtime.engine import (
     stream,
 )
 
-BACKENDS = ("auto", "onnxruntime", "torch", "trtllm")
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """The kernel backend's KV cache budget (``kv_cache_gib``, or a ``gpu_memory_fraction`` of the device,
+    default 0.9), positions per sequence (``max_model_len``, default the model's context), CUDA-graph
+    decode steps (captured for every batch-size bucket at start), activation dtype (float16 by default
+    on a GPU) and the seed of unseeded sampling."""
+
+    kv_cache_gib: float | None = None
+    gpu_memory_fraction: float | None = None
+    max_model_len: int | None = None
+    cuda_graphs: bool = True
+    dtype: str | None = None
+    seed: int | None = None
+    capture_at_start: bool = True
+
+
+BACKENDS = ("auto", "kernel", "onnxruntime", "torch", "trtllm")
 
 __all__ = [
     "BACKENDS",
@@ -26,6 +44,7 @@ __all__ = [
     "Engine",
     "GenerationRequest",
     "InvalidRequestError",
+    "KernelOptions",
     "SamplingParams",
     "TokenEvent",
     "generate",
@@ -35,9 +54,16 @@ __all__ = [
 ]
 
 
-def resolve_backend(path: str | Path, backend: str = "auto") -> str:
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_backend(path: str | Path, backend: str = "auto", device: str = "cpu") -> str:
     """The backend for a directory: ONNX exports and ONNX Runtime engines -> onnxruntime, TensorRT-LLM engines ->
-    trtllm, model directories (HF, quantized) -> torch."""
+    trtllm, model directories (HF, quantized) -> kernel on a GPU (``device`` cuda, or ``auto`` with a GPU
+    visible), torch (the float32 reference) on the CPU."""
     from sqdeploy.formats.onnx.contract import is_onnx_dir
     from sqdeploy.runtime.backends.trtllm import is_trtllm_engine_dir
 
@@ -52,7 +78,15 @@ def resolve_backend(path: str | Path, backend: str = "auto") -> str:
         return "onnxruntime"
     if is_trtllm_engine_dir(p):
         return "trtllm"
-    return "torch"
+    on_gpu = str(device).startswith("cuda") or (device == "auto" and _cuda_visible())
+    return "kernel" if on_gpu else "torch"
+
+
+def resolve_device(device: str, kind: str) -> str:
+    """``auto``: the GPU for the kernel backend, the CPU for the others; anything else as given."""
+    if device != "auto":
+        return device
+    return "cuda" if kind == "kernel" else "cpu"
 
 
 def open_engine(
@@ -63,13 +97,17 @@ def open_engine(
     batch: BatchConfig = BatchConfig(),
     name: str | None = None,
     exact: bool = False,
+    kernel: KernelOptions | None = None,
 ) -> Engine:
     """A running engine over ``path`` (its worker thread started); ``shutdown()`` it when done.
 
     ``exact`` (onnxruntime) runs quantize/dequantize nodes as written, bit-faithful to the
-    reference, instead of ONNX Runtime's faster fused integer kernels.
+    reference, instead of ONNX Runtime's faster fused integer kernels. ``device`` ``cuda[:N]``
+    (or ``auto`` with a GPU visible) serves HF and quantized directories with the kernel
+    backend; ``kernel`` sizes its KV cache (see :class:`KernelOptions`).
     """
-    kind = resolve_backend(path, backend)
+    kind = resolve_backend(path, backend, device)
+    device = resolve_device(device, kind)
     if kind == "trtllm":
         from sqdeploy.runtime.backends.trtllm import TrtllmEngine
 
@@ -78,6 +116,13 @@ def open_engine(
         from sqdeploy.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
         step = OnnxRuntimeBackend(path, device, threads, exact)
+    elif kind == "kernel":
+        from sqdeploy.runtime.backends.kernel import KernelBackend, KernelConfig
+
+        k = kernel or KernelOptions()
+        cfg = KernelConfig(batch.max_batch_size, batch.max_prefill_tokens, k.kv_cache_gib, k.gpu_memory_fraction,
+                           k.max_model_len, k.cuda_graphs, k.dtype, k.seed, k.capture_at_start)
+        step = KernelBackend(path, device, cfg, threads)
     else:
         from sqdeploy.runtime.backends.torch import TorchBackend
 

@@ -66,6 +66,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting) or self.running > 0
 
+    def in_flight(self) -> list[Sequence]:
+        return [] if self.batch is None else list(self.batch.seqs)
+
     def step(self) -> list[TokenEvent]:
         events = self._retire()
         events += self._drop_cancelled_waiting()
@@ -166,14 +169,20 @@ class Scheduler:
 
 
 class BatchingEngine:
-    """An :class:`~sqdeploy.runtime.engine.Engine` over a step backend, with its worker thread."""
+    """An :class:`~sqdeploy.runtime.engine.Engine` over a step backend (or a slot backend, scheduled by
+    :class:`~sqdeploy.runtime.slot_batching.SlotScheduler`), with its worker thread."""
 
     def __init__(self, backend: StepBackend, config: BatchConfig = BatchConfig(), name: str | None = None):
         self.backend = backend
         self.tokenizer = backend.tokenizer
         i = backend.info
         self.info = EngineInfo(name or i.path.name, i.path, backend.name, i.description, i.max_positions, i.vocab_size)
-        self.scheduler = Scheduler(backend, config)
+        if getattr(backend, "slot_based", False):  # owns a slot KV cache (the kernel backend)
+            from sqdeploy.runtime.slot_batching import SlotScheduler
+
+            self.scheduler = SlotScheduler(backend, config)
+        else:
+            self.scheduler = Scheduler(backend, config)
         self._incoming: list[tuple[Sequence, EventSink]] = []
         self._sinks: dict[int, EventSink] = {}
         self._cv = threading.Condition()
@@ -211,7 +220,7 @@ class BatchingEngine:
                     self.scheduler.waiting.append(s)
                 self._incoming.clear()
                 if self._stopping and not self._drain:
-                    for s in [*self.scheduler.waiting, *(self.scheduler.batch.seqs if self.scheduler.batch else [])]:
+                    for s in [*self.scheduler.waiting, *self.scheduler.in_flight()]:
                         s.cancel()
                 if self._stopping and not self.scheduler.has_work():
                     return

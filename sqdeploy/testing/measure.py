@@ -105,7 +105,3 @@ def matmul_rate(n: int = 8192, dtype=torch.float16) -> float:
     b = torch.randn(n, n, device="cuda", dtype=dtype)
     ms = event_ms(lambda: a @ b, reps=10, warmup=3)
     return 2 * n**3 / (ms * 1e-3)
-
-
-def op_rate(fn: Callable[[], object], flops: float) -> float:
-    return flops / (event_ms(fn, reps=10, warmup=3) * 1e-3)

@@ -13,7 +13,6 @@ import torch
 from sqdeploy.cli.eval import main as eval_main
 from sqdeploy.model import HFCheckpoint, load_model
 from sqdeploy.quantize.pipeline import load_tokenizer
-
 from tests.conftest import HELDOUT
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'sq-deploy[lm-eval]'")

@@ -188,3 +188,46 @@ def test_whole_model_through_the_triton_kernels(tiny_models, calib_file, tmp_pat
     with torch.no_grad():
         assert _rel(got, plain(ids)) < 5e-3
     assert tokens == greedy_generate(plain, [ids[0, :5].tolist()], 4)
+
+
+def test_decode_attention_with_one_length_per_row():
+    q, k, v = torch.randn(3, 4, 32, generator=GEN), torch.randn(3, 2, 150, 32, generator=GEN), torch.randn(3, 2, 150, 32, generator=GEN)
+    lengths = torch.tensor([77, 1, 150])
+    got = ta.decode_attention(q, k, v, lengths, None)
+    for b, n in enumerate(lengths.tolist()):
+        kk, vv = k[b : b + 1].repeat_interleave(2, 1)[:, :, :n], v[b : b + 1].repeat_interleave(2, 1)[:, :, :n]
+        want = torch.nn.functional.scaled_dot_product_attention(q[b : b + 1, :, None], kk, vv)[:, :, 0]
+        assert _rel(got[b : b + 1], want) < 1e-5
+    windowed = ta.decode_attention(q, k, v, lengths, 10)
+    kk, vv = k[:1].repeat_interleave(2, 1)[:, :, 67:77], v[:1].repeat_interleave(2, 1)[:, :, 67:77]
+    assert _rel(windowed[:1], torch.nn.functional.scaled_dot_product_attention(q[:1, :, None], kk, vv)[:, :, 0]) < 1e-5
+
+
+def test_slot_cache_serving_path_through_the_triton_kernels(tiny_models):
+    """Chunked prefill and decode of rows at different positions, every kernel Triton's, against the plain path."""
+    from sqdeploy.kernels import load_for_device
+    from sqdeploy.kernels.slots import SlotCache, SlotDecoder, kv_bytes_per_token, plan_slots, prefill_chunk
+    from sqdeploy.model.checkpoint import HFCheckpoint
+
+    model = load_for_device(HFCheckpoint(tiny_models["llama"]), "cpu")
+    prompts = [torch.randint(3, 8000, (n,), generator=GEN) for n in (9, 4)]
+    cont = [[11, 12, 13], [14, 15, 16]]
+    ops.FORCE_TRITON = True
+    try:
+        cache = SlotCache(model, plan_slots(kv_bytes_per_token(model), 32, 2, None))
+        slots = [cache.acquire(), cache.acquire()]
+        prefill_chunk(model, cache, slots[0], prompts[0][:5], 0)
+        first = [prefill_chunk(model, cache, slots[1], prompts[1], 0), prefill_chunk(model, cache, slots[0], prompts[0][5:], 5)]
+        dec = SlotDecoder(model, cache)
+        cache.active[slots] = 1
+        steps = []
+        for i in range(3):
+            cache.next_ids[slots[0]], cache.next_ids[slots[1]] = cont[0][i], cont[1][i]
+            steps.append(dec.step(slots).clone())
+    finally:
+        ops.FORCE_TRITON = False
+    with torch.no_grad():
+        for row, (p, c) in enumerate(zip(prompts, cont)):
+            want = model(torch.cat([p, torch.tensor(c)])[None])[0, len(p) - 1 :]
+            got = torch.stack([first[1 - row]] + [s[slots[row]] for s in steps])
+            assert _rel(got, want) < 1e-4

@@ -20,7 +20,6 @@ from sqdeploy.evaluate.perplexity import eval_windows, model_logits_fn, paired_c
 from sqdeploy.model import HFCheckpoint, load_model
 from sqdeploy.quantize.pipeline import Calibration, Runtime, load_tokenizer, quantize_in_memory
 from sqdeploy.quantize.recipes import parse_recipe
-
 from tests.conftest import HUMANEVAL, SHARED
 
 CAL = Calibration(str(HUMANEVAL), 16, 256)

@@ -9,13 +9,13 @@ real engine: two processes over gloo.
 
 from __future__ import annotations
 
-import argparse
 import threading
 
 import pytest
 import torch
 
 from sqdeploy.core.errors import SqDeployError
+from sqdeploy.formats.trtllm.options import TrtllmOptions
 from sqdeploy.formats.trtllm.reader import TrtllmCheckpoint
 from sqdeploy.formats.trtllm.writer import write
 from sqdeploy.kernels import greedy_generate
@@ -50,8 +50,7 @@ def checkpoints(tmp_path_factory, calib_file):
         for tp in (1, 2):
             ck = root / f"{name}-tp{tp}"
             ck.mkdir()
-            write(q, ck, argparse.Namespace(tp=tp, pp=1, kv_cache=None, int4_zero_point=False, eval_text=None,
-                                            eval_windows=24))
+            write(q, ck, TrtllmOptions(tp=tp))
             out[name][tp] = ck
     return out
 

@@ -109,16 +109,6 @@ class ModelConfig:
             names.append("lm_head.weight")
         return names
 
-    def num_parameters(self) -> int:
-        per_layer = sum(o * i + (o if self.linear_has_bias(n) else 0) for n in self.linears for o, i in [self.linear_shape(n)])
-        norms = (2 if self.norm_has_bias else 1) * self.hidden_size
-        total = self.num_layers * (per_layer + 2 * norms) + norms + self.vocab_size * self.hidden_size
-        if self.position == "learned":
-            total += (self.max_positions + self.pos_offset) * self.hidden_size
-        if not self.tie_embeddings:
-            total += self.vocab_size * self.hidden_size
-        return total
-
 
 @dataclass(frozen=True)
 class SmoothGroup:
@@ -201,28 +191,3 @@ class Family:
             _, idx, rest = canonical.split(".", 2)
             return self.hf_names[f"layers.{{i}}.{rest}"].format(i=idx)
         return self.hf_names[canonical]
-
-    def canonical_name(self, hf: str) -> str | None:
-        """Inverse of :meth:`hf_name`; ``None`` for tensors sq-deploy does not use."""
-        return _inverse(self)[hf] if hf in _inverse(self) else _match_layer(self, hf)
-
-
-_INVERSE_CACHE: dict[str, dict[str, str]] = {}
-
-
-def _inverse(family: Family) -> dict[str, str]:
-    if family.name not in _INVERSE_CACHE:
-        _INVERSE_CACHE[family.name] = {v: k for k, v in family.hf_names.items() if "{i}" not in k}
-    return _INVERSE_CACHE[family.name]
-
-
-def _match_layer(family: Family, hf: str) -> str | None:
-    for canonical, pattern in family.hf_names.items():
-        if "{i}" not in pattern:
-            continue
-        prefix, suffix = pattern.split("{i}")
-        if hf.startswith(prefix) and hf.endswith(suffix):
-            idx = hf[len(prefix) : len(hf) - len(suffix)]
-            if idx.isdigit():
-                return canonical.replace("{i}", idx)
-    return None

@@ -36,13 +36,6 @@ def pack_nibbles(values: np.ndarray) -> bytes:
     return (v[0::2] | (v[1::2] << 4)).tobytes()
 
 
-def unpack_nibbles(raw: bytes, count: int, signed: bool) -> np.ndarray:
-    """Inverse of :func:`pack_nibbles` (used by the checker and the tests)."""
-    b = np.frombuffer(raw, dtype=np.uint8)
-    v = np.stack([b & 0xF, b >> 4], axis=-1).reshape(-1)[:count].astype(np.int8)
-    return np.where(v > 7, v - 16, v).astype(np.int8) if signed else v
-
-
 def row_scales(qw: QWeight, scheme: WeightScheme) -> tuple[np.ndarray, np.ndarray | None]:
     """Scales (and zero points) as [out, groups], per-tensor scales repeated per row."""
     out_f = qw.q.shape[0]

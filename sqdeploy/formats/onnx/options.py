@@ -1,14 +1,14 @@
 """What an ONNX export is asked to be, and the checks that refuse what it cannot be.
 
-Every refusal happens here, before quantization starts and before anything is
-written: ``sq-export`` calls :func:`precheck` from the target's precheck hook, and
-the writer resolves the same options again (a quantized directory may have been
-produced by another command).
+:class:`OnnxExportOptions` is what a caller asks for (``auto`` allowed); :func:`resolve`
+turns it into :class:`OnnxOptions` for one quantized model. Every refusal happens there,
+before quantization starts and before anything is written: the export calls
+:func:`precheck` from the target's precheck hook, and the writer resolves the same
+options again (a quantized directory may have been produced by another command).
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 from sqdeploy.core.errors import SqDeployError
@@ -40,49 +40,36 @@ class OnnxOptions:
         return self.variant == "onnxruntime"
 
 
-def _add(group, flag: str, **kw) -> None:
-    """Add an option unless another target already declared the same flag."""
-    if flag not in group._option_string_actions:
-        group.add_argument(flag, **kw)
+@dataclass(frozen=True)
+class OnnxExportOptions:
+    """``export(..., OnnxExportOptions(...), out)``: what the ONNX export is asked to be (``sq-export --target onnx``'s flags)."""
+
+    variant: str = "tensorrt"  # VARIANTS: standard ONNX ops only, or ONNX Runtime contrib ops
+    dtype: str = "auto"  # float16, float32, or auto: the quantized model's storage dtype
+    int4_format: str = "auto"  # qdq, matmulnbits, or auto: matmulnbits for the onnxruntime variant, else qdq
+    opset: int | None = None  # None: DEFAULT_OPSET
+    external_data: bool = False  # weights in model.onnx.data even under 2 GB
+    int4_accuracy_level: int = 0  # MatMulNBits accuracy_level (0: exact)
+    lm_head: str = "float"  # int8: weight-only INT8 LM head
+    reference_copy: bool = True  # exporting from a HF model: keep the quantized directory inside the export
 
 
-def add_arguments(g: argparse.ArgumentParser) -> None:
-    _add(g, "--onnx-variant", choices=VARIANTS, default="tensorrt",
-         help="tensorrt: standard ONNX ops only (TensorRT's ONNX parser, any runtime); "
-         "onnxruntime: ONNX Runtime contrib ops (GroupQueryAttention, RotaryEmbedding, "
-         "SkipSimplifiedLayerNormalization, MatMulNBits), fastest in ONNX Runtime")
-    _add(g, "--dtype", choices=("auto", "float16", "float32"), default="auto",
-         help="float type of activations, logits and KV cache (auto: the quantized model's storage dtype)")
-    _add(g, "--int4-format", choices=("auto", *INT4_FORMATS), default="auto",
-         help="weight-only N-bit linears: qdq (int4/uint4 initializer + block-wise DequantizeLinear, opset 21) or "
-         "matmulnbits (ONNX Runtime's MatMulNBits); auto: matmulnbits for --onnx-variant onnxruntime, else qdq")
-    _add(g, "--opset", type=int, default=None, help=f"ONNX opset (default {DEFAULT_OPSET}; {MIN_OPSET}..{MAX_OPSET})")
-    _add(g, "--external-data", action="store_true",
-         help="write weights to model.onnx.data even when the graph is under 2 GB")
-    _add(g, "--int4-accuracy-level", type=int, choices=ACCURACY_LEVELS, default=0,
-         help="MatMulNBits accuracy_level: 0 computes in the activation float type (exact), "
-         "4 quantizes activations to int8 per block (faster on CPU, not bit-faithful)")
-    _add(g, "--lm-head", choices=("float", "int8"), default="float",
-         help="int8: weight-only INT8 (per channel, round to nearest) LM head, a 4x smaller read per decoded token; "
-         "the quantized model keeps its LM head in float, so this leaves exact parity (default float)")
-
-
-def resolve(args: argparse.Namespace, scheme: QuantScheme, cfg: ModelConfig, storage_dtype: str) -> OnnxOptions:
-    """Options from the command line for this model and scheme; raises on anything the graph cannot express."""
-    variant = getattr(args, "onnx_variant", "tensorrt")
-    dtype = getattr(args, "dtype", "auto") or "auto"
+def resolve(request: OnnxExportOptions, scheme: QuantScheme, cfg: ModelConfig, storage_dtype: str) -> OnnxOptions:
+    """The options for this model and scheme; raises on anything the graph cannot express."""
+    variant = request.variant
+    dtype = request.dtype or "auto"
     if dtype == "auto":
         dtype = "float16" if storage_dtype == "float16" else "float32"
     if dtype not in ("float16", "float32"):
         raise SqDeployError(f"--dtype {dtype}: the ONNX export writes float16 or float32 graphs; pass --dtype float16 or float32")
     weight_only = scheme.weight is not None and not scheme.act.quantized
-    fmt = getattr(args, "int4_format", "auto") or "auto"
+    fmt = request.int4_format or "auto"
     int4_format = None
     if weight_only:
         int4_format = ("matmulnbits" if variant == "onnxruntime" else "qdq") if fmt == "auto" else fmt
-    opset = getattr(args, "opset", None) or DEFAULT_OPSET
-    opts = OnnxOptions(variant, dtype, int4_format, opset, bool(getattr(args, "external_data", False)),
-                       int(getattr(args, "int4_accuracy_level", 0) or 0), getattr(args, "lm_head", "float") or "float")
+    opset = request.opset or DEFAULT_OPSET
+    opts = OnnxOptions(variant, dtype, int4_format, opset, bool(request.external_data), int(request.int4_accuracy_level or 0),
+                       request.lm_head or "float")
     validate(opts, scheme, cfg, explicit_format=fmt != "auto")
     return opts
 
@@ -126,13 +113,13 @@ def _check_heads(cfg: ModelConfig, opts: OnnxOptions) -> None:
                             "needs; export with --onnx-variant tensorrt (standard attention ops)")
 
 
-def precheck(src, args: argparse.Namespace) -> None:
+def precheck(src, request: OnnxExportOptions) -> None:
     """Target.precheck: ``src`` is a QuantizedModel or a (recipe, config, family) tuple."""
     if isinstance(src, tuple):
         recipe, cfg, _family = src
         from sqdeploy.quantize.pipeline import storage_dtype
 
         dtype = str(storage_dtype(recipe, cfg)).replace("torch.", "")
-        resolve(args, recipe.scheme, cfg, dtype)
+        resolve(request, recipe.scheme, cfg, dtype)
     else:
-        resolve(args, src.scheme, src.config, str(src.dtype).replace("torch.", ""))
+        resolve(request, src.scheme, src.config, str(src.dtype).replace("torch.", ""))

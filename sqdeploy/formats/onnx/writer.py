@@ -9,7 +9,6 @@ file removed, so small models remain a single file.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -25,7 +24,8 @@ from sqdeploy.formats.onnx.companions import write_companions
 from sqdeploy.formats.onnx.contract import GRAPH, META, META_FORMAT
 from sqdeploy.formats.onnx.graph import DecoderGraph
 from sqdeploy.formats.onnx.meta import build_meta
-from sqdeploy.formats.onnx.options import OnnxOptions, resolve
+from sqdeploy.formats.onnx.options import OnnxExportOptions, OnnxOptions, resolve
+from sqdeploy.formats.target import WriteContext
 from sqdeploy.quantize.qmodel import QuantizedModel, is_quantized_dir
 
 INLINE_LIMIT = 1_900_000_000  # bytes of initializers kept inside model.onnx (protobuf's hard limit is 2 GiB)
@@ -60,18 +60,18 @@ def write_onnx(qdir: Path, out: Path, opts: OnnxOptions, reference: str | None, 
     return report
 
 
-def write(qdir: Path, out: Path, args: argparse.Namespace) -> dict:
+def write(qdir: Path, out: Path, request: OnnxExportOptions, context: WriteContext) -> dict:
     """Target.write: keeps a copy of a temporary quantized directory as the checker's reference."""
     qm = QuantizedModel(qdir)
-    opts = resolve(args, qm.scheme, qm.config, str(qm.dtype).replace("torch.", ""))
-    if is_quantized_dir(args.model):
-        reference = str(Path(args.model).resolve())
-    elif getattr(args, "no_reference_copy", False):
+    opts = resolve(request, qm.scheme, qm.config, str(qm.dtype).replace("torch.", ""))
+    if is_quantized_dir(context.source):
+        reference = str(Path(context.source).resolve())
+    elif not request.reference_copy:
         reference = None
     else:
         shutil.copytree(qdir, out / REFERENCE_COPY)
         reference = REFERENCE_COPY
-    return write_onnx(qdir, out, opts, reference, progress=not getattr(args, "quiet", False), shown_as=Path(args.out))
+    return write_onnx(qdir, out, opts, reference, progress=context.progress, shown_as=context.shown_as)
 
 
 def _op_counts(model: onnx.ModelProto) -> dict[str, int]:

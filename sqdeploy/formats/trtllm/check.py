@@ -38,14 +38,13 @@ def _value_problems(name: str, t: torch.Tensor, e: TensorSpec, spec: CheckpointS
 
 
 def check_values(files: list[Path], expected: dict[str, TensorSpec], spec: CheckpointSpec, res: CheckResult) -> None:
-    from safetensors.torch import load_file
+    from sqdeploy.formats.trtllm.stream import iter_tensors
 
     first: dict[str, torch.Tensor] = {}
     diverging: list[str] = []
     for rank, path in enumerate(files):
-        tensors = load_file(str(path))
         problems = []
-        for name, t in tensors.items():
+        for name, t in iter_tensors(path):  # one tensor in memory at a time, not the whole rank file
             e = expected.get(name)
             if e is None or tuple(t.shape) != e.shape:
                 continue

@@ -16,7 +16,6 @@ Only float and W4A16_AWQ are written: the PyTorch backend has no W8A8 SmoothQuan
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from dataclasses import replace
@@ -33,6 +32,7 @@ from sqdeploy.formats.opened import OpenedModel, OpenedReader
 from sqdeploy.formats.trtllm.config import QuantSpec, check_split, quant_spec_for
 from sqdeploy.formats.trtllm.linear import RankLinear, decode
 from sqdeploy.formats.trtllm.modules import TrtLinear
+from sqdeploy.formats.trtllm.options import TrtllmHfOptions
 from sqdeploy.formats.trtllm.pack import pack_int4_rows
 from sqdeploy.formats.trtllm.source import LinearSource
 from sqdeploy.model.checkpoint import stored_name
@@ -41,7 +41,7 @@ from sqdeploy.quantize.qmodel import QuantizedModel
 QUANT_CONFIG = "hf_quant_config.json"
 
 
-def resolve(qm_or_parts, args: argparse.Namespace) -> QuantSpec:
+def resolve(qm_or_parts, options: TrtllmHfOptions = TrtllmHfOptions()) -> QuantSpec:
     if isinstance(qm_or_parts, QuantizedModel):
         scheme, cfg, family = qm_or_parts.scheme, qm_or_parts.config, qm_or_parts.family
     else:
@@ -54,12 +54,6 @@ def resolve(qm_or_parts, args: argparse.Namespace) -> QuantSpec:
             "--target trtllm-hf: TensorRT-LLM's PyTorch backend has no W8A8 SmoothQuant (INT8 activations); "
             "use --target trtllm (trtllm-build, TensorRT-LLM <= 1.2) or a w4a16 recipe"
         )
-    if getattr(args, "kv_cache", None):
-        raise SqDeployError("--target trtllm-hf: the PyTorch backend's KV-cache quantization is FP8 only; drop --kv-cache")
-    if int(getattr(args, "tp", 1)) != 1 or int(getattr(args, "pp", 1)) != 1:
-        raise SqDeployError("--target trtllm-hf is not sharded: drop --tp/--pp and set tensor_parallel_size when serving it")
-    if getattr(args, "int4_zero_point", False):
-        raise SqDeployError("--int4-zero-point is only offered (experimentally) for --target trtllm")
     quant = quant_spec_for(scheme)
     if quant.algo not in (None, "W4A16_AWQ"):
         raise SqDeployError(f"--target trtllm-hf writes float or W4A16_AWQ; {quant.algo} is not offered (use --target trtllm)")
@@ -98,11 +92,12 @@ def linear_tensors(family: Family, name: str, lin: RankLinear, quant: QuantSpec,
     return out
 
 
-def write(qdir: Path, out: Path, args: argparse.Namespace) -> dict:
+def write(qdir: Path, out: Path, options: TrtllmHfOptions = TrtllmHfOptions(), progress: bool = True,
+          shown_as: Path | None = None) -> dict:
     qm = QuantizedModel(qdir)
-    quant = resolve(qm, args)
+    quant = resolve(qm, options)
     cfg, family, dtype = qm.config, qm.family, qm.dtype
-    source = LinearSource(qm, quant, not getattr(args, "quiet", False))
+    source = LinearSource(qm, quant, progress)
     tensors: dict[str, torch.Tensor] = {}
     for canonical in cfg.global_names:
         tensors[family.hf_name(canonical)] = qm.get(canonical, dtype).contiguous()
@@ -133,7 +128,7 @@ def write(qdir: Path, out: Path, args: argparse.Namespace) -> dict:
     if source.requant_from:
         rows.append(["weights", f"symmetric INT4 ({source.rounding} rounding) from the {source.requant_from}"])
     notes = "".join(f"\nnote: {n}" for n in source.notes)
-    shown = getattr(args, "out", None) or out
+    shown = shown_as or out
     summary = f"\nTensorRT-LLM unified HF checkpoint {shown}\n{markdown_table(['field', 'value'], rows)}{notes}"
     return {"target": "trtllm-hf", "out": str(shown), "quant_algo": quant.algo, "requantized_from": source.requant_from,
             "notes": source.notes, "summary": summary}

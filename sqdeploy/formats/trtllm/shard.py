@@ -17,7 +17,6 @@ import torch
 
 from sqdeploy.core.errors import SqDeployError
 from sqdeploy.core.families import ModelConfig
-from sqdeploy.formats.trtllm.config import kv_heads_per_rank
 from sqdeploy.formats.trtllm.linear import RankLinear
 
 
@@ -131,6 +130,3 @@ def merge(parts: list[RankLinear]) -> RankLinear:
     pqs = None if base.pre_quant_scale is None else torch.cat([p.pre_quant_scale for p in parts])
     return replace(base, weight=torch.cat(deq, 1), q=None, scale=None, zero=None, pre_quant_scale=pqs)
 
-
-def kv_rows_per_rank(cfg: ModelConfig, tp: int) -> int:
-    return kv_heads_per_rank(cfg, tp) * cfg.head_dim

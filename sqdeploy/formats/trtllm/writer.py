@@ -9,27 +9,28 @@ a checkpoint that sq-deploy writes is one ``sq-check trtllm`` accepts.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from sqdeploy.core import phases
 from sqdeploy.core.errors import SqDeployError
 from sqdeploy.core.progress import Progress
 from sqdeploy.core.report import markdown_table
 from sqdeploy.formats.trtllm.config import CheckpointSpec, QuantSpec, build_config, check_split, parse_config, quant_spec_for
 from sqdeploy.formats.trtllm.linear import DTYPES, encode
 from sqdeploy.formats.trtllm.names import LAYER, global_rows
+from sqdeploy.formats.trtllm.options import TrtllmOptions
 from sqdeploy.formats.trtllm.shard import fuse, shard
 from sqdeploy.formats.trtllm.source import LinearSource
+from sqdeploy.formats.trtllm.stream import RankFiles
 from sqdeploy.quantize.qmodel import QuantizedModel
 
 
-def resolve(qm_or_parts, args: argparse.Namespace) -> QuantSpec:
+def resolve(qm_or_parts, options: TrtllmOptions) -> QuantSpec:
     """The checkpoint's quantization for a QuantizedModel (or a recipe about to make one); refuses impossible requests."""
     if isinstance(qm_or_parts, QuantizedModel):
         scheme, cfg, family = qm_or_parts.scheme, qm_or_parts.config, qm_or_parts.family
@@ -37,11 +38,11 @@ def resolve(qm_or_parts, args: argparse.Namespace) -> QuantSpec:
     else:
         recipe, cfg, family = qm_or_parts
         scheme, calibrated = recipe.scheme, recipe.algorithm != "none"
-    kv = getattr(args, "kv_cache", None)
-    quant = quant_spec_for(scheme, None if kv is None else kv.upper(), bool(getattr(args, "int4_zero_point", False)))
+    kv = options.kv_cache
+    quant = quant_spec_for(scheme, None if kv is None else kv.upper(), bool(options.int4_zero_point))
     if not family.trtllm:
         raise SqDeployError(f"the {family.name} family has no TensorRT-LLM layout")
-    check_split(family, cfg, quant, int(getattr(args, "tp", 1)), int(getattr(args, "pp", 1)))
+    check_split(family, cfg, quant, int(options.tp), int(options.pp))
     if quant.kv and not calibrated:
         raise SqDeployError("--kv-cache int8 needs calibrated K/V ranges, and this recipe does not calibrate; use a quantizing recipe")
     return quant
@@ -98,37 +99,38 @@ def layer_tensors(lins: dict, spec: CheckpointSpec, i: int, qm: QuantizedModel, 
     return out
 
 
-def write(qdir: Path, out: Path, args: argparse.Namespace) -> dict:
+def write(qdir: Path, out: Path, options: TrtllmOptions = TrtllmOptions(), progress: bool = True,
+          shown_as: Path | None = None) -> dict:
     from sqdeploy.formats.trtllm.check import check_dir
 
     qm = QuantizedModel(qdir)
-    quant = resolve(qm, args)
-    tp = int(getattr(args, "tp", 1))
+    quant = resolve(qm, options)
+    tp = int(options.tp)
     dtype = qm.dtype
     config = build_config(qm.family, qm.config, quant, tp, _dtype_name(dtype))
     spec = parse_config(json.loads(json.dumps(config)))  # what we write must read back
-    progress = not getattr(args, "quiet", False)
-    source = LinearSource(qm, quant, progress, getattr(args, "int4_requant_clip", "search") == "search")
-    ranks = global_tensors(qm, spec, dtype)
+    source = LinearSource(qm, quant, progress, options.int4_requant_clip == "search")
+    meta = {"format": "pt", "producer": "sq-deploy"}
+    files = RankFiles(out, global_tensors(qm, spec, dtype), qm.config.num_layers, LAYER, meta)  # one layer in memory
     with Progress(qm.config.num_layers, f"writing TensorRT-LLM checkpoint (tp {tp})", progress) as bar:
         for i in range(qm.config.num_layers):
             lins = source.layer(i)
-            for r in range(tp):
-                ranks[r].update(layer_tensors(lins, spec, i, qm, dtype, r))
+            files.add_layer([layer_tensors(lins, spec, i, qm, dtype, r) for r in range(tp)])
             bar.advance()
-    meta = {"format": "pt", "producer": "sq-deploy"}
-    for r, tensors in enumerate(ranks):
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"rank{r}.safetensors"), metadata=meta)
+    files.close()
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for f in qm.tokenizer_files():  # a convention only: trtllm-build reads config.json and rank files
         shutil.copy(f, out / f.name)
+    phases.lap()
     result = check_dir(out)
+    phases.lap("check written checkpoint")
     if not result.ok:
         raise SqDeployError(f"internal error: the written checkpoint fails its own check: {result.first_failure()}")
-    return _report(qm, spec, source, out, args)
+    return _report(qm, spec, source, out, options, shown_as)
 
 
-def _report(qm: QuantizedModel, spec: CheckpointSpec, source: LinearSource, out: Path, args) -> dict:
+def _report(qm: QuantizedModel, spec: CheckpointSpec, source: LinearSource, out: Path, options: TrtllmOptions,
+            shown_as: Path | None) -> dict:
     quant = spec.quant
     size = sum(f.stat().st_size for f in out.glob("rank*.safetensors"))
     rows = [
@@ -143,18 +145,18 @@ def _report(qm: QuantizedModel, spec: CheckpointSpec, source: LinearSource, out:
         rows.append(["weights", how if quant.groupwise else f"float ({source.requant_from}); trtllm-build quantizes them"])
     if quant.kv == "INT8":
         source.notes.append("INT8 KV cache: build with trtllm-build --use_paged_context_fmha disable")
-    shown = getattr(args, "out", None) or out
+    shown = shown_as or out
     report = {
         "target": "trtllm", "out": str(shown), "quant_algo": quant.algo, "kv_cache_quant_algo": quant.kv, "tp": spec.tp,
         "group_size": quant.group_size, "has_zero_point": quant.has_zero_point, "requantized_from": source.requant_from,
         "requant_rounding": source.rounding if source.requant_from else None, "requant_clip_search": source.clipped, "notes": list(source.notes), "bytes": size,
     }
-    eval_text = getattr(args, "eval_text", None)
+    eval_text = options.eval_text
     if eval_text:
         from sqdeploy.evaluate.perplexity import format_change
         from sqdeploy.formats.trtllm.evaluate import compare_perplexity
 
-        report["perplexity"] = compare_perplexity(qm.path, out, eval_text, int(getattr(args, "eval_windows", 24) or 24))
+        report["perplexity"] = compare_perplexity(qm.path, out, eval_text, int(options.eval_windows or 24))
         ppl = report["perplexity"]
         for name, value in ppl["values"].items():
             rows.append([f"perplexity: {name}", round(value, 4)])

@@ -90,8 +90,8 @@ class TorchBackend:
         return cache if start == 0 else [c[:, :, start:] for c in cache]
 
 
-def memory_bytes(backend: TorchBackend) -> int | None:
-    """Peak accelerator memory, when the model runs on a GPU."""
+def memory_bytes(backend) -> int | None:
+    """Peak accelerator memory of a backend with a ``device`` (torch, kernel), when it runs on a GPU."""
     if backend.device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(backend.device))
     return None

@@ -44,6 +44,8 @@ class EngineSpec:
     backend: str = "auto"
     device: str = "cpu"
     threads: int | None = None
+    kv_cache_gib: float | None = None
+    gpu_memory_fraction: float | None = None
 
     @property
     def label(self) -> str:
@@ -78,12 +80,16 @@ def _measure(engine, prompts, out_len: int) -> dict:
 
 def run_variant(spec: EngineSpec, grid: OfflineGrid, tick=lambda: None) -> dict:
     """All grid points of one engine in this process."""
-    from sqdeploy.runtime import BatchConfig, open_engine
+    from sqdeploy.runtime import BatchConfig, KernelOptions, open_engine
 
     t0 = time.perf_counter()
     with PeakMemory() as mem:
         bs, longest = max(grid.batch_sizes), max(grid.input_lens)
-        engine = open_engine(spec.path, spec.backend, spec.device, spec.threads, BatchConfig(bs, max(bs * longest, 4096)))
+        longest_out = max(grid.output_lens)
+        # the kernel backend's cache holds the longest point (and no more), so the budget goes to batch slots
+        kernel = KernelOptions(spec.kv_cache_gib, spec.gpu_memory_fraction, max_model_len=longest + longest_out)
+        engine = open_engine(spec.path, spec.backend, spec.device, spec.threads, BatchConfig(bs, max(bs * longest, 4096)),
+                             kernel=kernel)
         load_s = time.perf_counter() - t0
         rows = []
         try:
@@ -116,7 +122,7 @@ def run_variant(spec: EngineSpec, grid: OfflineGrid, tick=lambda: None) -> dict:
 
 def _gpu_peak(engine) -> float | None:
     backend = getattr(engine, "backend", None)
-    if getattr(backend, "name", None) == "torch":
+    if getattr(backend, "name", None) in ("torch", "kernel"):
         from sqdeploy.runtime.backends.torch import memory_bytes
 
         b = memory_bytes(backend)

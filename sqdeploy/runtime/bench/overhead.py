@@ -31,6 +31,17 @@ class OverheadConfig:
     requests_per_round: int = 16
     threads: int | None = None
     seed: int = 0
+    device: str = "cpu"
+    kv_cache_gib: float | None = None
+    gpu_memory_fraction: float | None = None
+
+    def kernel_args(self, served: bool) -> tuple[float | None, float | None]:
+        """(kv_cache_gib, gpu_memory_fraction) of one of the two engines sharing the GPU: with no fixed
+        cache size, the in-process engine fills up to half the given share and the server the rest."""
+        if self.kv_cache_gib is not None:
+            return self.kv_cache_gib, None
+        frac = self.gpu_memory_fraction or 0.9
+        return None, frac if served else frac / 2
 
 
 def _start_server(path: str, backend: str, cfg: OverheadConfig, port: int) -> subprocess.Popen:
@@ -52,6 +63,9 @@ def _start_server(path: str, backend: str, cfg: OverheadConfig, port: int) -> su
     ]
     if cfg.threads:
         cmd += ["--threads", str(cfg.threads)]
+    gib, frac = cfg.kernel_args(served=True)
+    cmd += ["--device", cfg.device, "--max-model-len", str(cfg.input_len + cfg.output_len)]
+    cmd += ["--kv-cache-gib", str(gib)] if gib is not None else ["--gpu-memory-fraction", str(frac)]
     proc = subprocess.Popen(cmd)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -68,12 +82,15 @@ def _start_server(path: str, backend: str, cfg: OverheadConfig, port: int) -> su
 
 
 def measure_overhead(path: str, backend: str = "auto", cfg: OverheadConfig = OverheadConfig(), progress: bool = True) -> dict:
-    from sqdeploy.runtime import BatchConfig, open_engine
+    from sqdeploy.runtime import BatchConfig, KernelOptions, open_engine
     from sqdeploy.runtime.bench.offline import _measure, prompts_for
     from sqdeploy.runtime.bench.online import LoadPoint, RequestSpec, run_point
     from sqdeploy.runtime.server.run import free_port
 
-    engine = open_engine(path, backend, threads=cfg.threads, batch=BatchConfig(cfg.batch, max(4096, cfg.batch * cfg.input_len)))
+    gib, frac = cfg.kernel_args(served=False)
+    engine = open_engine(path, backend, cfg.device, threads=cfg.threads,
+                         batch=BatchConfig(cfg.batch, max(4096, cfg.batch * cfg.input_len)),
+                         kernel=KernelOptions(gib, frac, max_model_len=cfg.input_len + cfg.output_len))
     port = free_port()
     server = _start_server(path, backend, cfg, port)
     offline, served = [], []

@@ -17,7 +17,6 @@ from sqdeploy.formats.onnx.writer import write_onnx
 from sqdeploy.model import load_model
 from sqdeploy.quantize.pipeline import Calibration, Runtime, load_tokenizer, quantize_to_dir
 from sqdeploy.quantize.qmodel import QuantizedModel
-
 from tests.conftest import HELDOUT, HUMANEVAL
 
 # w8a8-sq's layout with a fixed alpha (the alpha search costs minutes and does not change the graph form)

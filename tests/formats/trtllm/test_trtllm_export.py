@@ -327,12 +327,11 @@ def test_w8a16_writes_float_weights_trtllm_quantizes(quantized, tmp_path):
 
 # ----------------------------------------------------------------------------- unified HF
 def _export_hf(qdir, out):
-    import argparse
 
     from sqdeploy.formats.trtllm.hf_unified import write as write_hf
 
     out.mkdir()
-    return write_hf(qdir, out, argparse.Namespace(tp=1, pp=1, kv_cache=None, int4_zero_point=False, quiet=True))
+    return write_hf(qdir, out, progress=False)
 
 
 def test_hf_unified_int4_reads_back_like_the_engine_checkpoint(int4_model, quantized, tmp_path):

@@ -16,7 +16,7 @@ from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
 from sqdeploy.quantize.qmodel import KEPT_CALIBRATION, KEPT_SOURCE
 from sqdeploy.testing.random_model import make_random_model
 from tests.conftest import SHARED_MODEL
-from tests.formats.trtllm.test_trtllm_support import export, int4_recipe, recipe
+from tests.formats.trtllm.test_trtllm_support import SQ_TOKEN, export, int4_recipe, recipe
 
 OUTPUT_FILES = ("config.json", "rank0.safetensors", "rank1.safetensors")
 
@@ -76,12 +76,7 @@ def test_a_directory_without_the_kept_source_names_the_remedy(calib_file, tmp_pa
 def test_schemes_with_stored_integers_keep_nothing(calib_file, tmp_path):
     """Symmetric INT4 and W8A8 are written as stored: their directories do not grow."""
     src = _model(tmp_path)
-    for i, spec in enumerate((int4_recipe(64, symmetric=True), "w8a8-sq-pertoken")):
+    for i, spec in enumerate((int4_recipe(64, symmetric=True), SQ_TOKEN)):
         qdir = tmp_path / f"q{i}"
-        r = recipe(spec)
-        if r.algorithm == "smoothquant":
-            from sqdeploy.quantize.recipes import Recipe
-
-            r = Recipe(**{**r.__dict__, "params": {**r.params, "alpha": 0.5, "rounding": "rtn"}})
-        quantize_to_dir(src, r, qdir, Calibration(str(calib_file), 2, 32), Runtime(progress=False))
+        quantize_to_dir(src, recipe(spec), qdir, Calibration(str(calib_file), 2, 32), Runtime(progress=False))
         assert not (qdir / KEPT_SOURCE).exists() and not (qdir / KEPT_CALIBRATION).exists()

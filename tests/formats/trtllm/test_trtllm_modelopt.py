@@ -92,7 +92,6 @@ def test_exported_files_equal_modelopt_manifest(manifest, two_layer_shared, cali
 
 def test_unified_hf_equals_modelopt_manifest(two_layer_shared, calib_file, tmp_path):
     """--target trtllm-hf against ModelOpt's export_hf_checkpoint (INT4 AWQ) of the shared model."""
-    import argparse
 
     from sqdeploy.formats.trtllm.hf_unified import write as write_hf
 
@@ -101,7 +100,7 @@ def test_unified_hf_equals_modelopt_manifest(two_layer_shared, calib_file, tmp_p
     quantize_to_dir(two_layer_shared, recipe(int4_recipe(128)), q, Calibration(str(calib_file), 2, 64), Runtime(progress=False))
     out = tmp_path / "hf"
     out.mkdir()
-    write_hf(q, out, argparse.Namespace(tp=1, pp=1, kv_cache=None, int4_zero_point=False, quiet=True))
+    write_hf(q, out, progress=False)
     ours = _headers(out / "model.safetensors")
     theirs = {k: v for k, v in man["tensors"].items() if ".layers." not in k or k.split(".")[2] in ("0", "1")}
     assert {k: v[0] for k, v in ours.items()} == {k: v[0] for k, v in theirs.items()}

@@ -3,13 +3,13 @@ built only from TrtllmCheckpoint.rank_linear / rank_globals (what a multi-GPU en
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from sqdeploy.core import qmath
+from sqdeploy.formats.trtllm.options import TrtllmOptions
 from sqdeploy.formats.trtllm.reader import TrtllmCheckpoint
 from sqdeploy.formats.trtllm.writer import write
 from sqdeploy.model.layers import ACTIVATIONS, Norm, Rotary, apply_rotary, build_mask, sdpa
@@ -35,8 +35,8 @@ def recipe(spec):
 
 def export(qdir: Path, out: Path, tp: int = 1, **kw) -> dict:
     out.mkdir(parents=True)
-    args = argparse.Namespace(tp=tp, pp=1, kv_cache=kw.pop("kv_cache", None), int4_zero_point=kw.pop("zero_point", False), quiet=True, **kw)
-    return write(qdir, out, args)
+    options = TrtllmOptions(tp=tp, kv_cache=kw.pop("kv_cache", None), int4_zero_point=kw.pop("zero_point", False), **kw)
+    return write(qdir, out, options, progress=False)
 
 
 class RankSplitTokenQuant(torch.nn.Module):

@@ -1,0 +1,671 @@
+"""GPU self-check and mini benchmark of the kernel serving backend (``sq-serve --device cuda``).
+
+One invocation, under six minutes on one H200, writes ``gpu-serve-check.json`` and
+``gpu-serve-check.md`` under ``--out``::
+
+    PYTHONPATH=. python tools/gpu_serve_check.py --out OUT [--model shared/models/tiny-code-llama ...] [--quick]
+
+Sections (each one records its error and the run goes on):
+
+1. ``environment``: GPU, versions.
+2. ``tiny_random``: a small random Llama per variant (fp16, W8A8 static, W8A8 per-token,
+   W4A16) on the kernel backend: batched greedy == one-prompt-at-a-time greedy through the
+   engine (prompts of different lengths, prefill in chunks), each generated token checked
+   against the kernel model's own full forward (teacher forcing; a mismatch must be a near
+   tie), decode-step logits of rows at different positions against that full forward, and
+   whether the decode steps were replayed from CUDA graphs.
+3. ``models``: each ``--model`` directory. An HF directory is quantized here in memory with
+   round-to-nearest recipes; for every variant the kernel backend's prefill and decode
+   logits (slot cache, graphs) are compared with the float32 fake-quant reference, next to
+   the float16 reference's own error, and batched greedy is compared with one at a time.
+   A quantized directory is compared the same way with the torch backend's model.
+4. ``bench_7b``: a Llama-2-7B-shaped model with a reduced number of layers, random weights
+   per variant: offline output tokens/s through the engine at batch 1, 8, 32 for the kernel
+   backend and for the torch reference backend (float32 fake-quant; weight values do not
+   change speed), peak memory, and how many 2048-token sequences a full 32-layer model of
+   each variant leaves room for in the same memory budget.
+
+Float16 tolerance: batched and single runs use different GEMM shapes (and split-K
+choices), so their logits differ by float16 rounding, about 1e-3 relative. Greedy tokens
+may then part only where the top two logits are within ``NEAR_TIE`` of each other; the
+check passes when every generated token equals the full forward's argmax or is such a tie.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])  # sq-serve child
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+DEVICE = "cuda"  # --device cpu: a slow smoke run of this script itself
+NEAR_TIE = 0.05  # logits (float16 model): a top-2 gap below this may flip under rounding
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+class IdTokenizer:
+    """What the engine needs of a tokenizer, for models without one (random weights)."""
+
+    eos_token_id = None
+    pad_token_id = 0
+
+    def decode(self, ids, **kw) -> str:
+        return "".join(f"<{int(i)}>" for i in ids)
+
+    def __call__(self, text, add_special_tokens=True):
+        raise NotImplementedError("send token ids")
+
+
+class Check:
+    def __init__(self, out: Path, budget: float, quick: bool):
+        self.out, self.deadline, self.quick = out, time.time() + budget, quick
+        out.mkdir(parents=True, exist_ok=True)
+        self.data: dict = {"sections": {}, "near_tie": NEAR_TIE, "quick": quick}
+
+    def run(self, name: str, fn, *args) -> None:
+        if time.time() > self.deadline:
+            self.data["sections"][name] = {"status": "skipped: time budget spent"}
+            log(f"== {name}: skipped (time budget)")
+            return
+        log(f"== {name}")
+        t = time.time()
+        try:
+            fn(self, *args)
+            self.data["sections"][name] = {"status": "ok", "seconds": round(time.time() - t, 1)}
+        except Exception:  # noqa: BLE001 - record and go on to the next section
+            tb = traceback.format_exc()
+            print(tb, flush=True)
+            self.data["sections"][name] = {"status": "failed", "seconds": round(time.time() - t, 1), "error": tb[-3000:]}
+        finally:
+            torch.cuda.empty_cache()
+            self.save()
+        log(f"   {name}: {self.data['sections'][name]['status']} ({time.time() - t:.1f}s)")
+
+    def save(self) -> None:
+        (self.out / "gpu-serve-check.json").write_text(json.dumps(self.data, indent=1, default=str))
+
+
+# ------------------------------------------------------------------ building blocks
+
+def kernel_backend(model, tokenizer=None, max_batch: int = 8, max_prefill: int = 4096, max_len: int | None = None,
+                   graphs: bool = True, description: str = "random"):
+    from sqdeploy.runtime.backends.kernel import KernelBackend, KernelConfig
+
+    cfg = KernelConfig(max_batch_size=max_batch, max_prefill_tokens=max_prefill, max_model_len=max_len, cuda_graphs=graphs,
+                       gpu_memory_fraction=0.8)
+    return KernelBackend(None, DEVICE, cfg, model=model, tokenizer=tokenizer or IdTokenizer(), description=description,
+                         log=lambda m: log(f"   {m}"))
+
+
+def reference_backend(model, tokenizer=None, description: str = "reference"):
+    """The torch backend around an already built reference model (float32 fake-quant)."""
+    from sqdeploy.runtime.backends.base import ModelInfo
+    from sqdeploy.runtime.backends.torch import TorchBackend
+
+    be = TorchBackend.__new__(TorchBackend)
+    be.device = torch.device(DEVICE)
+    be.model = model.eval()
+    be.tokenizer = tokenizer or IdTokenizer()
+    cfg = model.cfg
+    be.info = ModelInfo(Path("."), description, cfg.vocab_size, cfg.max_positions, cfg.num_layers, frozenset(), 0, Path("."))
+    return be
+
+
+def prompts_of(n: int, vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(16, vocab, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
+
+
+def _reset_peak() -> None:
+    if DEVICE != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float | None:
+    return None if DEVICE == "cpu" else torch.cuda.max_memory_allocated() / 2**30
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def teacher_forced(model, prompt: list[int], gen: list[int]) -> dict:
+    """Each generated token against the argmax of one full forward (no cache) over prompt + generation."""
+    ids = torch.tensor([prompt + gen[:-1]], device=DEVICE)
+    logits = model(ids)[0, len(prompt) - 1 :].float()
+    best = logits.argmax(-1).tolist()
+    gaps = []
+    for i, (g, b) in enumerate(zip(gen, best)):
+        if g != b:
+            gaps.append(float(logits[i, b] - logits[i, g]))
+    return {"agree": sum(g == b for g, b in zip(gen, best)) / len(gen), "mismatch_gaps": gaps,
+            "ok": all(x < NEAR_TIE for x in gaps)}
+
+
+def lead(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def greedy_agreement(backend, prompts: list[list[int]], n_new: int, max_batch: int, max_prefill: int) -> dict:
+    from sqdeploy.runtime import BatchConfig, SamplingParams, generate
+    from sqdeploy.runtime.batching import BatchingEngine
+
+    engine = BatchingEngine(backend, BatchConfig(max_batch, max_prefill))
+    try:
+        p = SamplingParams(max_new_tokens=n_new, ignore_eos=True)
+        replays0 = backend.decoder.replays
+        batched = [c.token_ids for c in generate(engine, prompts, p)]
+        single = [generate(engine, [q], p)[0].token_ids for q in prompts]
+        steps = dict(engine.scheduler.steps)
+    finally:
+        engine.shutdown()
+    tf = [teacher_forced(backend.model, q, b) for q, b in zip(prompts, batched)]
+    tf1 = [teacher_forced(backend.model, q, s) for q, s in zip(prompts, single)]
+    rows_equal = sum(a == b for a, b in zip(batched, single))
+    return {
+        "prompts": len(prompts), "new_tokens": n_new, "rows_identical": rows_equal,
+        "leading_match": [lead(a, b) for a, b in zip(batched, single)],
+        "teacher_forced_agree_batched": [t["agree"] for t in tf],
+        "teacher_forced_agree_single": [t["agree"] for t in tf1],
+        "mismatch_gaps": [g for t in tf + tf1 for g in t["mismatch_gaps"]],
+        "ok": all(t["ok"] for t in tf + tf1),
+        "graph_replays": backend.decoder.replays - replays0,
+        "graphs_captured": sorted(backend.decoder.graphs), "graph_capture_failed": sorted(backend.decoder.failed),
+        "scheduler_steps": steps,
+    }
+
+
+@torch.no_grad()
+def slot_logits(backend, prompts: list[list[int]], conts: list[list[int]]) -> list[torch.Tensor]:
+    """Logits the serving path computes: each prompt prefilled into its own slot, then the continuations
+    decoded together, one step per token (rows at different positions, replayed graphs)."""
+    slots = [backend.acquire() for _ in prompts]
+    try:
+        out = [[backend.prefill(s, p, 0).float()] for s, p in zip(slots, prompts)]
+        idx = torch.tensor(slots, device=DEVICE)
+        for step in range(len(conts[0])):
+            backend.set_next(idx, torch.tensor([c[step] for c in conts], device=DEVICE))
+            logits = backend.decode(slots)
+            for i in range(len(slots)):
+                out[i].append(logits[i].float())
+        return [torch.stack(o) for o in out]
+    finally:
+        for s in slots:
+            backend.release(s)
+
+
+@torch.no_grad()
+def full_logits(model, prompt: list[int], cont: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + cont], device=DEVICE)
+    return model(ids)[0, len(prompt) - 1 :].float()
+
+
+# ------------------------------------------------------------------ sections
+
+def environment(c: Check) -> None:
+    import transformers
+    import triton
+
+    if DEVICE == "cpu":
+        c.data["environment"] = {"gpu": "none (cpu smoke run)", "torch": torch.__version__}
+        return
+    p = torch.cuda.get_device_properties(0)
+    c.data["environment"] = {
+        "gpu": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "capability": f"{p.major}.{p.minor}",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+        "transformers": transformers.__version__,
+    }
+    try:
+        import subprocess
+
+        c.data["environment"]["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                         text=True, cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    except Exception:  # noqa: BLE001
+        pass
+    log(f"   {c.data['environment']}")
+
+
+TINY = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=1024, intermediate_size=2816,
+    num_hidden_layers=3, num_attention_heads=16, num_key_value_heads=4, head_dim=64, vocab_size=8192,
+    max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False, dtype="float16",
+)
+
+
+def tiny_random(c: Check) -> None:
+    from sqdeploy.testing.random_weights import VARIANTS, config_of, random_model
+
+    cfg = config_of(TINY if DEVICE != "cpu" else dict(TINY, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2))
+    rows = []
+    variants = ["fp16", "w8a8", "w4a16"] if c.quick else ["fp16", "w8a8", "w8a8-token", "w4a16"]
+    for v in variants:
+        row: dict = {"variant": v}
+        try:
+            model = random_model(cfg, VARIANTS[v], DEVICE, seed=1)
+            be = kernel_backend(model, max_batch=8, max_prefill=64, max_len=512, description=f"tiny {v}")
+            prompts = prompts_of(8, cfg.vocab_size, [5, 17, 64, 100, 3, 130, 40, 9])
+            row["greedy"] = greedy_agreement(be, prompts, 16 if c.quick else 32, 8, 64)
+            conts = prompts_of(len(prompts[:6]), cfg.vocab_size, [12], seed=3)
+            got = slot_logits(be, prompts[:6], conts)
+            errs = [rel(g, full_logits(model, p, k)) for g, p, k in zip(got, prompts[:6], conts)]
+            row["decode_logits_rel_err_vs_full_forward"] = max(errs)
+            row["ok"] = bool(row["greedy"]["ok"] and max(errs) < 1e-2 and row["greedy"]["graph_replays"] > 0)
+            log(f"   {v}: rows identical {row['greedy']['rows_identical']}/8, teacher-forced ok {row['greedy']['ok']}, "
+                f"logit err {max(errs):.2e}, graphs {row['greedy']['graphs_captured']} replays {row['greedy']['graph_replays']}")
+            del be, model
+        except Exception:  # noqa: BLE001
+            row["error"] = traceback.format_exc()[-2000:]
+            log(f"   {v}: FAILED {row['error'].splitlines()[-1]}")
+        rows.append(row)
+        torch.cuda.empty_cache()
+    c.data["tiny_random"] = {"config": TINY, "rows": rows}
+
+
+def _rtn(name: str, weight: dict, act: str = "none"):
+    from sqdeploy.quantize.recipes import parse_recipe
+
+    return parse_recipe({"name": name, "scheme": {"weight": weight, "act": {"kind": act}}, "algorithm": "rtn"})
+
+
+def shared_recipes(quick: bool) -> dict:
+    out = {
+        "fp16": "fp16",
+        "w8a8 static (rtn)": _rtn("w8a8-static-rtn", {"bits": 8, "granularity": "channel"}, "static_tensor"),
+        "w8a8 per-token (rtn)": _rtn("w8a8-token-rtn", {"bits": 8, "granularity": "channel"}, "dynamic_token"),
+        "w4a16 (rtn g128)": "w4a16-rtn",
+    }
+    if quick:
+        out.pop("w8a8 per-token (rtn)")
+    return out
+
+
+def _calib_file() -> str:
+    path = Path("/tmp/sqdeploy-serve-calib.jsonl")
+    src = (Path(__file__).resolve().parents[1] / "sqdeploy" / "quantize" / "smoothing.py").read_text()
+    path.write_text("\n".join(json.dumps({"text": src[i : i + 2000]}) for i in range(0, len(src), 2000)) + "\n")
+    return str(path)
+
+
+def _compare(c: Check, label: str, kern_model, ref32, ref16, tokenizer, vocab: int) -> dict:
+    prompts = prompts_of(6, min(vocab, 8000), [7, 33, 120, 64, 15, 90], seed=5)
+    conts = prompts_of(6, min(vocab, 8000), [10], seed=6)
+    be = kernel_backend(kern_model, tokenizer, max_batch=8, max_prefill=48, max_len=512, description=label)
+    got = slot_logits(be, prompts, conts)
+    row: dict = {"variant": label}
+    e_k = [rel(g, full_logits(ref32, p, k)) for g, p, k in zip(got, prompts, conts)]
+    row["rel_err_kernel_serving_vs_ref32"] = max(e_k)
+    if ref16 is not None:
+        e16 = [rel(full_logits(ref16, p, k), full_logits(ref32, p, k)) for p, k in zip(prompts, conts)]
+        row["rel_err_fp16_ref_vs_ref32"] = max(e16)
+        row["logits_ok"] = bool(max(e_k) <= max(2 * max(e16), 2e-3))
+    top1 = [float((g.argmax(-1) == full_logits(ref32, p, k).argmax(-1)).float().mean())
+            for g, p, k in zip(got, prompts, conts)]
+    row["top1_agree_vs_ref32"] = sum(top1) / len(top1)
+    row["greedy"] = greedy_agreement(be, prompts, 16 if c.quick else 32, 8, 48)
+    log(f"   {label}: serving logits err {max(e_k):.2e} (fp16 ref {row.get('rel_err_fp16_ref_vs_ref32', float('nan')):.2e}), "
+        f"top1 {row['top1_agree_vs_ref32']:.3f}, batched==single rows {row['greedy']['rows_identical']}/6, "
+        f"teacher-forced ok {row['greedy']['ok']}, graph replays {row['greedy']['graph_replays']}")
+    del be
+    return row
+
+
+def models(c: Check, paths: list[str]) -> None:
+    from sqdeploy.kernels import load_for_device
+    from sqdeploy.model.checkpoint import HFCheckpoint
+    from sqdeploy.model.loading import load_model
+    from sqdeploy.model.tokenizer import load_tokenizer
+    from sqdeploy.quantize.qmodel import QuantizedModel, is_quantized_dir
+    from sqdeploy.testing.inmemory import quantize_in_memory
+
+    results = []
+    for path in paths:
+        entry: dict = {"path": path, "rows": []}
+        results.append(entry)
+        try:
+            tok = load_tokenizer(Path(path))
+        except Exception:  # noqa: BLE001
+            tok = None
+        try:
+            if is_quantized_dir(path):
+                sources = {Path(path).name: QuantizedModel(path)}
+            else:
+                calib = _calib_file()
+                sources = {}
+                for label, recipe in shared_recipes(c.quick).items():
+                    if time.time() > c.deadline - 120:
+                        break
+                    t = time.time()
+                    sources[label] = (HFCheckpoint(path) if recipe == "fp16"
+                                      else quantize_in_memory(path, recipe, calib, samples=8, seq_len=128, device=DEVICE))
+                    log(f"   {Path(path).name} {label}: source ready in {time.time() - t:.1f}s")
+            for label, src in sources.items():
+                if time.time() > c.deadline - 90:  # leave time for the benchmark
+                    entry["rows"].append({"variant": label, "error": "skipped: time budget"})
+                    continue
+                try:
+                    ref32 = load_model(src, torch.float32, DEVICE)
+                    ref16 = load_model(src, torch.float16, DEVICE)
+                    kern = load_for_device(src, DEVICE)
+                    entry["rows"].append(_compare(c, label, kern, ref32, ref16, tok, src.config.vocab_size))
+                    del ref32, ref16, kern
+                except Exception:  # noqa: BLE001
+                    entry["rows"].append({"variant": label, "error": traceback.format_exc()[-2000:]})
+                    log(f"   {label}: FAILED {traceback.format_exc().splitlines()[-1]}")
+                torch.cuda.empty_cache()
+                c.save()
+        except Exception:  # noqa: BLE001
+            entry["error"] = traceback.format_exc()[-2000:]
+            log(f"   {path}: FAILED {entry['error'].splitlines()[-1]}")
+        c.data["models"] = results
+
+
+def served(c: Check, path: str) -> None:
+    """Served (HTTP, a sq-serve process on the same GPU) against offline throughput of one directory."""
+    from sqdeploy.runtime.bench.overhead import OverheadConfig, measure_overhead
+
+    cfg = OverheadConfig(batch=8, input_len=128, output_len=32 if c.quick else 64, rounds=2 if c.quick else 3,
+                         requests_per_round=8 if c.quick else 16, device=DEVICE, gpu_memory_fraction=0.5)
+    r = measure_overhead(path, "kernel", cfg, progress=False)
+    c.data["served"] = r
+    log(f"   {path}: offline {r['offline_median']:.0f} tok/s, served {r['served_median']:.0f} tok/s "
+        f"(ratio {r['served_median'] / r['offline_median']:.2f})")
+
+
+LAYERS_7B = 4
+
+
+def _llama7b(layers: int) -> dict:
+    from sqdeploy.testing.random_weights import LLAMA2_7B
+
+    if DEVICE == "cpu":  # the smoke run of this script: small shapes
+        return dict(TINY, num_hidden_layers=layers, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                    num_key_value_heads=4)
+    return dict(LLAMA2_7B, num_hidden_layers=layers)
+
+
+def _offline(engine, batch: int, in_len: int, out_len: int, repeat: int) -> dict:
+    from sqdeploy.runtime.bench.offline import _measure, prompts_for
+
+    prompts = prompts_for(batch, in_len, engine.info.vocab_size, 0)
+    _measure(engine, prompts, min(out_len, 4))  # warm-up: kernel tuning, graph capture
+    runs = [_measure(engine, prompts, out_len) for _ in range(repeat)]
+    runs.sort(key=lambda r: r["tokens_per_s"])
+    return runs[len(runs) // 2]
+
+
+def _sequences_that_fit(weights: dict, layers_built: int, budget_gib: float) -> dict:
+    """2048-token sequences a full 32-layer model of this variant leaves room for in ``budget_gib``."""
+    full = weights["linears"] * 32 / layers_built + (weights["total"] - weights["linears"])
+    kv_per_seq = 2 * 32 * 32 * 128 * 2 * 2048  # K and V, 32 layers, 32 KV heads of 128, float16
+    reserve = 2 << 30  # activations, graphs, logits
+    free = budget_gib * 2**30 - full - reserve
+    return {"weights_gib_32_layers": round(full / 2**30, 2), "sequences_2048": max(0, int(free // kv_per_seq))}
+
+
+def bench_7b(c: Check, tokenizer_dir: str | None) -> None:
+    from sqdeploy.runtime import BatchConfig
+    from sqdeploy.runtime.batching import BatchingEngine
+    from sqdeploy.testing.random_weights import VARIANTS, config_of, random_model, weight_bytes
+
+    layers = 2 if c.quick else LAYERS_7B
+    hf = _llama7b(layers)
+    cfg = config_of(hf)
+    in_len, out_len = (128, 32) if c.quick else (512, 128)
+    if DEVICE == "cpu":
+        in_len, out_len = 16, 4
+    batches = (1, 8, 32)
+    repeat = 1 if c.quick else 2
+    total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if DEVICE != "cpu" else 141.0
+    res: dict = {"layers": layers, "input_len": in_len, "output_len": out_len, "batches": list(batches), "rows": [],
+                 "fit": {}}
+    c.data["bench_7b"] = res
+    variants = ["fp16", "w8a8", "w4a16"] if c.quick else ["fp16", "w8a8", "w8a8-token", "w4a16"]
+    for v in variants:
+        if time.time() > c.deadline - 45:
+            res["rows"].append({"backend": "kernel", "variant": v, "error": "skipped: time budget"})
+            continue
+        try:
+            _reset_peak()
+            model = random_model(cfg, VARIANTS[v], DEVICE, layers=layers, seed=0)
+            wb = weight_bytes(model)
+            res["fit"][v] = {f"{b:g} GiB": _sequences_that_fit(wb, layers, b) for b in (0.9 * total_gib, 24.0)}
+            be = kernel_backend(model, max_batch=max(batches), max_prefill=8192, max_len=in_len + out_len,
+                                description=f"7B-shaped {v}")
+            engine = BatchingEngine(be, BatchConfig(max(batches), 8192))
+            try:
+                for b in batches:
+                    r = _offline(engine, b, in_len, out_len, repeat)
+                    res["rows"].append({"backend": "kernel", "variant": v, "batch": b, **r})
+                    log(f"   kernel {v} batch {b}: {r['tokens_per_s']:.0f} tok/s (ttft {r['ttft_s'] * 1e3:.0f} ms)")
+                    c.save()
+            finally:
+                engine.shutdown()
+            res["rows"].append({"backend": "kernel", "variant": v, "peak_gpu_gib": _peak_gib(),
+                                "graphs": sorted(be.decoder.graphs), "graph_replays": be.decoder.replays,
+                                "graph_capture_failed": sorted(be.decoder.failed)})
+            del engine, be, model
+        except Exception:  # noqa: BLE001
+            res["rows"].append({"backend": "kernel", "variant": v, "error": traceback.format_exc()[-2000:]})
+            log(f"   kernel {v}: FAILED {traceback.format_exc().splitlines()[-1]}")
+        torch.cuda.empty_cache()
+        c.save()
+    if time.time() > c.deadline - 60:
+        res["reference"] = "skipped: time budget"
+        return
+    _reference_7b(c, res, hf, tokenizer_dir, in_len, out_len, batches)
+
+
+def _reference_7b(c: Check, res: dict, hf: dict, tokenizer_dir: str | None, in_len: int, out_len: int, batches) -> None:
+    """The torch backend (float32 fake-quant reference) on the same shapes, from a random HF directory."""
+    import tempfile
+
+    from sqdeploy.model.checkpoint import HFCheckpoint
+    from sqdeploy.model.loading import load_model
+    from sqdeploy.runtime import BatchConfig
+    from sqdeploy.runtime.batching import BatchingEngine
+    from sqdeploy.testing.random_model import make_random_model
+
+    spec = {k: v for k, v in hf.items() if k not in ("vocab_size", "dtype")}
+    with tempfile.TemporaryDirectory(prefix="sq-serve-check-") as tmp:
+        t = time.time()
+        path = make_random_model(spec, Path(tmp) / "llama7b", vocab_size=hf["vocab_size"], dtype=torch.float16,
+                                 tokenizer_from=tokenizer_dir)
+        log(f"   random 7B-shaped HF directory written in {time.time() - t:.1f}s")
+        sources = {"fp16": lambda: HFCheckpoint(path)}
+        if tokenizer_dir is not None and not c.quick:
+            from sqdeploy.testing.inmemory import quantize_in_memory
+
+            calib = _calib_file()
+            sources["w8a8"] = lambda: quantize_in_memory(
+                path, _rtn("w8a8-static-rtn", {"bits": 8, "granularity": "channel"}, "static_tensor"), calib, 4, 128, DEVICE)
+            sources["w4a16"] = lambda: quantize_in_memory(path, "w4a16-rtn", calib, 4, 128, DEVICE)
+        else:
+            res["reference_note"] = ("W8A8 / W4A16 references need a tokenizer for calibration (--model an HF directory "
+                                     "with one) and a full run; the float32 reference's speed barely depends on the recipe")
+        for v, make in sources.items():
+            if time.time() > c.deadline - 30:
+                res["rows"].append({"backend": "torch", "variant": v, "error": "skipped: time budget"})
+                continue
+            try:
+                _reset_peak()
+                model = load_model(make(), torch.float32, DEVICE)
+                be = reference_backend(model, description=f"7B-shaped {v} reference")
+                engine = BatchingEngine(be, BatchConfig(max(batches), max(4096, max(batches) * in_len)))
+                try:
+                    for b in batches:
+                        r = _offline(engine, b, in_len, out_len, 1)
+                        res["rows"].append({"backend": "torch", "variant": v, "batch": b, **r})
+                        log(f"   torch {v} batch {b}: {r['tokens_per_s']:.0f} tok/s")
+                        c.save()
+                finally:
+                    engine.shutdown()
+                res["rows"].append({"backend": "torch", "variant": v, "peak_gpu_gib": _peak_gib()})
+                del engine, be, model
+            except Exception:  # noqa: BLE001
+                res["rows"].append({"backend": "torch", "variant": v, "error": traceback.format_exc()[-2000:]})
+                log(f"   torch {v}: FAILED {traceback.format_exc().splitlines()[-1]}")
+            torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------ report
+
+def render(data: dict) -> str:
+    env = data.get("environment", {})
+    lines = ["# Kernel serving backend: GPU self-check", "",
+             f"GPU: {env.get('gpu')} ({env.get('memory_gib')} GiB), torch {env.get('torch')}, CUDA {env.get('cuda')}, "
+             f"triton {env.get('triton')}, transformers {env.get('transformers')}, commit {env.get('commit')}"
+             f"{' (quick run)' if data.get('quick') else ''}", "",
+             f"Greedy criterion: every generated token equals the full forward's argmax or the top-2 gap is below "
+             f"{data.get('near_tie')} (float16 near tie).", "", "## Sections", "", "| section | status | seconds |",
+             "|---|---|---|"]
+    for name, s in data["sections"].items():
+        lines.append(f"| {name} | {s['status']} | {s.get('seconds', '')} |")
+    lines += ["", "Verdict: " + verdict(data)]
+    tr = data.get("tiny_random")
+    if tr:
+        lines += ["", "## Tiny random Llama on the kernel backend", "",
+                  "| variant | batched == single rows | teacher-forced ok | min agreement | decode logits rel err | graphs | replays | ok |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in tr["rows"]:
+            g = r.get("greedy")
+            if g is None:
+                lines.append(f"| {r['variant']} | error: {r.get('error', '').splitlines()[-1] if r.get('error') else ''} |||||||")
+                continue
+            agree = min(g["teacher_forced_agree_batched"] + g["teacher_forced_agree_single"])
+            lines.append(f"| {r['variant']} | {g['rows_identical']}/{g['prompts']} | {g['ok']} | {agree:.3f} | "
+                         f"{r.get('decode_logits_rel_err_vs_full_forward', float('nan')):.2e} | {g['graphs_captured']} | "
+                         f"{g['graph_replays']} | {r.get('ok')} |")
+    for m in data.get("models", []) or []:
+        lines += ["", f"## {m['path']}", "",
+                  "| variant | serving logits vs fp32 ref | fp16 ref vs fp32 ref | logits ok | top-1 agree | "
+                  "batched == single rows | teacher-forced ok | replays |", "|---|---|---|---|---|---|---|---|"]
+        for r in m["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | error: {r['error'].splitlines()[-1]} |||||||")
+                continue
+            g = r["greedy"]
+            lines.append(f"| {r['variant']} | {r['rel_err_kernel_serving_vs_ref32']:.2e} | "
+                         f"{r.get('rel_err_fp16_ref_vs_ref32', float('nan')):.2e} | {r.get('logits_ok')} | "
+                         f"{r['top1_agree_vs_ref32']:.3f} | {g['rows_identical']}/{g['prompts']} | {g['ok']} | {g['graph_replays']} |")
+        if m.get("error"):
+            lines.append(f"\nerror: `{m['error'].splitlines()[-1]}`")
+    b = data.get("bench_7b")
+    if b:
+        lines += ["", f"## 7B-shaped Llama, {b['layers']} layers, offline output tokens/s "
+                      f"(input {b['input_len']}, output {b['output_len']})", ""]
+        head = "| backend | variant | " + " | ".join(f"batch {x}" for x in b["batches"]) + " | peak GPU GiB |"
+        lines += [head, "|" + "---|" * (3 + len(b["batches"]))]
+        table: dict = {}
+        for r in b["rows"]:
+            key = (r["backend"], r["variant"])
+            table.setdefault(key, {})
+            if "batch" in r:
+                table[key][r["batch"]] = f"{r['tokens_per_s']:.0f}"
+            elif "peak_gpu_gib" in r:
+                table[key]["peak"] = "" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.1f}"
+            elif "error" in r:
+                table[key]["error"] = r["error"].strip().splitlines()[-1][:80]
+        for (be, v), cells in table.items():
+            vals = " | ".join(cells.get(x, cells.get("error", "")) for x in b["batches"])
+            lines.append(f"| {be} | {v} | {vals} | {cells.get('peak', '')} |")
+        if b.get("reference_note"):
+            lines += ["", b["reference_note"]]
+        if b.get("fit"):
+            lines += ["", "2048-token sequences that fit next to a full 32-layer model (float16 KV cache):", "",
+                      "| variant | budget | weights GiB | sequences |", "|---|---|---|---|"]
+            base = b["fit"].get("fp16", {})
+            lines[-2:] = ["| variant | budget | weights GiB | sequences | vs fp16 |", "|---|---|---|---|---|"]
+            for v, per in b["fit"].items():
+                for budget, f in per.items():
+                    ref = base.get(budget, {}).get("sequences_2048")
+                    ratio = f"{f['sequences_2048'] / ref:.2f}x" if ref else ""
+                    lines.append(f"| {v} | {budget} | {f['weights_gib_32_layers']} | {f['sequences_2048']} | {ratio} |")
+    sv = data.get("served")
+    if sv:
+        lines += ["", f"## Served vs offline ({sv.get('path')}, kernel backend, batch 8)", "",
+                  f"offline {sv['offline_median']:.1f} tok/s, served {sv['served_median']:.1f} tok/s, "
+                  f"served / offline {sv['served_median'] / sv['offline_median']:.2f}"]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(data: dict) -> str:
+    """One line: which checks passed, failed or did not run."""
+    parts = []
+    tr = (data.get("tiny_random") or {}).get("rows", [])
+    if tr:
+        ok = [r.get("ok") for r in tr]
+        parts.append(f"tiny random {sum(bool(x) for x in ok)}/{len(ok)} ok")
+    rows = [r for m in data.get("models", []) or [] for r in m.get("rows", [])]
+    if rows:
+        good = [r for r in rows if r.get("logits_ok") and r.get("greedy", {}).get("ok")]
+        parts.append(f"models {len(good)}/{len(rows)} ok (logits within tolerance, greedy agreement)")
+        replays = sum(r.get("greedy", {}).get("graph_replays", 0) for r in rows)
+        parts.append(f"CUDA-graph replays {replays}")
+    failed = [n for n, s in data["sections"].items() if s["status"] == "failed"]
+    if failed:
+        parts.append("failed sections: " + ", ".join(failed))
+    return "; ".join(parts) or "nothing ran"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="folder for gpu-serve-check.json and gpu-serve-check.md")
+    ap.add_argument("--model", action="append", default=[],
+                    help="an HF or quantized model directory to check (repeatable), e.g. shared/models/tiny-code-llama")
+    ap.add_argument("--quick", action="store_true", help="fewer variants, shorter outputs (a smoke run)")
+    ap.add_argument("--budget", type=float, default=330.0, help="seconds; sections past it are skipped (default 330)")
+    ap.add_argument("--only", default=None, help="comma-separated sections: tiny_random, models, bench_7b, served")
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE != "cpu" and not torch.cuda.is_available():
+        print("gpu_serve_check: no CUDA GPU visible; run it on a GPU machine", file=sys.stderr)
+        return 2
+    for m in args.model:
+        if not Path(m).is_dir():
+            print(f"gpu_serve_check: --model {m} is not a directory", file=sys.stderr)
+            return 2
+    c = Check(out, args.budget, args.quick)
+    only = set(args.only.split(",")) if args.only else None
+    tok_dir = next((m for m in args.model if (Path(m) / "tokenizer.json").exists()), None)
+    c.run("environment", environment)
+    for name, fn, extra in (("tiny_random", tiny_random, ()), ("models", models, (args.model,)),
+                            ("bench_7b", bench_7b, (tok_dir,)), ("served", served, (args.model[:1] or [""])[0:1])):
+        if only and name not in only:
+            continue
+        if name in ("models", "served") and not args.model:
+            c.data["sections"][name] = {"status": "skipped: no --model given"}
+            continue
+        c.run(name, fn, *extra)
+    c.save()
+    (out / "gpu-serve-check.md").write_text(render(c.data))
+    log(f"wrote {out / 'gpu-serve-check.json'} and {out / 'gpu-serve-check.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
