@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--target", default="quantized", choices=["quantized", *sorted(targets)], help="what to write")
     ap.add_argument("--force", action="store_true", help="replace an existing --out")
     ap.add_argument("--json", default=None, help="also write the export report as JSON here")
+    ap.add_argument("--keep-source", action="store_true",
+                    help="--target quantized, weight-only or asymmetric INT4 recipes: also keep a copy of the source weights "
+                         "and the calibration set, so that a later --target trtllm needs only this directory")
     ap.add_argument("--list-recipes", action="store_true", help="list the built-in recipes and exit")
     add_calibration_arguments(ap)
     add_runtime_arguments(ap)
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         if is_quantized_dir(args.model):
             raise SqDeployError(f"{args.model} is already quantized; pick an export --target to convert it")
         out, result = quantize_to_dir(
-            args.model, args.recipe, args.out, calibration_from(args), runtime_from(args), force=args.force
+            args.model, args.recipe, args.out, calibration_from(args), runtime_from(args), force=args.force,
+            keep_source=args.keep_source,
         )
         report = result.manifest
         print(summary(result, out, time.perf_counter() - t0))

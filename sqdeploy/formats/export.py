@@ -62,7 +62,8 @@ def export(
             target.precheck((recipe, ck.config, ck.family), options)
             check_resources(ck, recipe, out, calibration, runtime, target_copies(options))
             scratch = stack.enter_context(scratch_dir(out, "quantized"))
-            qdir, result = quantize_to_dir(ck.path, recipe, scratch, calibration, runtime)
+            qdir, result = quantize_to_dir(ck.path, recipe, scratch, calibration, runtime,
+                                           keep_source=target.name.startswith("trtllm"))  # it may re-quantize
             if on_quantized is not None:
                 on_quantized(result)
         with atomic_output_dir(out, force, inputs=[model, calibration.source]) as tmp:

@@ -32,7 +32,8 @@ from sqdeploy.quantize.algorithm import SearchInputs
 from sqdeploy.quantize.calibration import CalibrationSet, build_calibration
 from sqdeploy.quantize.qmodel import DTYPES, QuantizedModelWriter, round_block_floats
 from sqdeploy.quantize.recipes import Recipe, load_recipe
-from sqdeploy.quantize.requant import keep_source, needs_kept_source
+from sqdeploy.quantize.requant import keep_source as keep_source_copy
+from sqdeploy.quantize.requant import needs_kept_source
 from sqdeploy.quantize.smoothing import usable_groups
 from sqdeploy.quantize.streaming import LayerRecord, stream_layers
 
@@ -237,8 +238,13 @@ def quantize_to_dir(
     calib: Calibration = Calibration(),
     runtime: Runtime = Runtime(),
     force: bool = False,
+    keep_source: bool = False,
 ) -> tuple[Path, QuantizeResult]:
-    """Quantize and write a QuantizedModel directory atomically."""
+    """Quantize and write a QuantizedModel directory atomically.
+
+    ``keep_source``: for schemes a TensorRT-LLM export re-quantizes (:func:`.requant.needs_kept_source`),
+    also keep a copy of the source weights and the calibration blocks, so that the directory alone
+    suffices for that export. Off by default: the copy is as large as the source model."""
     ck = HFCheckpoint(model)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     validate_recipe(recipe, ck.config, ck.family)
@@ -250,8 +256,8 @@ def quantize_to_dir(
         writer.add_globals(global_tensors(ck, dtype))
         writer.finish(ck.hf_config, result.manifest, ck.tokenizer_files())
         phases.lap("write quantized model")
-        if needs_kept_source(recipe.scheme):
-            keep_source(ck, result.calibration_ids, tmp)
+        if keep_source and needs_kept_source(recipe.scheme):
+            keep_source_copy(ck, result.calibration_ids, tmp)
     return Path(out), result
 
 

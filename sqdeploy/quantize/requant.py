@@ -50,8 +50,9 @@ class SmoothedWeights:
         src = qm.path / KEPT_SOURCE
         if not (src / "config.json").exists():
             raise SqDeployError(
-                f"{qm.path} does not keep the source weights that re-quantizing {qm.scheme.describe()} needs (written by an "
-                "older sq-deploy); re-export from the Hugging Face model: sq-export HF_MODEL --recipe RECIPE --target ..."
+                f"{qm.path} does not keep the source weights that re-quantizing {qm.scheme.describe()} needs "
+                "(quantize with --keep-source to keep them); re-export from the Hugging Face model: "
+                "sq-export HF_MODEL --recipe RECIPE --target ..."
             )
         sha = hashlib.sha256((src / "config.json").read_bytes()).hexdigest()
         if sha != (qm.manifest.get("source_model") or {}).get("config_sha256"):
@@ -135,8 +136,8 @@ def recorded_calibration(qm: QuantizedModel) -> torch.Tensor:
     f = qm.path / KEPT_CALIBRATION
     if not f.exists():
         raise SqDeployError(
-            f"{qm.path} does not keep the calibration set that re-rounding with GPTQ needs (written by an older "
-            "sq-deploy); re-export from the Hugging Face model: sq-export HF_MODEL --recipe RECIPE --target ..."
+            f"{qm.path} does not keep the calibration set that re-rounding with GPTQ needs (quantize with "
+            "--keep-source to keep it); re-export from the Hugging Face model: sq-export HF_MODEL --recipe RECIPE --target ..."
         )
     ids = load_file(str(f))["ids"]
     if hashlib.sha256(ids.numpy().tobytes()).hexdigest() != (qm.manifest.get("calibration") or {}).get("sha256"):

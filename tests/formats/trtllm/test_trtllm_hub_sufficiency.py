@@ -49,7 +49,7 @@ def test_export_without_the_source_model_matches(spec, tp, calib_file, tmp_path)
     calib = tmp_path / "calib.jsonl"
     shutil.copy(calib_file, calib)
     qdir = tmp_path / "q"
-    quantize_to_dir(src, recipe(spec), qdir, Calibration(str(calib), 4, 64), Runtime(progress=False))
+    quantize_to_dir(src, recipe(spec), qdir, Calibration(str(calib), 4, 64), Runtime(progress=False), keep_source=True)
     assert (qdir / KEPT_SOURCE / "config.json").exists()
     with_source = export(qdir, tmp_path / "with", tp, int4_requant_clip="none")
     shutil.rmtree(src)
@@ -63,7 +63,8 @@ def test_export_without_the_source_model_matches(spec, tp, calib_file, tmp_path)
 def test_a_directory_without_the_kept_source_names_the_remedy(calib_file, tmp_path):
     src = _model(tmp_path)
     qdir = tmp_path / "q"
-    quantize_to_dir(src, recipe(int4_recipe(64, rounding="gptq")), qdir, Calibration(str(calib_file), 2, 32), Runtime(progress=False))
+    quantize_to_dir(src, recipe(int4_recipe(64, rounding="gptq")), qdir, Calibration(str(calib_file), 2, 32), Runtime(progress=False),
+                    keep_source=True)
     (qdir / KEPT_CALIBRATION).unlink()
     with pytest.raises(SqDeployError, match="does not keep the calibration set.*re-export from the Hugging Face model"):
         export(qdir, tmp_path / "no_calibration", 1)
@@ -78,5 +79,15 @@ def test_schemes_with_stored_integers_keep_nothing(calib_file, tmp_path):
     src = _model(tmp_path)
     for i, spec in enumerate((int4_recipe(64, symmetric=True), SQ_TOKEN)):
         qdir = tmp_path / f"q{i}"
-        quantize_to_dir(src, recipe(spec), qdir, Calibration(str(calib_file), 2, 32), Runtime(progress=False))
+        quantize_to_dir(src, recipe(spec), qdir, Calibration(str(calib_file), 2, 32), Runtime(progress=False), keep_source=True)
         assert not (qdir / KEPT_SOURCE).exists() and not (qdir / KEPT_CALIBRATION).exists()
+
+
+def test_the_copy_is_kept_only_when_asked(calib_file, tmp_path):
+    """A plain quantized directory stays the size of the quantized model: the copy is opt-in."""
+    src = _model(tmp_path)
+    qdir = tmp_path / "q"
+    quantize_to_dir(src, recipe(int4_recipe(64, rounding="gptq")), qdir, Calibration(str(calib_file), 2, 32), Runtime(progress=False))
+    assert not (qdir / KEPT_SOURCE).exists() and not (qdir / KEPT_CALIBRATION).exists()
+    with pytest.raises(SqDeployError, match="--keep-source"):
+        export(qdir, tmp_path / "t", 1)
