@@ -28,7 +28,7 @@ def quantized(tiny_models, calib_file, tmp_path_factory):
     cal = Calibration(str(calib_file), 4, 64)
     g64 = parse_recipe({"name": "w4a16-g64", "algorithm": "rtn",
                         "scheme": {"weight": {"bits": 4, "granularity": "group", "group_size": 64, "symmetric": False}}})
-    return {getattr(r, "name", r): quantize_to_dir(tiny_models["llama"], r, root / getattr(r, "name", r), cal, QUIET)[0]
+    return {getattr(r, "name", r): quantize_to_dir(tiny_models["llama"], r, root / getattr(r, "name", r), cal, QUIET, keep_source=True)[0]
             for r in ("w4a16-rtn", "w8a8-sq-o3", g64)}
 
 

@@ -48,7 +48,7 @@ def quantized(tmp_path_factory, tiny_models, calib_file):
         if key not in made:
             src = tiny_models[model] if model in tiny_models else model
             out = root / f"q{len(made)}"
-            quantize_to_dir(src, recipe(spec), out, Calibration(str(calib_file), 4, 64), Runtime(progress=False))
+            quantize_to_dir(src, recipe(spec), out, Calibration(str(calib_file), 4, 64), Runtime(progress=False), keep_source=True)
             made[key] = out
         return made[key]
 

@@ -83,7 +83,7 @@ def test_exported_files_equal_modelopt_manifest(manifest, two_layer_shared, cali
     """A real export of the shared architecture: its files carry ModelOpt's names, shapes and dtypes (layers 0-1)."""
     spec, _, tp = CASES[manifest]
     q = tmp_path / "q"
-    quantize_to_dir(two_layer_shared, recipe(spec), q, Calibration(str(calib_file), 2, 64), Runtime(progress=False))
+    quantize_to_dir(two_layer_shared, recipe(spec), q, Calibration(str(calib_file), 2, 64), Runtime(progress=False), keep_source=True)
     export(q, tmp_path / "ckpt", tp)
     for rank, theirs in _manifest(manifest)["ranks"].items():
         kept = {k: list(v) for k, v in theirs.items() if not k.startswith("transformer.layers.") or k.split(".")[2] in ("0", "1")}
@@ -97,7 +97,7 @@ def test_unified_hf_equals_modelopt_manifest(two_layer_shared, calib_file, tmp_p
 
     man = _manifest("modelopt_int4_awq_hf.json")
     q = tmp_path / "q"
-    quantize_to_dir(two_layer_shared, recipe(int4_recipe(128)), q, Calibration(str(calib_file), 2, 64), Runtime(progress=False))
+    quantize_to_dir(two_layer_shared, recipe(int4_recipe(128)), q, Calibration(str(calib_file), 2, 64), Runtime(progress=False), keep_source=True)
     out = tmp_path / "hf"
     out.mkdir()
     write_hf(q, out, progress=False)
@@ -133,7 +133,7 @@ def test_same_layout_as_live_modelopt(manifest, two_layer_shared, calib_file, tm
     ids = torch.randint(0, 8000, (2, 64), generator=torch.Generator().manual_seed(0))
     theirs = _modelopt_export(two_layer_shared, cfg_name, tp, tmp_path / "modelopt", ids)
     q = tmp_path / "q"
-    quantize_to_dir(two_layer_shared, recipe(spec), q, Calibration(str(calib_file), 2, 64), Runtime(progress=False))
+    quantize_to_dir(two_layer_shared, recipe(spec), q, Calibration(str(calib_file), 2, 64), Runtime(progress=False), keep_source=True)
     export(q, tmp_path / "ours", tp)
     for r in range(tp):
         assert _headers(tmp_path / "ours" / f"rank{r}.safetensors") == _headers(theirs / f"rank{r}.safetensors")
