@@ -97,8 +97,10 @@ def measure_overhead(path: str, backend: str = "auto", cfg: OverheadConfig = Ove
     try:
         prompts = prompts_for(cfg.batch, cfg.input_len, engine.info.vocab_size, cfg.seed)
         specs = [RequestSpec(prompts[i % cfg.batch], cfg.output_len) for i in range(cfg.requests_per_round)]
-        _measure(engine, prompts, 4)  # warm both sides up
-        asyncio.run(run_point(f"http://127.0.0.1:{port}", "bench", specs[: cfg.batch], LoadPoint("concurrency", cfg.batch)))
+        # Warm both sides up with a whole round: the server compiles and tunes its kernels for every batch
+        # size the round reaches (rows finish at different steps), which one batch of requests does not cover.
+        _measure(engine, prompts, cfg.output_len)
+        asyncio.run(run_point(f"http://127.0.0.1:{port}", "bench", specs, LoadPoint("concurrency", cfg.batch)))
         with Progress(cfg.rounds, "offline vs served", progress) as bar:
             for _ in range(cfg.rounds):
                 offline.append(_measure(engine, prompts, cfg.output_len)["tokens_per_s"])
