@@ -206,6 +206,11 @@ class BatchingEngine:
     def stats(self) -> dict[str, int]:
         return {"waiting": len(self._incoming) + len(self.scheduler.waiting), "running": self.scheduler.running}
 
+    @property
+    def healthy(self) -> bool:
+        """False once the backend can no longer run a step (a tensor-parallel rank died): not ready."""
+        return bool(getattr(self.backend, "healthy", True))
+
     def shutdown(self, drain: bool = True) -> None:
         """Stop the worker: finish every queued and running request first when ``drain``, else cancel them."""
         with self._cv:

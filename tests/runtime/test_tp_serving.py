@@ -135,10 +135,17 @@ def test_http_through_the_real_app_and_shutdown_stops_the_ranks(checkpoints, ref
             assert 400 <= too_long.status_code < 500
             m = httpx.get(f"{url}/metrics", timeout=10).text
             assert "sqdeploy" in m
+            # a rank that dies fails the request in flight and makes the replica not ready, never a hang
+            assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+            os.kill(max(ranks), signal.SIGKILL)
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            assert r.status_code >= 500 and "rank" in r.text
+            assert httpx.get(f"{url}/health", timeout=10).status_code == 503
+            assert httpx.get(f"{url}/v2/health/ready", timeout=10).status_code == 503
     finally:
         engine.shutdown()
     assert not engine.backend.ranks.alive
-    assert not ranks & {p.pid for p in psutil.process_iter() if p.status() != psutil.STATUS_ZOMBIE}
+    assert not any(_running(p) for p in ranks)
 
 
 def test_sq_serve_process_stops_its_ranks_on_sigterm(checkpoints):
@@ -164,13 +171,39 @@ def test_sq_serve_process_stops_its_ranks_on_sigterm(checkpoints):
         assert r.status_code == 200, r.text
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        gone, alive = psutil.wait_procs([psutil.Process(p) for p in ranks if psutil.pid_exists(p)], timeout=10)
-        assert not alive
+        deadline = time.monotonic() + 10
+        while any(_running(p) for p in ranks):
+            assert time.monotonic() < deadline, "a rank outlived its server"
+            time.sleep(0.2)
         assert "tp 2 over gloo" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_ranks_exit_when_their_server_is_killed(checkpoints):
+    """SIGKILL leaves the server no chance to stop its ranks: they notice and leave on their own."""
+    script = ("import os, signal, sys\n"
+              "from sqdeploy.runtime.tp import TPEngine\n"
+              f"eng = TPEngine({str(checkpoints[2])!r}, device='cpu')\n"
+              "print(*eng.pids(), flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    ranks = [int(p) for p in proc.stdout.split()]
+    assert len(ranks) == 2
+    deadline = time.monotonic() + 15
+    while any(_running(p) for p in ranks):
+        assert time.monotonic() < deadline, "a rank outlived its killed server"
+        time.sleep(0.2)
 
 
 def test_bad_requests_are_one_line_errors(checkpoints, tmp_path, capsys):

@@ -159,6 +159,11 @@ class TPBackend:
             self._lengths[s] += 1
         return logits
 
+    @property
+    def healthy(self) -> bool:
+        """Every rank is running (a rank that died takes the others down: the server then reports not ready)."""
+        return self.ranks.alive
+
     def close(self) -> None:
         """Stop the ranks (they finish the command they run)."""
         self.ranks.close()
