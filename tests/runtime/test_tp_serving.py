@@ -9,6 +9,7 @@ cancelled request frees its slot, and no rank process outlives its engine or ser
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -148,11 +149,12 @@ def test_http_through_the_real_app_and_shutdown_stops_the_ranks(checkpoints, ref
     assert not any(_running(p) for p in ranks)
 
 
-def test_sq_serve_process_stops_its_ranks_on_sigterm(checkpoints):
+def test_sigterm_to_the_process_group_drains_then_stops_the_ranks(checkpoints):
+    """As a service manager stops a service: SIGTERM to every process; the ranks must outlive the drain."""
     port = free_port()
     cmd = [sys.executable, "-m", "sqdeploy.cli.serve", str(checkpoints[2]), "--tp", "2", "--device", "cpu",
-           "--port", str(port), "--model-name", "tp", "--max-model-len", "64", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+           "--port", str(port), "--model-name", "tp", "--max-model-len", "256", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -167,9 +169,13 @@ def test_sq_serve_process_stops_its_ranks_on_sigterm(checkpoints):
             time.sleep(0.1)
         ranks = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert len(ranks) >= 2
-        r = httpx.post(f"{url}/v1/completions", json={"model": "tp", "prompt": [1, 2, 3], "max_tokens": 3}, timeout=60)
-        assert r.status_code == 200, r.text
-        os.kill(proc.pid, signal.SIGTERM)
+        body = {"model": "tp", "prompt": [1, 2, 3], "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as s:
+            lines = s.iter_lines()
+            next(lines)  # under way
+            os.killpg(proc.pid, signal.SIGTERM)
+            rest = [json.loads(x[5:]) for x in lines if x.startswith("data:") and x != "data: [DONE]"]
+        assert rest[-1]["choices"][0]["finish_reason"] == "length"  # drained to the end
         assert proc.wait(timeout=60) == 0
         deadline = time.monotonic() + 10
         while any(_running(p) for p in ranks):

@@ -134,7 +134,7 @@ class TPEngine:
         for p in self._procs:
             p.join(timeout=0 if force else 30)
             if p.is_alive():
-                p.terminate()
+                p.kill()  # ranks ignore SIGTERM
                 p.join(timeout=10)
         self._procs = []
 

@@ -7,8 +7,9 @@ rank, so every rank picks the same greedy token without further communication.
 A rank started for serving (``serve``: a :class:`~sqdeploy.runtime.backends.kernel.KernelConfig`)
 also holds its share of a slot KV cache (:class:`~sqdeploy.runtime.tp.slots.RankSlots`) and
 answers ``prefill`` / ``decode`` commands, each carrying the slots freed since the last one.
-Ranks ignore Ctrl-C (the launcher stops them, after draining) and exit on their own when
-the launcher dies, so no rank outlives its server.
+Ranks ignore SIGINT and SIGTERM, which a terminal or a service manager sends to the whole
+process group: the launcher stops them, after draining its requests. They exit on their
+own when the launcher dies, so no rank outlives its server.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def worker_main(rank: int, world: int, path: str, device_kind: str, backend: str
                 commands, results, serve=None) -> None:
     import torch.distributed as dist
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the launcher stops the ranks (after a drain); see TPEngine.close
+        signal.signal(sig, signal.SIG_IGN)
     try:
         from sqdeploy.kernels.device import check_cuda
         from sqdeploy.runtime.tp.shards import build_rank_model
