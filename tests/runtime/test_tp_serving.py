@@ -225,7 +225,8 @@ def test_bad_requests_are_one_line_errors(checkpoints, tmp_path, capsys):
     assert resolve_backend(checkpoints[1], "auto", "cpu", tp=1) == "tp"
     cases = [([str(checkpoints[2]), "--tp", "3", "--device", "cpu"], "not --tp 3"),
              ([str(tmp_path), "--tp", "2", "--device", "cpu"], "sq-export MODEL --target trtllm --tp N"),
-             ([str(checkpoints[2]), "--tp", "2", "--backend", "onnxruntime"], "drop one of them")]
+             ([str(checkpoints[2]), "--tp", "2", "--backend", "onnxruntime"], "drop one of them"),
+             ([str(checkpoints[2]), "--device", "cpu", "--kv-cache-gib", "1e-6"], "cannot hold one sequence")]
     if torch.cuda.device_count() < 2:
         cases.append(([str(checkpoints[2]), "--tp", "2", "--device", "cuda"], "needs 2 GPUs"))
     for argv, needle in cases:

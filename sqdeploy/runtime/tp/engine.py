@@ -82,6 +82,8 @@ class TPEngine:
                 if dead:
                     raise SqDeployError(f"tensor-parallel rank {dead[0]} exited (code {self._procs[dead[0]].exitcode})")
                 continue
+            if kind == "refused":
+                raise SqDeployError(payload)
             if kind == "error":
                 last = payload.strip().splitlines()[-1]
                 raise SqDeployError(f"tensor-parallel rank {rank} failed: {last}\n{payload}")

@@ -91,6 +91,15 @@ def _next_command(commands):
                 os._exit(0)  # the group's other ranks are leaving too; nothing to tear down cleanly
 
 
+def _failure(rank: int, exc: Exception) -> tuple:
+    """What the launcher raises: bad input (a :class:`SqDeployError`) as its one line, anything else with its traceback."""
+    from sqdeploy.core.errors import SqDeployError
+
+    if isinstance(exc, SqDeployError):
+        return ("refused", rank, str(exc))
+    return ("error", rank, traceback.format_exc())
+
+
 def worker_main(rank: int, world: int, path: str, device_kind: str, backend: str, dtype_name: str, port: int,
                 commands, results, serve=None) -> None:
     import torch.distributed as dist
@@ -113,8 +122,8 @@ def worker_main(rank: int, world: int, path: str, device_kind: str, backend: str
             log = lambda msg: print(f"sq-serve: rank {rank}: {msg}", file=sys.stderr, flush=True)  # noqa: E731
             slots = RankSlots(model, serve, log)
         results.put(("ready", rank, None if slots is None else slots.describe()))
-    except Exception:  # noqa: BLE001 - reported to the launcher, which stops every rank
-        results.put(("error", rank, traceback.format_exc()))
+    except Exception as exc:  # noqa: BLE001 - reported to the launcher, which stops every rank
+        results.put(_failure(rank, exc))
         return
     while True:
         cmd = _next_command(commands)
@@ -124,7 +133,7 @@ def worker_main(rank: int, world: int, path: str, device_kind: str, backend: str
             out = _serve(model, cmd, device, slots)
             if rank == 0:
                 results.put(("ok", rank, out.cpu() if isinstance(out, torch.Tensor) else out))
-        except Exception:  # noqa: BLE001
-            results.put(("error", rank, traceback.format_exc()))
+        except Exception as exc:  # noqa: BLE001
+            results.put(_failure(rank, exc))
             break
     dist.destroy_process_group()
