@@ -91,6 +91,31 @@ def test_batched_and_single_greedy_equal_the_single_process_reference(backend, r
     assert backend.free_slots() == 4 and backend.ranks.alive
 
 
+def _count_calls(monkeypatch, obj, name: str) -> list:
+    calls, real = [], getattr(obj, name)
+    monkeypatch.setattr(obj, name, lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
+def test_greedy_steps_return_ids_and_sampled_rows_get_logits(backend, reference, monkeypatch):
+    ids = _count_calls(monkeypatch, backend.ranks, "decode_greedy")
+    logits = _count_calls(monkeypatch, backend.ranks, "decode")
+    engine = BatchingEngine(backend, BatchConfig(4, 64), close_backend=False)
+    sampled = SamplingParams(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    penalised = SamplingParams(max_new_tokens=6, repetition_penalty=1.3, ignore_eos=True)
+    try:
+        assert generate(engine, [PROMPTS[1]], GREEDY)[0].token_ids == reference[tuple(PROMPTS[1])]
+        assert ids and not logits  # all rows greedy: only ids came back
+        mixed = generate(engine, PROMPTS[:3], [GREEDY, sampled, penalised])
+        again = generate(engine, [PROMPTS[1]], sampled)[0]
+    finally:
+        engine.shutdown()
+    assert logits  # a sampled row: the logits came back
+    assert mixed[0].token_ids == reference[tuple(PROMPTS[0])]  # its neighbours do not change a greedy row
+    assert mixed[1].token_ids == again.token_ids  # a seeded row does not depend on its batch
+    assert len(mixed[2].token_ids) == 6
+
+
 def test_cancelled_request_frees_its_slot(backend, reference):
     from sqdeploy.runtime.engine import GenerationRequest, _QueueSink
 

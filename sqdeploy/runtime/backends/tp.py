@@ -7,9 +7,9 @@ KV heads); this process keeps the slot bookkeeping, exactly as the single-GPU ke
 backend does, so :class:`~sqdeploy.runtime.slot_batching.SlotScheduler` drives both the
 same way: a prompt chunk writes only its own slot on every rank, a decode step advances
 every decoding slot by one token, and a finished request frees only its slot (the ranks
-learn that with the next command). Rank 0's gathered float32 logits of the rows in the
-step are the only data that comes back; sampling (all of greedy, temperature, top-k,
-top-p, seeds, penalties) runs here on the CPU.
+learn that with the next command). Only rank 0's results come back: the greedy token ids
+of a decode step whose rows all decode greedily, else the gathered float32 logits of the
+rows in the step, sampled here on the CPU (temperature, top-k, top-p, seeds, penalties).
 """
 
 from __future__ import annotations
@@ -150,14 +150,22 @@ class TPBackend:
 
     def decode(self, slots: Sequence[int]) -> torch.Tensor:
         """One decode step of ``slots`` (all decoding rows); float32 logits ``[len(slots), V]`` in their order."""
+        return self._step(self.ranks.decode, slots)
+
+    def decode_greedy(self, slots: Sequence[int]) -> torch.Tensor:
+        """One decode step of rows that all decode greedily (no penalty, no ``min_tokens`` mask): rank 0 picks
+        the tokens, and only their ids [len(slots)] come back."""
+        return self._step(self.ranks.decode_greedy, slots)
+
+    def _step(self, call, slots: Sequence[int]) -> torch.Tensor:
         slots = list(slots)
         full = [s for s in slots if self._lengths[s] >= self.max_len]
         if full:
             raise SqDeployError(f"slot {full[0]} is full ({self.max_len} positions); the request should have ended")
-        logits = self.ranks.decode(self._take_freed(), slots, [self._next[s] for s in slots])
+        out = call(self._take_freed(), slots, [self._next[s] for s in slots])
         for s in slots:
             self._lengths[s] += 1
-        return logits
+        return out
 
     @property
     def healthy(self) -> bool:

@@ -123,6 +123,10 @@ class TPEngine:
         """Forget slots ``freed``, then one decode step of ``slots`` fed ``next_ids``; float32 logits [n, V]."""
         return self._call(("decode", list(freed), list(slots), list(next_ids)))
 
+    def decode_greedy(self, freed: list[int], slots: list[int], next_ids: list[int]) -> torch.Tensor:
+        """As :meth:`decode`, but only the greedy next ids [n] come back."""
+        return self._call(("decode_greedy", list(freed), list(slots), list(next_ids)))
+
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 

@@ -69,6 +69,10 @@ class RankSlots:
         c.next_ids[idx] = torch.tensor(list(next_ids), dtype=torch.long, device=self.device)
         return self.decoder.step(list(slots)).index_select(0, idx)
 
+    def decode_greedy(self, slots: Sequence[int], next_ids: Sequence[int]) -> torch.Tensor:
+        """One decode step whose rows all decode greedily: their next ids [len(slots)], not the logits."""
+        return self.decode(slots, next_ids).argmax(dim=-1)
+
     def describe(self) -> dict:
         p = self.cache.plan
         return {"slots": p.slots, "max_len": p.max_len, "plan": p.describe()}

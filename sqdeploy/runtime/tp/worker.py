@@ -6,7 +6,8 @@ rank, so every rank picks the same greedy token without further communication.
 
 A rank started for serving (``serve``: a :class:`~sqdeploy.runtime.backends.kernel.KernelConfig`)
 also holds its share of a slot KV cache (:class:`~sqdeploy.runtime.tp.slots.RankSlots`) and
-answers ``prefill`` / ``decode`` commands, each carrying the slots freed since the last one.
+answers ``prefill`` / ``decode`` / ``decode_greedy`` commands, each carrying the slots freed
+since the last one.
 Ranks ignore SIGINT and SIGTERM, which a terminal or a service manager sends to the whole
 process group: the launcher stops them, after draining its requests. They exit on their
 own when the launcher dies, so no rank outlives its server.
@@ -64,11 +65,11 @@ def _serve(model, cmd, device, slots=None):
     from sqdeploy.kernels.decode import greedy_generate
 
     kind = cmd[0]
-    if kind in ("prefill", "decode"):
+    if kind in ("prefill", "decode", "decode_greedy"):
         if slots is None:
             raise ValueError(f"{kind!r} needs ranks started for serving (TPEngine(serve=...))")
         slots.forget(cmd[1])
-        return slots.prefill(*cmd[2:]) if kind == "prefill" else slots.decode(*cmd[2:])  # rank 0's go to the host
+        return getattr(slots, kind)(*cmd[2:])  # rank 0's result goes to the host
     if kind == "logits":
         with torch.no_grad():
             return model(cmd[1].to(device)).cpu()
