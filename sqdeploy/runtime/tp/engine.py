@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import sys
 import time
 
 import torch
@@ -84,9 +85,10 @@ class TPEngine:
                 continue
             if kind == "refused":
                 raise SqDeployError(payload)
-            if kind == "error":
+            if kind == "error":  # the traceback goes to the log, its last line to whoever waits (an HTTP client)
+                print(f"tensor-parallel rank {rank} failed:\n{payload}", file=sys.stderr, flush=True)
                 last = payload.strip().splitlines()[-1]
-                raise SqDeployError(f"tensor-parallel rank {rank} failed: {last}\n{payload}")
+                raise SqDeployError(f"tensor-parallel rank {rank} failed: {last}")
             if kind == expect:
                 return payload
         raise SqDeployError(f"tensor-parallel ranks did not answer within {self.timeout:.0f}s")
