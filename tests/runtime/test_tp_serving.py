@@ -161,6 +161,7 @@ def test_http_through_the_real_app_and_shutdown_stops_the_ranks(checkpoints, ref
             assert 400 <= too_long.status_code < 500
             m = httpx.get(f"{url}/metrics", timeout=10).text
             assert "sqdeploy" in m
+            assert set(engine.backend.ranks.pids()) == ranks  # started once, for the engine's whole life
             # a rank that dies fails the request in flight and makes the replica not ready, never a hang
             assert httpx.get(f"{url}/health", timeout=10).status_code == 200
             os.kill(max(ranks), signal.SIGKILL)
