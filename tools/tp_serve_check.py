@@ -10,6 +10,7 @@ slot scheduler, per-rank slot KV caches, NCCL) and reports
 * greedy tokens of tp 2 batched vs one prompt at a time vs tp 1, per prompt;
 * offline output tokens/s at several batch sizes for tp 1 and tp 2 (``sq-bench offline``'s code);
 * a burst of concurrent HTTP requests through the real app (all answered, tokens equal offline);
+* served / offline throughput at batch 8 for tp 2 (``sq-bench overhead``'s code; first recipe only);
 * that the rank processes are gone after ``shutdown()``, and that ``--tp 2`` with one visible GPU is
   refused with one line (exit 2).
 
@@ -118,6 +119,14 @@ def _throughput(ckpt: Path, tp: int, batches: tuple[int, ...], in_len: int, out_
              "tpot_s": row["tpot_s"]} for row in r["rows"]]
 
 
+def _overhead(ckpt: Path, device: str) -> dict:
+    from sqdeploy.runtime.bench.overhead import OverheadConfig, measure_overhead
+
+    cfg = OverheadConfig(batch=8, input_len=128, output_len=64, rounds=2, requests_per_round=16, device=device, tp=2)
+    r = measure_overhead(str(ckpt), "auto", cfg, progress=False)
+    return {k: r[k] for k in ("offline_tokens_per_s", "served_tokens_per_s") if k in r}
+
+
 def _refusal(ckpt: Path) -> dict:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
     p = subprocess.run([sys.executable, "-m", "sqdeploy.cli.serve", str(ckpt), "--tp", "2", "--device", "cuda"],
@@ -137,6 +146,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--in-len", type=int, default=128)
     ap.add_argument("--out-len", type=int, default=64)
+    ap.add_argument("--skip-overhead", action="store_true", help="no served / offline comparison")
     ap.add_argument("--device", default="cuda", help="cuda (NCCL, the check) or cpu (gloo, a dry run of this script)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -163,6 +173,8 @@ def main() -> None:
             r["n"] = len(prompts)
             r["tokens"] = {tp: {k: v for k, v in t[tp].items() if k not in ("batched", "single")} for tp in (1, 2)}
             r["throughput"] = {tp: _throughput(ck[tp], tp, batches, args.in_len, args.out_len, args.device) for tp in (1, 2)}
+            if not args.skip_overhead and "overhead" not in res:
+                res["overhead"] = {"recipe": recipe, **_overhead(ck[2], args.device)}
             if "refusal" not in res and args.device == "cuda":
                 res["refusal"] = _refusal(ck[2])
         except Exception as exc:  # noqa: BLE001 - one recipe's failure is reported, the others still run
@@ -189,6 +201,12 @@ def main() -> None:
         for a, b in zip(r.get("throughput", {}).get(1, []), r.get("throughput", {}).get(2, [])):
             md.append(f"| {name} | {a['batch']} | {a['tokens_per_s']:.0f} | {b['tokens_per_s']:.0f} | "
                       f"{b['tokens_per_s'] / a['tokens_per_s']:.2f} |")
+    if "overhead" in res:
+        o = res["overhead"]
+        off, on = o["offline_tokens_per_s"], o["served_tokens_per_s"]
+        med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+        md += ["", f"tp 2 {o['recipe']}, batch 8, input 128, output 64: offline {med(off):.0f} tokens/s, served "
+                   f"{med(on):.0f} tokens/s ({med(on) / med(off):.0%}); rounds offline {off}, served {on}"]
     if "refusal" in res:
         f = res["refusal"]
         md += ["", f"`--tp 2` with one visible GPU: exit {f['exit']}, {f['stderr_lines']} line(s): `{f['message']}`"]

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--rounds", type=int, default=5, help="alternating offline/served rounds; medians are compared (default 5)")
     ov.add_argument("--requests-per-round", type=int, default=16, help="served requests per round (default 16)")
     ov.add_argument("--backend", default="auto")
+    ov.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks (TensorRT-LLM checkpoints), as for offline")
     ov.add_argument("--device", default="auto", help="auto (default: the GPU for model directories when one is visible), cpu, cuda[:N]")
     _kv_options(ov)
     ov.add_argument("--threads", type=int, default=None)
@@ -201,7 +202,7 @@ def overhead(args, argv) -> int:
 
     cfg = OverheadConfig(
         args.batch_size, args.input_len, args.output_len, args.rounds, args.requests_per_round, args.threads, args.seed,
-        args.device, args.kv_cache_gib, args.gpu_memory_fraction,
+        args.device, args.kv_cache_gib, args.gpu_memory_fraction, args.tp,
     )
     out = args.out or f"sq-bench-overhead-{time.strftime('%Y%m%d-%H%M%S')}"
     with atomic_output_dir(out, args.force, _inputs(args)) as tmp:
