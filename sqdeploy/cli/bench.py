@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--output-lens", type=_ints, default=(128,), help="generated tokens, comma-separated (default 128)")
     off.add_argument("--repeat", type=int, default=3, help="measured runs per point; the median is reported (default 3)")
     off.add_argument("--warmup", type=int, default=1, help="short unmeasured runs per point (default 1)")
-    off.add_argument("--backend", default="auto", help="auto | onnxruntime | torch | trtllm")
+    off.add_argument("--backend", default="auto", help="auto | kernel | onnxruntime | torch | trtllm | tp")
+    off.add_argument("--tp", type=int, default=None,
+                     help="tensor-parallel ranks for a TensorRT-LLM checkpoint exported with --tp N (one GPU each on cuda)")
     off.add_argument("--device", default="auto", help="auto (default: the GPU for model directories when one is visible), cpu, cuda[:N]")
     _kv_options(off)
     off.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: the runtime's choice)")
@@ -79,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--rounds", type=int, default=5, help="alternating offline/served rounds; medians are compared (default 5)")
     ov.add_argument("--requests-per-round", type=int, default=16, help="served requests per round (default 16)")
     ov.add_argument("--backend", default="auto")
+    ov.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks (TensorRT-LLM checkpoints), as for offline")
     ov.add_argument("--device", default="auto", help="auto (default: the GPU for model directories when one is visible), cpu, cuda[:N]")
     _kv_options(ov)
     ov.add_argument("--threads", type=int, default=None)
@@ -114,7 +117,7 @@ def offline(args, argv) -> int:
 
     grid = OfflineGrid(args.batch_sizes, args.input_lens, args.output_lens, args.repeat, args.warmup, args.seed)
     specs = [
-        EngineSpec(d, args.backend, args.device, args.threads, args.kv_cache_gib, args.gpu_memory_fraction)
+        EngineSpec(d, args.backend, args.device, args.threads, args.kv_cache_gib, args.gpu_memory_fraction, args.tp)
         for d in args.engine_dirs
     ]
     out = args.out or f"sq-bench-offline-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -199,7 +202,7 @@ def overhead(args, argv) -> int:
 
     cfg = OverheadConfig(
         args.batch_size, args.input_len, args.output_len, args.rounds, args.requests_per_round, args.threads, args.seed,
-        args.device, args.kv_cache_gib, args.gpu_memory_fraction,
+        args.device, args.kv_cache_gib, args.gpu_memory_fraction, args.tp,
     )
     out = args.out or f"sq-bench-overhead-{time.strftime('%Y%m%d-%H%M%S')}"
     with atomic_output_dir(out, args.force, _inputs(args)) as tmp:

@@ -101,8 +101,8 @@ def runtime_from(args: argparse.Namespace):
 
 
 def add_kernel_options(ap: argparse.ArgumentParser) -> None:
-    """KV cache and decode options of the kernel backend (HF / quantized directories on a GPU)."""
-    g = ap.add_argument_group("kernel backend (GPU)")
+    """KV cache and decode options of the kernel backend (HF / quantized directories on a GPU) and of the tp one."""
+    g = ap.add_argument_group("kernel and tp backends (GPU; with --tp, per GPU)")
     g.add_argument("--kv-cache-gib", type=float, default=None,
                    help="KV cache size in GiB (default: what --gpu-memory-fraction leaves once the model is loaded)")
     g.add_argument("--gpu-memory-fraction", type=float, default=None,

@@ -35,11 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "engine_dir",
         help="ONNX export or ONNX Runtime engine (onnxruntime), TensorRT-LLM engine (trtllm), "
-        "or an HF / quantized model directory (kernel on a GPU, torch on the CPU)",
+        "TensorRT-LLM checkpoint (tp), or an HF / quantized model directory (kernel on a GPU, torch on the CPU)",
     )
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     ap.add_argument("--port", type=port_number, default=8000, help="port (default 8000)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS, help="default: chosen from the directory's kind")
+    ap.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tensor parallelism: serve a TensorRT-LLM checkpoint exported with sq-export --target trtllm --tp N on N "
+        "rank processes (one GPU each over NCCL with --device cuda, gloo with --device cpu); a checkpoint written "
+        "for tp > 1 is served this way by default",
+    )
     ap.add_argument("--model-name", default=None, help="name clients use (default: the directory's name)")
     ap.add_argument(
         "--device",
@@ -131,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         BatchConfig(args.max_concurrent, args.max_prefill_tokens),
         args.model_name,
         kernel=kernel_options(args),
+        tp=args.tp,
     )
     if options.chat_template is not None:
         check_template(engine, options.chat_template, args.chat_template)

@@ -35,7 +35,7 @@ class KernelOptions:
     capture_at_start: bool = True
 
 
-BACKENDS = ("auto", "kernel", "onnxruntime", "torch", "trtllm")
+BACKENDS = ("auto", "kernel", "onnxruntime", "torch", "trtllm", "tp")
 
 __all__ = [
     "BACKENDS",
@@ -60,15 +60,24 @@ def _cuda_visible() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_backend(path: str | Path, backend: str = "auto", device: str = "cpu") -> str:
+def resolve_backend(path: str | Path, backend: str = "auto", device: str = "cpu", tp: int | None = None) -> str:
     """The backend for a directory: ONNX exports and ONNX Runtime engines -> onnxruntime, TensorRT-LLM engines ->
-    trtllm, model directories (HF, quantized) -> kernel on a GPU (``device`` cuda, or ``auto`` with a GPU
-    visible), torch (the float32 reference) on the CPU."""
+    trtllm, TensorRT-LLM checkpoints written for tp > 1 (or any, with ``tp`` given) -> tp, model directories
+    (HF, quantized) -> kernel on a GPU (``device`` cuda, or ``auto`` with a GPU visible), torch (the float32
+    reference) on the CPU."""
     from sqdeploy.formats.onnx.contract import is_onnx_dir
+    from sqdeploy.runtime.backends.tp import check_tp_request, checkpoint_tp
     from sqdeploy.runtime.backends.trtllm import is_trtllm_engine_dir
 
     if backend not in BACKENDS:
         raise SqDeployError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if tp is not None:
+        if tp < 1:
+            raise SqDeployError(f"--tp must be >= 1 (got {tp})")
+        if backend not in ("auto", "tp"):
+            raise SqDeployError(f"--tp runs the tensor-parallel backend, not --backend {backend}; drop one of them")
+        check_tp_request(path, tp)
+        return "tp"
     if backend != "auto":
         return backend
     p = Path(path)
@@ -78,6 +87,8 @@ def resolve_backend(path: str | Path, backend: str = "auto", device: str = "cpu"
         return "onnxruntime"
     if is_trtllm_engine_dir(p):
         return "trtllm"
+    if (checkpoint_tp(p) or 1) > 1:
+        return "tp"
     on_gpu = str(device).startswith("cuda") or (device == "auto" and _cuda_visible())
     return "kernel" if on_gpu else "torch"
 
@@ -98,6 +109,7 @@ def open_engine(
     name: str | None = None,
     exact: bool = False,
     kernel: KernelOptions | None = None,
+    tp: int | None = None,
 ) -> Engine:
     """A running engine over ``path`` (its worker thread started); ``shutdown()`` it when done.
 
@@ -105,8 +117,16 @@ def open_engine(
     reference, instead of ONNX Runtime's faster fused integer kernels. ``device`` ``cuda[:N]``
     (or ``auto`` with a GPU visible) serves HF and quantized directories with the kernel
     backend; ``kernel`` sizes its KV cache (see :class:`KernelOptions`).
+
+    ``tp`` N (or ``backend`` ``tp``, or ``auto`` on a checkpoint written for tp > 1) serves a TensorRT-LLM
+    checkpoint exported with ``--tp N`` on N rank processes: NCCL with one GPU each on ``cuda``, gloo on
+    ``cpu``; ``auto`` is the GPUs when one is visible. ``shutdown()`` stops the ranks.
     """
-    kind = resolve_backend(path, backend, device)
+    kind = resolve_backend(path, backend, device, tp)
+    if kind == "tp":
+        from sqdeploy.runtime.backends.tp import TPBackend
+
+        return BatchingEngine(TPBackend(path, device, _kernel_config(batch, kernel), tp), batch, name)
     device = resolve_device(device, kind)
     if kind == "trtllm":
         from sqdeploy.runtime.backends.trtllm import TrtllmEngine
@@ -117,14 +137,19 @@ def open_engine(
 
         step = OnnxRuntimeBackend(path, device, threads, exact)
     elif kind == "kernel":
-        from sqdeploy.runtime.backends.kernel import KernelBackend, KernelConfig
+        from sqdeploy.runtime.backends.kernel import KernelBackend
 
-        k = kernel or KernelOptions()
-        cfg = KernelConfig(batch.max_batch_size, batch.max_prefill_tokens, k.kv_cache_gib, k.gpu_memory_fraction,
-                           k.max_model_len, k.cuda_graphs, k.dtype, k.seed, k.capture_at_start)
-        step = KernelBackend(path, device, cfg, threads)
+        step = KernelBackend(path, device, _kernel_config(batch, kernel), threads)
     else:
         from sqdeploy.runtime.backends.torch import TorchBackend
 
         step = TorchBackend(path, device, threads)
     return BatchingEngine(step, batch, name)
+
+
+def _kernel_config(batch: BatchConfig, kernel: KernelOptions | None):
+    from sqdeploy.runtime.backends.kernel import KernelConfig
+
+    k = kernel or KernelOptions()
+    return KernelConfig(batch.max_batch_size, batch.max_prefill_tokens, k.kv_cache_gib, k.gpu_memory_fraction,
+                        k.max_model_len, k.cuda_graphs, k.dtype, k.seed, k.capture_at_start)

@@ -172,8 +172,11 @@ class BatchingEngine:
     """An :class:`~sqdeploy.runtime.engine.Engine` over a step backend (or a slot backend, scheduled by
     :class:`~sqdeploy.runtime.slot_batching.SlotScheduler`), with its worker thread."""
 
-    def __init__(self, backend: StepBackend, config: BatchConfig = BatchConfig(), name: str | None = None):
-        self.backend = backend
+    def __init__(self, backend: StepBackend, config: BatchConfig = BatchConfig(), name: str | None = None,
+                 close_backend: bool = True):
+        """``close_backend``: :meth:`shutdown` also calls the backend's ``close()`` where it has one (the
+        tensor-parallel backend stops its rank processes there)."""
+        self.backend, self._close_backend = backend, close_backend
         self.tokenizer = backend.tokenizer
         i = backend.info
         self.info = EngineInfo(name or i.path.name, i.path, backend.name, i.description, i.max_positions, i.vocab_size)
@@ -203,12 +206,20 @@ class BatchingEngine:
     def stats(self) -> dict[str, int]:
         return {"waiting": len(self._incoming) + len(self.scheduler.waiting), "running": self.scheduler.running}
 
+    @property
+    def healthy(self) -> bool:
+        """False once the backend can no longer run a step (a tensor-parallel rank died): not ready."""
+        return bool(getattr(self.backend, "healthy", True))
+
     def shutdown(self, drain: bool = True) -> None:
         """Stop the worker: finish every queued and running request first when ``drain``, else cancel them."""
         with self._cv:
             self._stopping, self._drain = True, drain
             self._cv.notify()
         self._thread.join()
+        close = getattr(self.backend, "close", None)
+        if self._close_backend and close is not None:
+            close()
 
     def _loop(self) -> None:
         while True:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from sqdeploy.runtime.engine import TokenEvent
+from sqdeploy.runtime.sampling import needs_constraints
 from sqdeploy.runtime.sequence import Sequence
 
 
@@ -145,8 +146,13 @@ class SlotScheduler:
         rows = self.decoding
         seqs = [r.seq for r in rows]
         slots = [r.slot for r in rows]
-        logits = self.backend.decode(slots)
-        toks = self.backend.sampler.sample_tensor(logits, [s.params for s in seqs], [s.request_id for s in seqs], seqs)
+        greedy = getattr(self.backend, "decode_greedy", None)  # ids only: less to move (tensor-parallel ranks)
+        if greedy is not None and all(s.params.greedy and not needs_constraints(s.params, s) for s in seqs):
+            toks = greedy(slots)
+        else:
+            logits = self.backend.decode(slots)
+            toks = self.backend.sampler.sample_tensor(logits, [s.params for s in seqs], [s.request_id for s in seqs],
+                                                      seqs)
         self.backend.set_next(self.backend.slot_index(slots), toks)
         self.steps["decode_steps"] += 1
         return [s.append(t) for s, t in zip(seqs, toks.tolist())]

@@ -46,6 +46,7 @@ class EngineSpec:
     threads: int | None = None
     kv_cache_gib: float | None = None
     gpu_memory_fraction: float | None = None
+    tp: int | None = None
 
     @property
     def label(self) -> str:
@@ -89,7 +90,7 @@ def run_variant(spec: EngineSpec, grid: OfflineGrid, tick=lambda: None) -> dict:
         # the kernel backend's cache holds the longest point (and no more), so the budget goes to batch slots
         kernel = KernelOptions(spec.kv_cache_gib, spec.gpu_memory_fraction, max_model_len=longest + longest_out)
         engine = open_engine(spec.path, spec.backend, spec.device, spec.threads, BatchConfig(bs, max(bs * longest, 4096)),
-                             kernel=kernel)
+                             kernel=kernel, tp=spec.tp)
         load_s = time.perf_counter() - t0
         rows = []
         try:

@@ -34,6 +34,7 @@ class OverheadConfig:
     device: str = "cpu"
     kv_cache_gib: float | None = None
     gpu_memory_fraction: float | None = None
+    tp: int | None = None
 
     def kernel_args(self, served: bool) -> tuple[float | None, float | None]:
         """(kv_cache_gib, gpu_memory_fraction) of one of the two engines sharing the GPU: with no fixed
@@ -63,6 +64,8 @@ def _start_server(path: str, backend: str, cfg: OverheadConfig, port: int) -> su
     ]
     if cfg.threads:
         cmd += ["--threads", str(cfg.threads)]
+    if cfg.tp:
+        cmd += ["--tp", str(cfg.tp)]
     gib, frac = cfg.kernel_args(served=True)
     cmd += ["--device", cfg.device, "--max-model-len", str(cfg.input_len + cfg.output_len)]
     cmd += ["--kv-cache-gib", str(gib)] if gib is not None else ["--gpu-memory-fraction", str(frac)]
@@ -90,7 +93,7 @@ def measure_overhead(path: str, backend: str = "auto", cfg: OverheadConfig = Ove
     gib, frac = cfg.kernel_args(served=False)
     engine = open_engine(path, backend, cfg.device, threads=cfg.threads,
                          batch=BatchConfig(cfg.batch, max(4096, cfg.batch * cfg.input_len)),
-                         kernel=KernelOptions(gib, frac, max_model_len=cfg.input_len + cfg.output_len))
+                         kernel=KernelOptions(gib, frac, max_model_len=cfg.input_len + cfg.output_len), tp=cfg.tp)
     port = free_port()
     server = _start_server(path, backend, cfg, port)
     offline, served = [], []

@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect
 
 from sqdeploy.runtime.engine import Engine
 from sqdeploy.runtime.server import chat, kserve, openai
-from sqdeploy.runtime.server.bridge import Bridge, ClientGone
+from sqdeploy.runtime.server.bridge import Bridge, ClientGone, serving
 from sqdeploy.runtime.server.limits import RequestError, ServeLimits, ServeOptions, error_body
 from sqdeploy.runtime.server.metrics import CONTENT_TYPE
 
@@ -194,7 +194,7 @@ def create_app(engine: Engine, limits: ServeLimits = ServeLimits(), options: Ser
 
     @app.get("/health")
     async def health(request: Request):
-        return Response(status_code=503 if request.app.state.bridge.draining else 200)
+        return Response(status_code=503 if not serving(request) else 200)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):

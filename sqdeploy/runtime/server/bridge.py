@@ -194,3 +194,9 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.gen.close()
+
+
+def serving(request) -> bool:
+    """Ready for generation: not draining, and the engine can still run a step (``healthy``, where it says)."""
+    state = request.app.state
+    return not state.bridge.draining and bool(getattr(state.engine, "healthy", True))

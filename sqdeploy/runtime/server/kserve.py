@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from sqdeploy import __version__
-from sqdeploy.runtime.server.bridge import EventStream
+from sqdeploy.runtime.server.bridge import EventStream, serving
 from sqdeploy.runtime.server.fields import build_requests, get_bool, get_float, get_int, get_stops, make_params, parse_json
 from sqdeploy.runtime.server.limits import RequestError, bad_request
 from sqdeploy.runtime.server.tensors import (
@@ -66,7 +66,7 @@ async def live():
 
 @router.get("/v2/health/ready")
 async def ready(request: Request):
-    return Response(status_code=503 if request.app.state.bridge.draining else 200)
+    return Response(status_code=503 if not serving(request) else 200)
 
 
 @router.get("/v2/models/stats")
@@ -100,7 +100,7 @@ async def model_metadata(request: Request, name: str, version: str | None = None
 @router.get("/v2/models/{name}/versions/{version}/ready")
 async def model_ready(request: Request, name: str, version: str | None = None):
     _model(request, name, version)
-    return Response(status_code=503 if request.app.state.bridge.draining else 200)
+    return Response(status_code=503 if not serving(request) else 200)
 
 
 @router.get("/v2/models/{name}/config")
