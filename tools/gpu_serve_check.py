@@ -20,10 +20,15 @@ Sections (each one records its error and the run goes on):
    the float16 reference's own error, and batched greedy is compared with one at a time.
    A quantized directory is compared the same way with the torch backend's model.
 4. ``bench_7b``: a Llama-2-7B-shaped model with a reduced number of layers, random weights
-   per variant: offline output tokens/s through the engine at batch 1, 8, 32 for the kernel
+   per variant: offline output tokens/s through the engine at batch 1, 8, 32, 64 for the kernel
    backend and for the torch reference backend (float32 fake-quant; weight values do not
    change speed), peak memory, and how many 2048-token sequences a full 32-layer model of
    each variant leaves room for in the same memory budget.
+5. ``online``: the same shape written to disk (quantized by ``sq-export`` with round-to-nearest
+   recipes) and served over HTTP by ``sq-serve --device cuda``: a closed loop measures capacity,
+   then Poisson arrivals at fractions of it give throughput, TTFT and inter-token latency
+   percentiles and the rate at which the median TTFT breaks down.
+6. ``served``: served (HTTP) over offline throughput of the first ``--model`` at batch 8.
 
 Float16 tolerance: batched and single runs, decode steps and full forwards use different
 GEMM shapes (and split-K choices), so their logits differ by float16 rounding, about 1e-3
@@ -458,7 +463,7 @@ def bench_7b(c: Check, tokenizer_dir: str | None) -> None:
     in_len, out_len = (128, 32) if c.quick else (512, 128)
     if DEVICE == "cpu":
         in_len, out_len = 16, 4
-    batches = (1, 8, 32)
+    batches = (1, 8, 32) if c.quick else (1, 8, 32, 64)
     repeat = 1 if c.quick else 2
     total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if DEVICE != "cpu" else 141.0
     res: dict = {"layers": layers, "input_len": in_len, "output_len": out_len, "batches": list(batches), "rows": [],
@@ -552,7 +557,134 @@ def _reference_7b(c: Check, res: dict, hf: dict, tokenizer_dir: str | None, in_l
             torch.cuda.empty_cache()
 
 
+ONLINE_RECIPES = {  # variant -> sq-export recipe (round-to-nearest: speed does not depend on the values)
+    "fp16": None,
+    "w8a8": "w8a8-sq:alpha=null:rounding=rtn:gptq_act_order=false",
+    "w4a16": "w4a16-rtn",
+}
+
+
+def online(c: Check, tokenizer_dir: str | None) -> None:
+    """HTTP serving under Poisson arrivals (as in the SmoothQuant+ paper), per variant of a 7B-shaped Llama
+    with ``LAYERS_7B`` layers written to disk (random weights; quantized by ``sq-export`` with
+    round-to-nearest recipes). First a closed loop of ``batch`` concurrent requests measures the server's
+    capacity (and warms every batch size up); then Poisson rates at fractions of that capacity give
+    throughput, time to first token and inter-token latency percentiles, and the rate at which the
+    median TTFT breaks down (4x the lightest rate's)."""
+    import asyncio
+    import subprocess
+    import tempfile
+
+    from sqdeploy.runtime.bench.online import LoadPoint, RequestSpec, breakdown_rate, poisson_arrivals, run_point
+    from sqdeploy.runtime.bench.overhead import OverheadConfig, _start_server
+    from sqdeploy.runtime.server.run import free_port
+    from sqdeploy.testing.random_model import make_random_model
+
+    layers = 2 if c.quick else LAYERS_7B
+    hf = _llama7b(layers)
+    in_len, out_len, batch = (128, 32, 16) if c.quick else (512, 128, 32)
+    if DEVICE == "cpu":
+        hf = dict(hf, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,
+                  head_dim=64, vocab_size=8192)
+        in_len, out_len, batch = 16, 4, 4
+    fractions = (0.25, 0.5, 0.75, 1.0, 1.5) if not c.quick else (0.5, 1.0)
+    res: dict = {"layers": layers, "input_len": in_len, "output_len": out_len, "batch": batch,
+                 "fractions_of_capacity": list(fractions), "variants": {}}
+    c.data["online"] = res
+    spec = {k: v for k, v in hf.items() if k not in ("vocab_size", "dtype")}
+    with tempfile.TemporaryDirectory(prefix="sq-serve-online-") as tmp:
+        t = time.time()
+        base = make_random_model(spec, Path(tmp) / "fp16", vocab_size=hf["vocab_size"], dtype=torch.float16,
+                                 tokenizer_from=tokenizer_dir)
+        log(f"   random {layers}-layer 7B-shaped directory written in {time.time() - t:.1f}s")
+        calib = _calib_file()
+        for v, recipe in ONLINE_RECIPES.items():
+            if time.time() > c.deadline - 40:
+                res["variants"][v] = {"error": "skipped: time budget"}
+                continue
+            row: dict = {"recipe": recipe}
+            res["variants"][v] = row
+            try:
+                path = str(base)
+                if recipe:
+                    t = time.time()
+                    path = str(Path(tmp) / v)
+                    cmd = [sys.executable, "-m", "sqdeploy.cli.export", str(base), "--recipe", recipe, "--calib", calib,
+                           "--calib-samples", "4", "--calib-seq-len", "128", "--device", DEVICE, "--out", path]
+                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, c.deadline - time.time()))
+                    if done.returncode:
+                        raise RuntimeError(f"sq-export failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+                    row["export_s"] = round(time.time() - t, 1)
+                port = free_port()
+                cfg = OverheadConfig(batch=batch, input_len=in_len, output_len=out_len, device=DEVICE,
+                                     gpu_memory_fraction=0.8)
+                server = _start_server(path, "kernel", cfg, port)
+                url = f"http://127.0.0.1:{port}"
+                try:
+                    prompts = prompts_of(4 * batch, 8000 if DEVICE != "cpu" else 2000, [in_len], seed=11)
+                    closed = asyncio.run(run_point(url, "bench", [RequestSpec(q, out_len) for q in prompts],
+                                                   LoadPoint("concurrency", batch)))
+                    cap = closed["request_throughput"]
+                    row["closed_loop"] = closed
+                    log(f"   online {v}: capacity {cap:.1f} req/s ({closed['output_throughput']:.0f} tok/s at "
+                        f"{batch} concurrent)")
+                    row["points"] = []
+                    for i, f in enumerate(fractions):
+                        if time.time() > c.deadline - 15:
+                            break
+                        rate = f * cap
+                        n = int(min(max(rate * (4 if c.quick else 6), 16), 8 * batch))
+                        arrivals = poisson_arrivals(n, rate, seed=100 + i)
+                        specs = [RequestSpec(prompts[k % len(prompts)], out_len, a) for k, a in enumerate(arrivals)]
+                        pt = asyncio.run(run_point(url, "bench", specs, LoadPoint("rate", rate)))
+                        row["points"].append(pt)
+                        log(f"   online {v} {rate:.1f} req/s: {pt['output_throughput']:.0f} tok/s, ttft p50 "
+                            f"{1e3 * (pt['ttft_s']['p50'] or 0):.0f} ms p99 {1e3 * (pt['ttft_s']['p99'] or 0):.0f} ms, "
+                            f"itl p50 {1e3 * (pt['itl_s']['p50'] or 0):.1f} ms p99 {1e3 * (pt['itl_s']['p99'] or 0):.1f} ms"
+                            f"{', ' + str(pt['failed']) + ' failed' if pt['failed'] else ''}")
+                        c.save()
+                    row["breakdown"] = breakdown_rate(row["points"])
+                finally:
+                    server.terminate()
+                    server.wait(timeout=120)
+            except Exception:  # noqa: BLE001
+                row["error"] = traceback.format_exc()[-2000:]
+                log(f"   online {v}: FAILED {row['error'].strip().splitlines()[-1]}")
+            c.save()
+
+
 # ------------------------------------------------------------------ report
+
+def plot_online(data: dict, path: Path) -> Path | None:
+    """Throughput and latency percentiles against the offered Poisson rate, one line per variant."""
+    on = data.get("online") or {}
+    rows = {v: r["points"] for v, r in on.get("variants", {}).items() if r.get("points")}
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), constrained_layout=True)
+    for v, pts in rows.items():
+        x = [p["value"] for p in pts]
+        axes[0].plot(x, [p["output_throughput"] for p in pts], "o-", label=v)
+        for key, ax in (("ttft_s", axes[1]), ("itl_s", axes[2])):
+            line, = ax.plot(x, [1e3 * (p[key]["p50"] or float("nan")) for p in pts], "o-", label=f"{v} p50")
+            ax.plot(x, [1e3 * (p[key]["p99"] or float("nan")) for p in pts], "^:", color=line.get_color(), label=f"{v} p99")
+    for ax, title in zip(axes, ("output tokens/s", "time to first token, ms", "inter-token latency, ms")):
+        ax.set_xlabel("offered requests/s (Poisson)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[1].set_yscale("log")
+    fig.suptitle(f"sq-serve --device cuda, 7B-shaped Llama with {on['layers']} layers, input {on['input_len']}, "
+                 f"output {on['output_len']} ({data.get('environment', {}).get('gpu')})")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
 
 def render(data: dict) -> str:
     env = data.get("environment", {})
@@ -628,6 +760,29 @@ def render(data: dict) -> str:
                     ref = base.get(budget, {}).get("sequences_2048")
                     ratio = f"{f['sequences_2048'] / ref:.2f}x" if ref else ""
                     lines.append(f"| {v} | {budget} | {f['weights_gib_32_layers']} | {f['sequences_2048']} | {ratio} |")
+    on = data.get("online")
+    if on:
+        lines += ["", f"## Online: HTTP under Poisson arrivals (7B-shaped Llama, {on['layers']} layers, input "
+                      f"{on['input_len']}, output {on['output_len']}, {on['batch']} slots)", "",
+                  "| variant | offered req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | failed |",
+                  "|---|---|---|---|---|---|---|---|"]
+        ms = lambda x: "" if x is None else f"{1e3 * x:.1f}"  # noqa: E731
+        notes = []
+        for v, row in on["variants"].items():
+            if "error" in row:
+                lines.append(f"| {v} | error: {row['error'].strip().splitlines()[-1][:100]} |||||||")
+                continue
+            cl = row.get("closed_loop")
+            if cl:
+                lines.append(f"| {v} | closed loop, {on['batch']} concurrent | {cl['output_throughput']:.0f} | "
+                             f"{ms(cl['ttft_s']['p50'])} | {ms(cl['ttft_s']['p99'])} | {ms(cl['itl_s']['p50'])} | "
+                             f"{ms(cl['itl_s']['p99'])} | {cl['failed']} |")
+            for p in row.get("points", []):
+                lines.append(f"| {v} | {p['value']:.1f} | {p['output_throughput']:.0f} | {ms(p['ttft_s']['p50'])} | "
+                             f"{ms(p['ttft_s']['p99'])} | {ms(p['itl_s']['p50'])} | {ms(p['itl_s']['p99'])} | {p['failed']} |")
+            if row.get("breakdown"):
+                notes.append(f"{v}: breakdown rate {row['breakdown']['rate']} ({row['breakdown']['reason']})")
+        lines += [""] + [f"- {n}" for n in notes]
     sv = data.get("served")
     if sv:
         lines += ["", f"## Served vs offline ({sv.get('path')}, kernel backend, batch 8)", "",
@@ -662,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="an HF or quantized model directory to check (repeatable), e.g. shared/models/tiny-code-llama")
     ap.add_argument("--quick", action="store_true", help="fewer variants, shorter outputs (a smoke run)")
     ap.add_argument("--budget", type=float, default=330.0, help="seconds; sections past it are skipped (default 330)")
-    ap.add_argument("--only", default=None, help="comma-separated sections: tiny_random, models, bench_7b, served")
+    ap.add_argument("--only", default=None, help="comma-separated sections: tiny_random, models, bench_7b, online, served")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -680,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
     tok_dir = next((m for m in args.model if (Path(m) / "tokenizer.json").exists()), None)
     c.run("environment", environment)
     for name, fn, extra in (("tiny_random", tiny_random, ()), ("models", models, (args.model,)),
-                            ("bench_7b", bench_7b, (tok_dir,)), ("served", served, (args.model[:1] or [""])[0:1])):
+                            ("bench_7b", bench_7b, (tok_dir,)), ("online", online, (tok_dir,)), ("served", served, (args.model[:1] or [""])[0:1])):
         if only and name not in only:
             continue
         if name in ("models", "served") and not args.model:
@@ -689,6 +844,10 @@ def main(argv: list[str] | None = None) -> int:
         c.run(name, fn, *extra)
     c.save()
     (out / "gpu-serve-check.md").write_text(render(c.data))
+    try:
+        plot_online(c.data, out / "gpu-serve-online.png")
+    except Exception:  # noqa: BLE001  (the numbers are written; a plot is a convenience)
+        log(f"online plot failed: {traceback.format_exc().splitlines()[-1]}")
     log(f"wrote {out / 'gpu-serve-check.json'} and {out / 'gpu-serve-check.md'}")
     return 0
 
