@@ -587,7 +587,7 @@ def online(c: Check, tokenizer_dir: str | None) -> None:
         hf = dict(hf, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,
                   head_dim=64, vocab_size=8192)
         in_len, out_len, batch = 16, 4, 4
-    fractions = (0.25, 0.5, 0.75, 1.0, 1.5) if not c.quick else (0.5, 1.0)
+    fractions = (0.5, 1.0, 1.5) if not c.quick else (0.5, 1.0)
     res: dict = {"layers": layers, "input_len": in_len, "output_len": out_len, "batch": batch,
                  "fractions_of_capacity": list(fractions), "variants": {}}
     c.data["online"] = res
@@ -633,7 +633,7 @@ def online(c: Check, tokenizer_dir: str | None) -> None:
                         if time.time() > c.deadline - 15:
                             break
                         rate = f * cap
-                        n = int(min(max(rate * (4 if c.quick else 6), 16), 8 * batch))
+                        n = int(min(max(rate * (4 if c.quick else 5), 16), 6 * batch))
                         arrivals = poisson_arrivals(n, rate, seed=100 + i)
                         specs = [RequestSpec(prompts[k % len(prompts)], out_len, a) for k, a in enumerate(arrivals)]
                         pt = asyncio.run(run_point(url, "bench", specs, LoadPoint("rate", rate)))
