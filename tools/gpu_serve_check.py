@@ -505,6 +505,17 @@ def bench_7b(c: Check, tokenizer_dir: str | None) -> None:
     _reference_7b(c, res, hf, tokenizer_dir, in_len, out_len, batches)
 
 
+def write_random_dir(hf: dict, dest: Path, tokenizer_dir: str | None) -> Path:
+    """An HF directory of random float16 weights with the config ``hf`` (and a tokenizer, when given)."""
+    from sqdeploy.testing.random_model import make_random_model
+
+    t = time.time()
+    spec = {k: v for k, v in hf.items() if k not in ("vocab_size", "dtype")}
+    path = make_random_model(spec, dest, vocab_size=hf["vocab_size"], dtype=torch.float16, tokenizer_from=tokenizer_dir)
+    log(f"   random {hf['num_hidden_layers']}-layer HF directory written in {time.time() - t:.1f}s")
+    return path
+
+
 def _reference_7b(c: Check, res: dict, hf: dict, tokenizer_dir: str | None, in_len: int, out_len: int, batches) -> None:
     """The torch backend (float32 fake-quant reference) on the same shapes, from a random HF directory."""
     import tempfile
@@ -513,14 +524,9 @@ def _reference_7b(c: Check, res: dict, hf: dict, tokenizer_dir: str | None, in_l
     from sqdeploy.model.loading import load_model
     from sqdeploy.runtime import BatchConfig
     from sqdeploy.runtime.batching import BatchingEngine
-    from sqdeploy.testing.random_model import make_random_model
 
-    spec = {k: v for k, v in hf.items() if k not in ("vocab_size", "dtype")}
     with tempfile.TemporaryDirectory(prefix="sq-serve-check-") as tmp:
-        t = time.time()
-        path = make_random_model(spec, Path(tmp) / "llama7b", vocab_size=hf["vocab_size"], dtype=torch.float16,
-                                 tokenizer_from=tokenizer_dir)
-        log(f"   random 7B-shaped HF directory written in {time.time() - t:.1f}s")
+        path = write_random_dir(hf, Path(tmp) / "llama7b", tokenizer_dir)
         sources = {"fp16": lambda: HFCheckpoint(path)}
         if tokenizer_dir is not None and not c.quick:
             from sqdeploy.testing.inmemory import quantize_in_memory
@@ -578,7 +584,6 @@ def online(c: Check, tokenizer_dir: str | None) -> None:
     from sqdeploy.runtime.bench.online import LoadPoint, RequestSpec, breakdown_rate, poisson_arrivals, run_point
     from sqdeploy.runtime.bench.overhead import OverheadConfig, _start_server
     from sqdeploy.runtime.server.run import free_port
-    from sqdeploy.testing.random_model import make_random_model
 
     layers = 2 if c.quick else LAYERS_7B
     hf = _llama7b(layers)
@@ -591,12 +596,8 @@ def online(c: Check, tokenizer_dir: str | None) -> None:
     res: dict = {"layers": layers, "input_len": in_len, "output_len": out_len, "batch": batch,
                  "fractions_of_capacity": list(fractions), "variants": {}}
     c.data["online"] = res
-    spec = {k: v for k, v in hf.items() if k not in ("vocab_size", "dtype")}
     with tempfile.TemporaryDirectory(prefix="sq-serve-online-") as tmp:
-        t = time.time()
-        base = make_random_model(spec, Path(tmp) / "fp16", vocab_size=hf["vocab_size"], dtype=torch.float16,
-                                 tokenizer_from=tokenizer_dir)
-        log(f"   random {layers}-layer 7B-shaped directory written in {time.time() - t:.1f}s")
+        base = write_random_dir(hf, Path(tmp) / "fp16", tokenizer_dir)
         calib = _calib_file()
         for v, recipe in ONLINE_RECIPES.items():
             if time.time() > c.deadline - 40:

@@ -23,8 +23,7 @@ from sqdeploy.model.loading import load_model
 from sqdeploy.quantize.pipeline import Calibration, Runtime, quantize_to_dir
 from sqdeploy.quantize.recipes import parse_recipe
 from sqdeploy.runtime.tp import TPEngine, build_rank_model
-from sqdeploy.testing.random_model import make_random_model
-from tests.conftest import SHARED_MODEL
+from tests.runtime.tp_model import tp_llama
 
 IDS = torch.randint(0, 8000, (2, 16), generator=torch.Generator().manual_seed(0))
 RECIPES = {
@@ -38,9 +37,7 @@ RECIPES = {
 def checkpoints(tmp_path_factory, calib_file):
     """recipe -> {tp: TensorRT-LLM checkpoint dir} of a Llama whose shapes split over 2 ranks even at INT4."""
     root = tmp_path_factory.mktemp("tp")
-    model = make_random_model("llama", root / "llama", tokenizer_from=SHARED_MODEL if SHARED_MODEL.exists() else None,
-                              hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                              head_dim=32)
+    model = tp_llama(root)
     out = {}
     for name, scheme in RECIPES.items():
         recipe = scheme if isinstance(scheme, str) else parse_recipe({"name": name, "scheme": scheme, "algorithm": "rtn"})

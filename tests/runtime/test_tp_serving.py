@@ -34,8 +34,7 @@ from sqdeploy.runtime.backends.tp import TPBackend
 from sqdeploy.runtime.batching import BatchingEngine
 from sqdeploy.runtime.server.run import free_port
 from sqdeploy.runtime.tp import build_rank_model
-from sqdeploy.testing.random_model import make_random_model
-from tests.conftest import SHARED_MODEL
+from tests.runtime.tp_model import tp_llama
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [100, 200, 300], [7] * 20, [42, 43, 44, 45, 46]]
 GREEDY = SamplingParams(max_new_tokens=6, ignore_eos=True)
@@ -45,9 +44,7 @@ GREEDY = SamplingParams(max_new_tokens=6, ignore_eos=True)
 def checkpoints(tmp_path_factory, calib_file):
     """{tp: TensorRT-LLM checkpoint} of one W8A8 Llama whose heads split over two ranks."""
     root = tmp_path_factory.mktemp("tpserve")
-    model = make_random_model("llama", root / "llama", tokenizer_from=SHARED_MODEL if SHARED_MODEL.exists() else None,
-                              hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                              head_dim=32)
+    model = tp_llama(root)
     scheme = {"weight": {"bits": 8, "granularity": "channel"}, "act": {"kind": "static_tensor"}}
     q = root / "q"
     quantize_to_dir(model, parse_recipe({"name": "w8a8", "scheme": scheme, "algorithm": "rtn"}), q,
