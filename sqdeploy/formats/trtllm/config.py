@@ -20,6 +20,7 @@ from sqdeploy import __version__
 from sqdeploy.core.errors import SqDeployError
 from sqdeploy.core.families import FAMILIES, Family, ModelConfig
 from sqdeploy.core.schemes import QuantScheme
+from sqdeploy.model.layers import ACTIVATIONS
 
 # tensorrt_llm/quantization/mode.py (QuantAlgo), 0.12 ... 1.2
 KNOWN_ALGOS = (
@@ -172,8 +173,6 @@ def pad_multiple(quant: QuantSpec, tp: int) -> int | None:
 
 
 def _zero_preserving(act: str) -> bool:
-    from sqdeploy.model.layers import ACTIVATIONS
-
     fn = ACTIVATIONS.get(act)
     return fn is not None and float(fn(torch.zeros(1))[0]) == 0.0
 

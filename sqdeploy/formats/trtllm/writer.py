@@ -139,6 +139,9 @@ def _report(qm: QuantizedModel, spec: CheckpointSpec, source: LinearSource, out:
         ["recipe", qm.recipe.name], ["scheme", qm.scheme.describe()], ["quant_algo", str(quant.algo)],
         ["kv_cache_quant_algo", str(quant.kv)], ["tp", spec.tp], ["rank files", f"{spec.tp} ({size / 2**20:.1f} MiB)"],
     ]
+    if spec.unpadded_intermediate is not None:
+        rows.append(["intermediate_size", f"{spec.unpadded_intermediate} padded to {spec.config.intermediate_size} "
+                     f"(zero rows/columns: TensorRT-LLM's INT4 tile max(64, group) * tp)"])
     if quant.groupwise:
         rows += [["group_size", quant.group_size], ["has_zero_point", f"{quant.has_zero_point}" + (" (experimental)" if quant.has_zero_point else "")]]
     if source.requant_from:
@@ -151,7 +154,8 @@ def _report(qm: QuantizedModel, spec: CheckpointSpec, source: LinearSource, out:
     report = {
         "target": "trtllm", "out": str(shown), "quant_algo": quant.algo, "kv_cache_quant_algo": quant.kv, "tp": spec.tp,
         "group_size": quant.group_size, "has_zero_point": quant.has_zero_point, "requantized_from": source.requant_from,
-        "requant_rounding": source.rounding if source.requant_from else None, "requant_clip_search": source.clipped, "notes": list(source.notes), "bytes": size,
+        "requant_rounding": source.rounding if source.requant_from else None,
+        "unpadded_intermediate_size": spec.unpadded_intermediate, "requant_clip_search": source.clipped, "notes": list(source.notes), "bytes": size,
     }
     eval_text = options.eval_text
     if eval_text:

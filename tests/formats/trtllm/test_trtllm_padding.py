@@ -61,15 +61,15 @@ def exports(tmp_path_factory, calib_file):
             q = root / f"{family}-{recipe}"
             quantize_to_dir(model, load_recipe(recipe), q, Calibration(str(calib_file), 2, 32), Runtime(progress=False),
                             keep_source=True)
-            made[family, recipe] = {tp: _export(q, root / f"{family}-{recipe}-tp{tp}", tp) for tp in (1, 2)}
+            made[family, recipe] = {}
+            for tp in (1, 2):
+                out = root / f"{family}-{recipe}-tp{tp}"
+                get.reports[family, recipe, tp] = export(q, out, tp)
+                made[family, recipe][tp] = out
         return made[family, recipe]
 
+    get.reports = {}
     return get
-
-
-def _export(q, out, tp):
-    export(q, out, tp)
-    return out
 
 
 def test_padding_rule_follows_tensorrt_llm():
@@ -96,6 +96,9 @@ def test_padded_config_and_shapes(exports, family):
     assert one["intermediate_size"] == INTER and "unpadded_intermediate_size" not in one["producer"]
     assert two["intermediate_size"] == PADDED and two["producer"]["unpadded_intermediate_size"] == INTER
     assert two["mapping"]["tp_size"] == 2 and two["quantization"]["group_size"] == GROUP
+    report = exports.reports[family, "w4a16-rtn", 2]
+    assert report["unpadded_intermediate_size"] == INTER and f"{INTER} padded to {PADDED}" in report["summary"]
+    assert exports.reports[family, "w4a16-rtn", 1]["unpadded_intermediate_size"] is None
     res = check_dir(ckpts[2])
     assert res.ok, res.table()
     assert any(r[0] == "MLP padding" and r[1] == "ok" for r in res.rows)
