@@ -8,7 +8,8 @@ supported model (:func:`.config.parse_config`), the rank files must be exactly
 expected shapes and dtypes (:func:`.names.expected_tensors`), no float tensor may hold
 NaN/Inf, every scale must be > 0, vocabulary padding must be zero, replicated tensors
 must be identical on every rank and duplicated K/V heads identical on the ranks that
-share them. Prints a table; exits 1 on any failure.
+share them, and a padded MLP's padding (rows and columns beyond
+``producer.unpadded_intermediate_size``) zero. Prints a table; exits 1 on any failure.
 """
 
 from __future__ import annotations
@@ -82,6 +83,34 @@ def check_kv_duplicates(path: Path, spec: CheckpointSpec, res: CheckResult) -> N
     res.add("duplicated KV heads", "FAIL" if bad else "ok", few(bad) if bad else f"each KV head identical on its {group} ranks")
 
 
+def check_mlp_padding(path: Path, spec: CheckpointSpec, res: CheckResult) -> None:
+    """A padded MLP (``producer.unpadded_intermediate_size``) must compute exactly what the real
+    one does: gate/up rows and down columns beyond the real width dequantize to 0 (and their
+    bias is 0), so padded activations are 0 and add nothing."""
+    real = spec.unpadded_intermediate
+    if real is None:
+        return
+    from sqdeploy.formats.trtllm.reader import TrtllmCheckpoint
+    from sqdeploy.formats.trtllm.shard import MLP_COLUMN, MLP_ROW
+
+    ck = TrtllmCheckpoint(path, validate=False, spec=spec)
+    cfg, bad = spec.config, []
+    n = cfg.intermediate_size // spec.tp
+    for i in range(cfg.num_layers):
+        for r in range(spec.tp):
+            first = max(0, real - r * n)  # this rank's first padded row / column
+            if first >= n:
+                continue
+            for name in [m for m in MLP_COLUMN if m in cfg.linears]:
+                lin = ck.rank_linear(r, i, name)
+                if bool(lin.dequantized()[first:].any()) or (lin.bias is not None and bool(lin.bias[first:].any())):
+                    bad.append(f"layer {i} {name} rank {r}")
+            if bool(ck.rank_linear(r, i, MLP_ROW).dequantized()[:, first:].any()):
+                bad.append(f"layer {i} {MLP_ROW} rank {r}")
+    detail = f"intermediate {real} padded to {cfg.intermediate_size}: "
+    res.add("MLP padding", "FAIL" if bad else "ok", detail + (f"nonzero padding in {few(bad)}" if bad else "padded rows and columns are zero"))
+
+
 def warnings(spec: CheckpointSpec, res: CheckResult) -> None:
     raw = spec.raw
     if spec.config.position == "rope" and "rotary_base" not in raw:
@@ -102,6 +131,8 @@ def check_dir(path: str | Path, values: bool = True) -> CheckResult:
         check_values(files, expected, res.spec, res)
         if res.ok:
             check_kv_duplicates(path, res.spec, res)
+        if res.ok:
+            check_mlp_padding(path, res.spec, res)
     return res
 
 

@@ -9,14 +9,18 @@ and a config it reads must not carry a key or value it does not understand.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+import torch
 
 from sqdeploy import __version__
 from sqdeploy.core.errors import SqDeployError
 from sqdeploy.core.families import FAMILIES, Family, ModelConfig
 from sqdeploy.core.schemes import QuantScheme
+from sqdeploy.model.layers import ACTIVATIONS
 
 # tensorrt_llm/quantization/mode.py (QuantAlgo), 0.12 ... 1.2
 KNOWN_ALGOS = (
@@ -78,6 +82,8 @@ QUANT_KEYS = frozenset({
     "quant_algo", "kv_cache_quant_algo", "group_size", "has_zero_point", "pre_quant_scale", "exclude_modules",
     "smoothquant_val", "clamp_val", "use_meta_recipe", "producer",
 })
+# producer field of a checkpoint whose MLP sq-deploy padded: the real intermediate size
+UNPADDED_KEY = "unpadded_intermediate_size"
 MAPPING_KEYS = frozenset({"world_size", "tp_size", "pp_size", "cp_size", "moe_tp_size", "moe_ep_size", "gpus_per_node", "auto_parallel"})
 # keep lm_head and every embedding in float (a list given replaces TensorRT-LLM's defaults)
 EXCLUDE_MODULES = ["lm_head", "*vocab_embedding", "*position_embedding"]
@@ -153,11 +159,58 @@ def module_shape(family: Family, cfg: ModelConfig, module: str, tp: int) -> tupl
     return sum(o for o, _ in shapes), shapes[0][1]
 
 
-def split_problems(family: Family, cfg: ModelConfig, quant: QuantSpec, tp: int) -> list[str]:
-    """Why TensorRT-LLM could not build or load this model at this tensor-parallel size (empty: it can)."""
+def pad_multiple(quant: QuantSpec, tp: int) -> int | None:
+    """The multiple TensorRT-LLM pads a quantized linear's global in/out features to (None: no padding).
+
+    tensorrt_llm/quantization/layers.py: WeightOnlyQuantLinear / RowLinear use 64 * tp_size,
+    WeightOnlyGroupwiseQuantLinear / RowLinear max(64, group_size) * tp_size (128 for W4A8).
+    """
+    if quant.weight_only:
+        return 64 * tp
+    if quant.groupwise:
+        return max(64, quant.group_size) * tp
+    return None
+
+
+def _zero_preserving(act: str) -> bool:
+    fn = ACTIVATIONS.get(act)
+    return fn is not None and float(fn(torch.zeros(1))[0]) == 0.0
+
+
+def padded_intermediate(cfg: ModelConfig, quant: QuantSpec, tp: int) -> int:
+    """The MLP intermediate size a group-wise INT4 checkpoint is written with at this tp.
+
+    TensorRT-LLM pads a group-wise INT4 linear's global features up to ``pad_multiple``
+    and then expects padded rank tensors, which its loader only builds itself for GPTQ
+    (zero weights, unit scales, zero zero-points, appended after the last row) and refuses
+    for ModelOpt-style AWQ checkpoints. So sq-deploy writes that padding into the checkpoint
+    and the padded size into ``intermediate_size`` (ModelOpt likewise writes its per-rank
+    MLP width times tp). The result is exact only where the padded rows give zeros:
+    the real columns must end on a group border (else padding would change a group's
+    scale) and a non-gated MLP's activation must map 0 to 0 (a gated MLP multiplies by
+    the zero ``up`` rows). Anything else keeps the real size (and is refused by the
+    split check). Weight-only float checkpoints are not padded: trtllm-build quantizes
+    them per channel, and an all-zero channel has no scale.
+    """
+    inter = cfg.intermediate_size
+    multiple = pad_multiple(quant, tp) if quant.groupwise else None
+    if not multiple or inter % multiple == 0 or inter % quant.group_size:
+        return inter
+    if not cfg.gated_mlp and not _zero_preserving(cfg.act):
+        return inter
+    return math.ceil(inter / multiple) * multiple
+
+
+def split_problems(family: Family, cfg: ModelConfig, quant: QuantSpec, tp: int, pad: bool = False) -> list[str]:
+    """Why TensorRT-LLM could not build or load this model at this tensor-parallel size (empty: it can).
+
+    ``pad``: as sq-deploy writes it, with the MLP padded where that is exact (:func:`padded_intermediate`).
+    """
     out = []
     if tp < 1:
         return [f"tp {tp} must be >= 1"]
+    if pad:
+        cfg = replace(cfg, intermediate_size=padded_intermediate(cfg, quant, tp))
     if cfg.num_heads % tp:
         out.append(f"{cfg.num_heads} attention heads do not split over {tp} ranks")
     kv = cfg.num_kv_heads
@@ -167,11 +220,11 @@ def split_problems(family: Family, cfg: ModelConfig, quant: QuantSpec, tp: int) 
         out.append(f"{kv} KV heads cannot be duplicated evenly over {tp} ranks")
     if cfg.intermediate_size % tp:
         out.append(f"intermediate size {cfg.intermediate_size} does not split over {tp} ranks")
-    multiple = None
+    multiple = pad_multiple(quant, tp)
     if quant.weight_only:
-        multiple, what = 64 * tp, "weight-only linears are padded to multiples of 64 * tp"
+        what = "weight-only linears are padded to multiples of 64 * tp"
     elif quant.groupwise:
-        multiple, what = max(64, quant.group_size) * tp, f"group-wise INT4 linears are padded to multiples of max(64, group {quant.group_size}) * tp"
+        what = f"group-wise INT4 linears are padded to multiples of max(64, group {quant.group_size}) * tp"
         if cfg.head_dim % 2:
             out.append(f"head size {cfg.head_dim} is odd: INT4 rows are packed in pairs")
     if multiple:
@@ -186,20 +239,24 @@ def split_problems(family: Family, cfg: ModelConfig, quant: QuantSpec, tp: int) 
     return out
 
 
-def check_split(family: Family, cfg: ModelConfig, quant: QuantSpec, tp: int, pp: int = 1) -> None:
-    """Refuse a split TensorRT-LLM cannot run, naming the tp (or group size) that would work."""
+def check_split(family: Family, cfg: ModelConfig, quant: QuantSpec, tp: int, pp: int = 1, pad: bool = False) -> None:
+    """Refuse a split TensorRT-LLM cannot run, naming the tp (or group size) that would work.
+
+    ``pad``: the writer pads the MLP intermediate size where that is exact, so only what
+    padding cannot fix (attention and hidden dims, odd groups) is refused.
+    """
     if pp != 1:
         raise SqDeployError(f"--pp {pp}: sq-deploy writes pipeline-parallel size 1 only; use --pp 1 (tensor parallelism: --tp)")
-    problems = split_problems(family, cfg, quant, tp)
+    problems = split_problems(family, cfg, quant, tp, pad)
     if not problems:
         return
     fixes = []
-    ok = [t for t in TP_SIZES if not split_problems(family, cfg, quant, t)]
+    ok = [t for t in TP_SIZES if not split_problems(family, cfg, quant, t, pad)]
     if ok:
         fixes.append(f"use --tp {' or '.join(map(str, ok))}")
     if quant.groupwise and quant.group_size != 64:
         alt = QuantSpec(quant.algo, quant.kv, 64, quant.has_zero_point, quant.pre_quant_scale)
-        if not split_problems(family, cfg, alt, tp):
+        if not split_problems(family, cfg, alt, tp, pad):
             fixes.append(f"quantize with group_size 64 (which allows --tp {tp})")
     remedy = ", or ".join(fixes) if fixes else "no tensor-parallel size in 1, 2, 4, 8 works for this model and scheme"
     raise SqDeployError(f"--tp {tp} is not possible for this model: {'; '.join(problems)}; {remedy}")
@@ -216,11 +273,21 @@ def rotary_scaling(cfg: ModelConfig) -> dict | None:
     return {k: v for k, v in cfg.rope_scaling.items() if k != "rope_theta"}
 
 
-def build_config(family: Family, cfg: ModelConfig, quant: QuantSpec, tp: int, dtype: str) -> dict[str, Any]:
-    """TensorRT-LLM's PretrainedConfig.to_dict() for this model, every builder default spelled out."""
+def build_config(family: Family, cfg: ModelConfig, quant: QuantSpec, tp: int, dtype: str, pad: bool = False) -> dict[str, Any]:
+    """TensorRT-LLM's PretrainedConfig.to_dict() for this model, every builder default spelled out.
+
+    ``pad``: with the MLP padded (:func:`padded_intermediate`), ``intermediate_size`` is the
+    padded size TensorRT-LLM builds, and ``producer.unpadded_intermediate_size`` keeps the
+    real one (TensorRT-LLM does not read it; ``sq-check trtllm`` verifies the padding by it).
+    """
     record = family.trtllm
+    producer: dict[str, Any] = {"name": "sq-deploy", "version": __version__}
+    inter = padded_intermediate(cfg, quant, tp) if pad else cfg.intermediate_size
+    if inter != cfg.intermediate_size:
+        producer[UNPADDED_KEY] = cfg.intermediate_size
+        cfg = replace(cfg, intermediate_size=inter)
     out: dict[str, Any] = {
-        "producer": {"name": "sq-deploy", "version": __version__},
+        "producer": producer,
         "architecture": record.architecture,
         "dtype": dtype,
         "logits_dtype": "float32",
@@ -249,6 +316,7 @@ class CheckpointSpec:
     dtype: str
     parallel_embedding: bool
     raw: Mapping[str, Any]
+    unpadded_intermediate: int | None = None  # the real MLP width of a padded checkpoint (None: not padded)
 
 
 def family_for_architecture(arch: Any, aliases: bool = False) -> Family:
@@ -341,4 +409,17 @@ def parse_config(raw: Any) -> CheckpointSpec:
     _expect(cfg.num_heads % cfg.num_kv_heads == 0, f"num_attention_heads {cfg.num_heads} is not a multiple of num_key_value_heads {cfg.num_kv_heads}")
     problems = split_problems(family, cfg, quant, tp)
     _expect(not problems, f"tp_size {tp}: {'; '.join(problems)}")
-    return CheckpointSpec(family, cfg, quant, tp, raw["dtype"], parallel, raw)
+    return CheckpointSpec(family, cfg, quant, tp, raw["dtype"], parallel, raw, _unpadded(raw, cfg, quant))
+
+
+def _unpadded(raw: Mapping[str, Any], cfg: ModelConfig, quant: QuantSpec) -> int | None:
+    """The real MLP width recorded by sq-deploy's padding, checked against the padded one."""
+    producer = raw.get("producer")
+    real = producer.get(UNPADDED_KEY) if isinstance(producer, dict) else None
+    if real is None:
+        return None
+    inter = cfg.intermediate_size
+    _expect(isinstance(real, int) and 0 < real < inter, f"producer {UNPADDED_KEY} {real!r} must be a positive integer below intermediate_size {inter}")
+    _expect(quant.groupwise and real % quant.group_size == 0,
+            f"producer {UNPADDED_KEY} {real}: MLP padding is written for group-wise INT4 with whole groups only")
+    return real

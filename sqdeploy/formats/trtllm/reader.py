@@ -12,6 +12,10 @@ files, names, shapes, dtypes; values as they are read) and then offers
   input, static per-tensor or dynamic per-token INT8 activations, and for weight-only
   float checkpoints trtllm-build's own per-rank quantization.
 
+A checkpoint whose MLP sq-deploy padded (``producer.unpadded_intermediate_size``) is read at
+its padded ``intermediate_size``, as TensorRT-LLM builds it: the padded rows and columns are
+zero, so both views compute the unpadded model's logits.
+
 With an INT8 KV cache the context phase is unaffected (TensorRT-LLM's context
 attention reads the float K/V; only cached K/V are stored in INT8), so perplexity is
 computed without it; :meth:`~TrtllmCheckpoint.kv_cache` gives a cache that stores K/V

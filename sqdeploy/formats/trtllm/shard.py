@@ -57,6 +57,51 @@ def take_cols(lin: RankLinear, cols: slice) -> RankLinear:
     return replace(lin, weight=pick(lin.weight), q=pick(lin.q), scale=scale, zero=zero, pre_quant_scale=pqs)
 
 
+def pad_out(lin: RankLinear, rows: int) -> RankLinear:
+    """Append output rows that compute exactly 0: zero weights (and bias, and additive zero),
+    unit scales (TensorRT-LLM's own padding of GPTQ checkpoints uses unit scales too, so no
+    scale is 0)."""
+    extra = rows - lin.out_features
+    if extra <= 0:
+        return lin
+    grow = lambda t, fill: None if t is None else torch.cat([t, torch.full((extra, *t.shape[1:]), fill, dtype=t.dtype)])  # noqa: E731
+    return replace(lin, weight=grow(lin.weight, 0), q=grow(lin.q, 0), scale=grow(lin.scale, 1), zero=grow(lin.zero, 0),
+                   bias=grow(lin.bias, 0))
+
+
+def pad_in(lin: RankLinear, cols: int) -> RankLinear:
+    """Append input columns with zero weights: whole quantization groups of unit scales and
+    zero zeros, and a pre-quant scale of 1 (the padded inputs are 0 anyway)."""
+    extra = cols - lin.in_features
+    if extra <= 0:
+        return lin
+    scale, zero = lin.scale, lin.zero
+    if scale is not None and scale.dim() == 2:
+        g = lin.in_features // scale.shape[1]
+        if extra % g:
+            raise SqDeployError(f"padding {extra} input columns would cut a quantization group of {g}")
+        scale = torch.cat([scale, scale.new_ones(scale.shape[0], extra // g)], 1)
+        zero = None if zero is None else torch.cat([zero, zero.new_zeros(zero.shape[0], extra // g)], 1)
+    grow = lambda t: None if t is None else torch.cat([t, t.new_zeros(t.shape[0], extra)], 1)  # noqa: E731
+    pqs = None if lin.pre_quant_scale is None else torch.cat([lin.pre_quant_scale, lin.pre_quant_scale.new_ones(extra)])
+    return replace(lin, weight=grow(lin.weight), q=grow(lin.q), scale=scale, zero=zero, pre_quant_scale=pqs)
+
+
+MLP_COLUMN, MLP_ROW = ("gate", "up"), "down"
+
+
+def pad_mlp(lins: dict[str, RankLinear], intermediate: int) -> dict[str, RankLinear]:
+    """A layer's whole canonical linears with the MLP widened to ``intermediate``: zero
+    gate/up rows appended (their activations are 0) and zero down columns (they add 0),
+    as TensorRT-LLM pads the global dimension before splitting it evenly."""
+    out = dict(lins)
+    for name in MLP_COLUMN:
+        if name in out:
+            out[name] = pad_out(out[name], intermediate)
+    out[MLP_ROW] = pad_in(out[MLP_ROW], intermediate)
+    return out
+
+
 def shard(lin: RankLinear, cfg: ModelConfig, name: str, tp: int, rank: int) -> RankLinear:
     """Rank ``rank``'s slice of the whole canonical linear ``name``."""
     if tp == 1:

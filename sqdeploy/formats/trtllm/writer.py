@@ -24,7 +24,7 @@ from sqdeploy.formats.trtllm.config import CheckpointSpec, QuantSpec, build_conf
 from sqdeploy.formats.trtllm.linear import DTYPES, encode
 from sqdeploy.formats.trtllm.names import LAYER, global_rows
 from sqdeploy.formats.trtllm.options import TrtllmOptions
-from sqdeploy.formats.trtllm.shard import fuse, shard
+from sqdeploy.formats.trtllm.shard import fuse, pad_mlp, shard
 from sqdeploy.formats.trtllm.source import LinearSource
 from sqdeploy.formats.trtllm.stream import RankFiles
 from sqdeploy.quantize.qmodel import QuantizedModel
@@ -42,7 +42,7 @@ def resolve(qm_or_parts, options: TrtllmOptions) -> QuantSpec:
     quant = quant_spec_for(scheme, None if kv is None else kv.upper(), bool(options.int4_zero_point))
     if not family.trtllm:
         raise SqDeployError(f"the {family.name} family has no TensorRT-LLM layout")
-    check_split(family, cfg, quant, int(options.tp), int(options.pp))
+    check_split(family, cfg, quant, int(options.tp), int(options.pp), pad=True)
     if quant.kv and not calibrated:
         raise SqDeployError("--kv-cache int8 needs calibrated K/V ranges, and this recipe does not calibrate; use a quantizing recipe")
     return quant
@@ -107,7 +107,7 @@ def write(qdir: Path, out: Path, options: TrtllmOptions = TrtllmOptions(), progr
     quant = resolve(qm, options)
     tp = int(options.tp)
     dtype = qm.dtype
-    config = build_config(qm.family, qm.config, quant, tp, _dtype_name(dtype))
+    config = build_config(qm.family, qm.config, quant, tp, _dtype_name(dtype), pad=True)
     spec = parse_config(json.loads(json.dumps(config)))  # what we write must read back
     source = LinearSource(qm, quant, progress, options.int4_requant_clip == "search")
     meta = {"format": "pt", "producer": "sq-deploy"}
@@ -115,6 +115,8 @@ def write(qdir: Path, out: Path, options: TrtllmOptions = TrtllmOptions(), progr
     with Progress(qm.config.num_layers, f"writing TensorRT-LLM checkpoint (tp {tp})", progress) as bar:
         for i in range(qm.config.num_layers):
             lins = source.layer(i)
+            if spec.unpadded_intermediate is not None:  # MLP widened to the padded intermediate_size
+                lins = pad_mlp(lins, spec.config.intermediate_size)
             files.add_layer([layer_tensors(lins, spec, i, qm, dtype, r) for r in range(tp)])
             bar.advance()
     files.close()
@@ -137,6 +139,9 @@ def _report(qm: QuantizedModel, spec: CheckpointSpec, source: LinearSource, out:
         ["recipe", qm.recipe.name], ["scheme", qm.scheme.describe()], ["quant_algo", str(quant.algo)],
         ["kv_cache_quant_algo", str(quant.kv)], ["tp", spec.tp], ["rank files", f"{spec.tp} ({size / 2**20:.1f} MiB)"],
     ]
+    if spec.unpadded_intermediate is not None:
+        rows.append(["intermediate_size", f"{spec.unpadded_intermediate} padded to {spec.config.intermediate_size} "
+                     f"(zero rows/columns: TensorRT-LLM's INT4 tile max(64, group) * tp)"])
     if quant.groupwise:
         rows += [["group_size", quant.group_size], ["has_zero_point", f"{quant.has_zero_point}" + (" (experimental)" if quant.has_zero_point else "")]]
     if source.requant_from:
@@ -149,7 +154,8 @@ def _report(qm: QuantizedModel, spec: CheckpointSpec, source: LinearSource, out:
     report = {
         "target": "trtllm", "out": str(shown), "quant_algo": quant.algo, "kv_cache_quant_algo": quant.kv, "tp": spec.tp,
         "group_size": quant.group_size, "has_zero_point": quant.has_zero_point, "requantized_from": source.requant_from,
-        "requant_rounding": source.rounding if source.requant_from else None, "requant_clip_search": source.clipped, "notes": list(source.notes), "bytes": size,
+        "requant_rounding": source.rounding if source.requant_from else None,
+        "unpadded_intermediate_size": spec.unpadded_intermediate, "requant_clip_search": source.clipped, "notes": list(source.notes), "bytes": size,
     }
     eval_text = options.eval_text
     if eval_text:
