@@ -71,8 +71,10 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     with_layers: bool = True,
+    with_head: bool = True,
 ) -> Transformer:
-    """The whole reference model; ``with_layers=False`` gives embeddings and head only (streaming)."""
+    """The whole reference model; ``with_layers=False`` gives embeddings and head only (streaming);
+    ``with_head=False`` leaves the output head unread (tied to the embedding), for embedding alone."""
     cfg = src.config
     with torch.device("meta"):
         model = Transformer(cfg, layers=0)
@@ -81,7 +83,8 @@ def load_model(
         glob["final_norm.bias"] = src.get("final_norm.bias", dtype)
     if cfg.position == "learned":
         glob["pos_embed.weight"] = src.get("pos_embed.weight", dtype)
-    glob["lm_head.weight"] = glob["embed.weight"] if not src.has("lm_head.weight") else src.get("lm_head.weight", dtype)
+    tied = not with_head or not src.has("lm_head.weight")
+    glob["lm_head.weight"] = glob["embed.weight"] if tied else src.get("lm_head.weight", dtype)
     # rotary buffers are not in the checkpoint: rebuild them off the meta device
     rotary = None
     if model.rotary is not None:

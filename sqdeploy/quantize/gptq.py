@@ -131,7 +131,7 @@ def act_aware_sums(pairs, quantize) -> dict[str, tuple[torch.Tensor, torch.Tenso
     for xf, xin in pairs:
         for name, x in xf.items():
             xq = quantize(name, xin[name])
-            cross, hq = (x.t() @ xq).cpu(), (xq.t() @ xq).cpu()
+            cross, hq = x.t() @ xq, xq.t() @ xq  # summed where the inputs are (the layer's device)
             if name in sums:
                 sums[name][0].add_(cross)
                 sums[name][1].add_(hq)
@@ -150,8 +150,8 @@ def act_aware_target(w: torch.Tensor, cross: torch.Tensor, hq: torch.Tensor, dam
     """
     h = hq.double().clone()
     lam = damp * torch.diag(h).mean()
-    h += lam * torch.eye(h.shape[0], dtype=h.dtype)
-    w64 = w.double().cpu()
+    h += lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    w64 = w.double().to(h.device)
     rhs = (w64 @ cross.double() + lam * w64).t()
     return torch.linalg.solve(h, rhs).t().to(w.device, w.dtype)
 
