@@ -87,6 +87,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=16, help="--calib-samples")
     ap.add_argument("--seq-len", type=int, default=256, help="--calib-seq-len")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--hidden", type=int, default=WIDTH["hidden_size"])
+    ap.add_argument("--intermediate", type=int, default=WIDTH["intermediate_size"])
     ap.add_argument("--work", default=None, help="working folder (kept; random checkpoints already there are reused)")
     args = ap.parse_args()
     from sqdeploy.core.report import markdown_table
@@ -98,7 +100,7 @@ def main() -> int:
     recipes = args.recipes.split(",")
     codes = dict(c.split("=", 1) for c in args.code)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="export-rss-"))
-    hf = {**SMALL, **WIDTH}
+    hf = {**SMALL, **WIDTH, "hidden_size": args.hidden, "intermediate_size": args.intermediate}
     base = work / "base"
     if not (base / "config.json").exists():
         write_random_llama(base, hf, max(depths), device="cpu")

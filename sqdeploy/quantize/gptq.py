@@ -89,8 +89,9 @@ def gptq_quantize(
     if act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    if static:
-        group_of = perm // group if group is not None else torch.zeros_like(perm)  # each column's scale
+    if static:  # each column's scale, as plain ints: indexing by a device scalar costs a kernel per column
+        group_of = (perm // group).tolist() if group is not None else [0] * in_f
+    q_cols = q_all if not act_order else torch.empty_like(q_all)  # column k: the k-th rounded (permuted order)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     for b0 in range(0, in_f, BLOCK):
         b1 = min(b0 + BLOCK, in_f)
@@ -112,12 +113,14 @@ def gptq_quantize(
             x = w1[:, j]
             q = torch.round(x / cur_s) + (0 if cur_z is None else cur_z)
             q = q.clamp(scheme.qmin, scheme.qmax)
-            q_all[:, perm[col]] = q.to(torch.int8)
+            q_cols[:, col] = q.to(torch.int8)
             deq = (q - (0 if cur_z is None else cur_z)) * cur_s
             e = (x - deq) / hinv1[j, j]
             w1[:, j:] -= e[:, None] * hinv1[j, j:][None, :]
             err1[:, j] = e
         w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
+    if act_order:
+        q_all[:, perm] = q_cols
     out = qmath.QWeight(q=q_all, scale=scales, zero=None if zeros is None else zeros.to(torch.int8))
     phases.lap("GPTQ")
     return out

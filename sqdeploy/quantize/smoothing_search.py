@@ -161,13 +161,12 @@ def _score_plans(
 ) -> dict[Plan, dict]:
     """One streaming pass: every plan's quantized model on its own stream of the held-apart sequences."""
     cfg = src.config
-    head = load_model(src, with_layers=False)
+    head = load_model(src, with_layers=False, device=device)  # the scores' logits are computed where the streams are
     held, ctx = embed_chunks(head, held_ids, batch, device)  # every stream lives on the device
     ctx = Context(mask=ctx.mask.to(device), cos=None if ctx.cos is None else ctx.cos.to(device),
                   sin=None if ctx.sin is None else ctx.sin.to(device))
     cached = rounding.method == "rtn" and not rounding.act_scale_search and len(ref.stats) == cfg.num_layers
     x = None if cached else embed_chunks(head, stats_ids, batch, device)[0]
-    head.to(device)  # the scores' logits are computed where the streams are
     float_held = list(held) if ref.final is None else None
     streams = {p: list(held) for p in plans}
     with Progress(cfg.num_layers, title, progress) as bar:

@@ -291,7 +291,7 @@ def stream_layers(
     """Quantize ``src`` layer by layer; yields each quantized layer (then drops it). The yielded block
     and its integer weights are on ``device``: a consumer takes what it keeps to the host itself."""
     device = torch.device(device)
-    head = load_model(src, with_layers=False, with_head=False)  # the embeddings only
+    head = load_model(src, with_layers=False, device=device, with_head=False)  # the embeddings only
     x, ctx = embed_chunks(head, ids, batch, device)
     del head
     ctx = Context(mask=ctx.mask.to(device), cos=_to(ctx.cos, device), sin=_to(ctx.sin, device))

@@ -95,3 +95,21 @@ def test_memory_held_between_layers_does_not_grow_with_depth(tmp_path, calib_fil
     layer_bytes = sum(p.numel() * 4 for p in load_block(HFCheckpoint(tmp_path / "L2"), 0).parameters())
     assert held[6][-1] - held[2][-1] < 0.05 * layer_bytes, (held, layer_bytes)
     assert max(held[6][1:]) - min(held[6][1:]) < 0.05 * layer_bytes, (held, layer_bytes)
+
+
+def test_an_accelerator_is_sent_the_stored_float16_and_widens_it_itself(tmp_path, monkeypatch):
+    """A float16 checkpoint's layer crosses to the device as float16 (half the bytes of float32, no host
+    conversion); on the CPU the float32 copy is made by the reader as before, with the same values."""
+    ck = HFCheckpoint(make_random_model("llama", tmp_path / "m", dtype=torch.float16))
+    on_cpu = load_block(ck, 0, torch.float32, "cpu")
+    assert all(p.dtype == torch.float32 for p in on_cpu.parameters())
+    assert torch.equal(on_cpu.linear("q").weight, ck.get("layers.0.q.weight", torch.float16).float())
+
+    def no_host_conversion(self, canonical, dtype=torch.float32):
+        raise AssertionError(f"{canonical} converted to {dtype} on the host")
+
+    monkeypatch.setattr(HFCheckpoint, "get", no_host_conversion)
+    on_device = load_block(ck, 0, torch.float32, META)
+    assert all(p.dtype == torch.float32 and p.device == META for p in on_device.parameters())
+    head = load_model(ck, with_layers=False, device=META)
+    assert head.embed.weight.device == META and head.lm_head.weight.dtype == torch.float32
