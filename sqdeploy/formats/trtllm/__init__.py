@@ -29,7 +29,7 @@ def _resolve(model, options):
 def _write_hf(qdir, out, options, context):
     from sqdeploy.formats.trtllm.hf_unified import write
 
-    return write(qdir, out, options, context.progress, context.shown_as)
+    return write(qdir, out, options, context.progress, context.shown_as, context.device)
 
 
 def _resolve_hf(model, options):
