@@ -45,7 +45,7 @@ def export(
     from a float model (for its per-layer summary)."""
     target = target_for(options)
     t0 = time.perf_counter()
-    context = WriteContext(Path(model), Path(out), runtime.progress)
+    context = WriteContext(Path(model), Path(out), runtime.progress, runtime.device)
     # the intermediate quantized model lives beside out (same disk, cleaned up however the run ends)
     with output_lock(out), contextlib.ExitStack() as stack:
         if is_quantized_dir(model):

@@ -21,6 +21,7 @@ class WriteContext:
     source: Path  # the model the export started from: a quantized directory or a HF model
     shown_as: Path  # the output directory's final name (the writer fills a temporary one)
     progress: bool = True
+    device: str = "cpu"  # where a target that re-quantizes runs its calibration pass (the export's --device)
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,11 @@ class HFCheckpoint:
 
     def get(self, canonical: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Read one tensor by canonical name, checking it for NaN/Inf."""
-        return self.files.read(self.family.hf_name(stored_name(self, canonical))).to(dtype)
+        return self.get_stored(canonical).to(dtype)
+
+    def get_stored(self, canonical: str) -> torch.Tensor:
+        """One tensor in the dtype the file stores it in (checked for NaN/Inf)."""
+        return self.files.read(self.family.hf_name(stored_name(self, canonical)))
 
     def tokenizer_files(self) -> list[Path]:
         return [self.path / f for f in TOKENIZER_FILES if (self.path / f).exists()]

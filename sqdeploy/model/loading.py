@@ -56,7 +56,8 @@ def load_block(src: TensorSource, i: int, dtype: torch.dtype = torch.float32, de
     with torch.device("meta"):
         block = Block(cfg, i)
     prefix = f"layers.{i}."
-    state = {block_path(n[len(prefix):]): src.get(n, dtype).to(device) for n in layer_tensor_names(cfg, i)}
+    read = _reader(src, dtype, torch.device(device))
+    state = {block_path(n[len(prefix):]): read(n) for n in layer_tensor_names(cfg, i)}
     block.load_state_dict(state, strict=True, assign=True)
     for p in block.parameters():
         p.requires_grad_(False)
@@ -66,22 +67,36 @@ def load_block(src: TensorSource, i: int, dtype: torch.dtype = torch.float32, de
     return block.to(device)
 
 
+def _reader(src: TensorSource, dtype: torch.dtype, device: torch.device) -> Callable[[str], torch.Tensor]:
+    """How a layer's tensors reach ``device``: for an accelerator, as stored (float16 weights cross
+    to the device at half the float32 bytes and are widened there, not on the host), when the source
+    can give them so; the values are the same either way."""
+    stored = getattr(src, "get_stored", None)
+    if device.type == "cpu" or stored is None:
+        return lambda name: src.get(name, dtype).to(device)
+    return lambda name: stored(name).to(device).to(dtype)
+
+
 def load_model(
     src: TensorSource,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     with_layers: bool = True,
+    with_head: bool = True,
 ) -> Transformer:
-    """The whole reference model; ``with_layers=False`` gives embeddings and head only (streaming)."""
+    """The whole reference model; ``with_layers=False`` gives embeddings and head only (streaming);
+    ``with_head=False`` leaves the output head unread (tied to the embedding), for embedding alone."""
     cfg = src.config
     with torch.device("meta"):
         model = Transformer(cfg, layers=0)
-    glob = {"embed.weight": src.get("embed.weight", dtype), "final_norm.weight": src.get("final_norm.weight", dtype)}
+    read = _reader(src, dtype, torch.device(device))  # on an accelerator the host holds one stored tensor at a time
+    glob = {"embed.weight": read("embed.weight"), "final_norm.weight": read("final_norm.weight")}
     if cfg.norm_has_bias:
-        glob["final_norm.bias"] = src.get("final_norm.bias", dtype)
+        glob["final_norm.bias"] = read("final_norm.bias")
     if cfg.position == "learned":
-        glob["pos_embed.weight"] = src.get("pos_embed.weight", dtype)
-    glob["lm_head.weight"] = glob["embed.weight"] if not src.has("lm_head.weight") else src.get("lm_head.weight", dtype)
+        glob["pos_embed.weight"] = read("pos_embed.weight")
+    tied = not with_head or not src.has("lm_head.weight")
+    glob["lm_head.weight"] = glob["embed.weight"] if tied else read("lm_head.weight")
     # rotary buffers are not in the checkpoint: rebuild them off the meta device
     rotary = None
     if model.rotary is not None:

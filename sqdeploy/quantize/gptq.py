@@ -89,8 +89,9 @@ def gptq_quantize(
     if act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    if static:
-        group_of = perm // group if group is not None else torch.zeros_like(perm)  # each column's scale
+    if static:  # each column's scale, as plain ints: indexing by a device scalar costs a kernel per column
+        group_of = (perm // group).tolist() if group is not None else [0] * in_f
+    q_cols = q_all if not act_order else torch.empty_like(q_all)  # column k: the k-th rounded (permuted order)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     for b0 in range(0, in_f, BLOCK):
         b1 = min(b0 + BLOCK, in_f)
@@ -112,12 +113,14 @@ def gptq_quantize(
             x = w1[:, j]
             q = torch.round(x / cur_s) + (0 if cur_z is None else cur_z)
             q = q.clamp(scheme.qmin, scheme.qmax)
-            q_all[:, perm[col]] = q.to(torch.int8)
+            q_cols[:, col] = q.to(torch.int8)
             deq = (q - (0 if cur_z is None else cur_z)) * cur_s
             e = (x - deq) / hinv1[j, j]
             w1[:, j:] -= e[:, None] * hinv1[j, j:][None, :]
             err1[:, j] = e
         w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
+    if act_order:
+        q_all[:, perm] = q_cols
     out = qmath.QWeight(q=q_all, scale=scales, zero=None if zeros is None else zeros.to(torch.int8))
     phases.lap("GPTQ")
     return out
@@ -131,7 +134,7 @@ def act_aware_sums(pairs, quantize) -> dict[str, tuple[torch.Tensor, torch.Tenso
     for xf, xin in pairs:
         for name, x in xf.items():
             xq = quantize(name, xin[name])
-            cross, hq = (x.t() @ xq).cpu(), (xq.t() @ xq).cpu()
+            cross, hq = x.t() @ xq, xq.t() @ xq  # summed where the inputs are (the layer's device)
             if name in sums:
                 sums[name][0].add_(cross)
                 sums[name][1].add_(hq)
@@ -150,8 +153,8 @@ def act_aware_target(w: torch.Tensor, cross: torch.Tensor, hq: torch.Tensor, dam
     """
     h = hq.double().clone()
     lam = damp * torch.diag(h).mean()
-    h += lam * torch.eye(h.shape[0], dtype=h.dtype)
-    w64 = w.double().cpu()
+    h += lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    w64 = w.double().to(h.device)
     rhs = (w64 @ cross.double() + lam * w64).t()
     return torch.linalg.solve(h, rhs).t().to(w.device, w.dtype)
 

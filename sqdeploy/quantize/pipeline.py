@@ -152,7 +152,8 @@ def quantize(
                 on_layer(record)
             phases.lap("write quantized model")
             layers.append(record)
-            record.block, record.result.qweights = None, {}  # free the layer: memory stays near one layer
+            # free the layer (only the manifest's numbers stay): memory stays near one layer
+            record.block, record.result.qweights, record.result.smoothing = None, {}, {}
             _return_freed_memory()
             phases.lap("free layer")
     result = QuantizeResult(recipe, cfg, family, layers, cal.describe() if cal else None, search, time.perf_counter() - t0,
@@ -228,7 +229,8 @@ def check_resources(ck: HFCheckpoint, recipe: Recipe, out: str | Path, calib: Ca
     preflight.check_disk(out, preflight.output_bytes(ck.config, recipe.scheme, dtype, target_copies))
     if recipe.algorithm != "none":
         c = calib.resolve(recipe)
-        preflight.check_gpu(runtime.device, ck.config, runtime.batch, c["seq_len"], recipe.params.get("rounding") == "gptq")
+        preflight.check_gpu(runtime.device, ck.config, runtime.batch, c["seq_len"], recipe.params.get("rounding") == "gptq",
+                            c["samples"])
 
 
 def quantize_to_dir(
@@ -270,7 +272,7 @@ def quantize_in_memory(
     """The fake-quantized reference model (float32), for evaluation without writing files."""
     ck = model if isinstance(model, HFCheckpoint) else HFCheckpoint(model)
     blocks: list[Block] = []
-    result = quantize(ck, recipe, calib, runtime, lambda r: blocks.append(r.block))
+    result = quantize(ck, recipe, calib, runtime, lambda r: blocks.append(r.block.to("cpu")))
     dtype = storage_dtype(result.recipe, ck.config)
     full = load_model(_RoundedGlobals(ck, dtype), with_layers=False)
     full.layers.extend(blocks)

@@ -9,8 +9,10 @@ anything is written.
 * Disk: the bytes the export writes on ``--out``'s filesystem, the intermediate quantized
   model (written beside ``--out``) included, with a 5% margin (:func:`output_bytes`).
 * GPU: a lower bound of what calibrating one layer needs (:func:`gpu_bytes_needed`): the
-  layer in float32, one chunk of calibration activations through it (hidden states, MLP
-  intermediates, attention scores) and one Hessian for GPTQ. A GPU with less free memory
+  layer in float32, the calibration set's hidden states (its inputs and outputs, float32:
+  they stay on the GPU between layers), one chunk of calibration activations through it
+  (hidden states, MLP intermediates, attention scores) and one Hessian (float64 sums) for
+  GPTQ. A GPU with less free memory
   than that cannot run the export; one with more may still need the margin the caching
   allocator takes, which is why this is only a lower bound.
 """
@@ -69,13 +71,16 @@ def check_disk(out: str | Path, needed: int) -> None:
                             f"there, {free / GiB:.1f} GiB are free on {probe}; free space or choose --out on another disk")
 
 
-def gpu_bytes_needed(cfg: ModelConfig, batch: int, seq_len: int, hessian: bool) -> int:
-    """Lower bound of the GPU memory calibrating one layer takes (float32 throughout)."""
+def gpu_bytes_needed(cfg: ModelConfig, batch: int, seq_len: int, hessian: bool, samples: int = 0) -> int:
+    """Lower bound of the GPU memory calibrating one layer takes (float32 throughout): the layer, the
+    hidden states of the ``samples`` calibration sequences in and out of it, one chunk's activations
+    and, for GPTQ, the widest input's ``x^T x`` sum (float64)."""
     layer = sum(o * i for o, i in (cfg.linear_shape(n) for n in cfg.linears)) * 4
     tokens = batch * seq_len
     acts = tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4 + batch * cfg.num_heads * seq_len * seq_len * 4
+    streams = 2 * samples * seq_len * cfg.hidden_size * 4
     widest = max(i for _, i in (cfg.linear_shape(n) for n in cfg.linears))
-    return layer + acts + (widest * widest * 4 if hessian else 0)
+    return layer + acts + streams + (widest * widest * 8 if hessian else 0)
 
 
 def gpu_free_bytes(device: str) -> tuple[int, int]:
@@ -83,13 +88,14 @@ def gpu_free_bytes(device: str) -> tuple[int, int]:
     return torch.cuda.mem_get_info(torch.device(device))
 
 
-def check_gpu(device: str, cfg: ModelConfig, batch: int, seq_len: int, hessian: bool) -> None:
+def check_gpu(device: str, cfg: ModelConfig, batch: int, seq_len: int, hessian: bool, samples: int = 0) -> None:
     """Refuse a GPU with less free memory than one layer and its calibration activations need."""
     if not str(device).startswith("cuda"):
         return
-    need = gpu_bytes_needed(cfg, batch, seq_len, hessian)
+    need = gpu_bytes_needed(cfg, batch, seq_len, hessian, samples)
     free, total = gpu_free_bytes(device)
     if free < need:
         raise SqDeployError(f"--device {device} has {free / GiB:.1f} GiB free (of {total / GiB:.1f} GiB), and one layer of "
                             f"this model with its calibration activations needs at least {need / GiB:.1f} GiB; use a larger "
-                            f"GPU, a smaller --batch (now {batch}) or --calib-seq-len (now {seq_len}), or --device cpu")
+                            f"GPU, a smaller --batch (now {batch}), --calib-samples (now {samples}) or --calib-seq-len (now {seq_len}), "
+                            "or --device cpu")

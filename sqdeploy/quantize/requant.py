@@ -168,14 +168,20 @@ def keep_source(ck: HFCheckpoint, ids: torch.Tensor | None, out: Path) -> None:
 
 
 def requantize_streamed(
-    qm: QuantizedModel, ck: HFCheckpoint, ids: torch.Tensor, scheme: QuantScheme, progress: bool, clip_search: bool = True
+    qm: QuantizedModel, ck: HFCheckpoint, ids: torch.Tensor, scheme: QuantScheme, progress: bool, clip_search: bool = True,
+    device: str | torch.device = "cpu", batch: int = 8,
 ) -> Iterator[dict[str, qmath.QWeight]]:
-    """Per layer (in order), the weights re-quantized into ``scheme`` with the recipe's own rounding."""
+    """Per layer (in order), the weights re-quantized into ``scheme`` with the recipe's own rounding
+    (computed on ``device``, as the recipe's own pass; handed over on the host)."""
     from sqdeploy.core.progress import Progress
     from sqdeploy.quantize.streaming import stream_layers
 
     rounding = Rounding.of(qm.recipe.config)  # parsed: keys missing in older directories took their defaults
     algorithm = RecordedSmoothing(qm, scheme, rounding, clip_search)
     with Progress(qm.config.num_layers, f"re-quantizing ({rounding.method} rounding)", progress) as bar:
-        for record in stream_layers(ck, ids, algorithm, "cpu", 8, bar):
-            yield record.result.qweights
+        for record in stream_layers(ck, ids, algorithm, device, batch, bar):
+            yield {n: qweight_on_host(qw) for n, qw in record.result.qweights.items()}
+
+
+def qweight_on_host(qw: qmath.QWeight) -> qmath.QWeight:
+    return qmath.QWeight(qw.q.cpu(), qw.scale.cpu(), None if qw.zero is None else qw.zero.cpu())

@@ -100,8 +100,8 @@ def smooth_block(
     for g in groups:
         x_stat = group_input_stats(g, stats[g.consumers[0]].absmax, cfg)
         mean_stat = group_input_stats(g, stats[g.consumers[0]].absmean, cfg)
-        # statistics live on the CPU; the layer may be on an accelerator
-        s = scale_fn(g, x_stat, mean_stat, weight_absmax(block, g, cfg).cpu()).float().cpu()
+        # computed where the statistics are (the layer's device, where calibration ran)
+        s = scale_fn(g, x_stat, mean_stat, weight_absmax(block, g, cfg).to(x_stat.device)).float()
         fold(block, g, s, cfg)
         s_in = expand_to_consumer(g, s, cfg)
         shared: dict[int, torch.Tensor] = {}  # consumers of one input share its scaled x^T x

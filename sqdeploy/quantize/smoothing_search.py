@@ -54,7 +54,7 @@ from sqdeploy.quantize.algorithm import SearchInputs
 from sqdeploy.quantize.awq import ClipSearch
 from sqdeploy.quantize.rtn import Rounding
 from sqdeploy.quantize.smoothing import smooth_block, smoothquant_scale
-from sqdeploy.quantize.streaming import ChannelStats, LayerData, StatsCollector, embed_chunks, run_block
+from sqdeploy.quantize.streaming import ChannelStats, LayerData, StatsCollector, embed_chunks, run_block, run_block_in_place
 
 UNIFORM_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
 NEIGHBOURS = (-0.1, 0.1)  # per-group moves of stage 2: with the grid's step of 0.2, every tenth is reachable
@@ -148,7 +148,7 @@ def _kl_and_nll(head, held_ids: torch.Tensor, quant: list[torch.Tensor], ref: li
                 lq = torch.log_softmax(head.head(q[:-1][None])[0], -1)
                 lr = torch.log_softmax(head.head(r[:-1][None])[0], -1)
                 kl += float((lr.exp() * (lr - lq)).sum())
-                target = held_ids[row, 1:]
+                target = held_ids[row, 1:].to(lq.device)
                 nll += float(-lq.gather(1, target[:, None]).sum())
                 n += target.numel()
                 row += 1
@@ -161,12 +161,12 @@ def _score_plans(
 ) -> dict[Plan, dict]:
     """One streaming pass: every plan's quantized model on its own stream of the held-apart sequences."""
     cfg = src.config
-    head = load_model(src, with_layers=False)
-    held, ctx = embed_chunks(head, held_ids, batch)
+    head = load_model(src, with_layers=False, device=device)  # the scores' logits are computed where the streams are
+    held, ctx = embed_chunks(head, held_ids, batch, device)  # every stream lives on the device
     ctx = Context(mask=ctx.mask.to(device), cos=None if ctx.cos is None else ctx.cos.to(device),
                   sin=None if ctx.sin is None else ctx.sin.to(device))
     cached = rounding.method == "rtn" and not rounding.act_scale_search and len(ref.stats) == cfg.num_layers
-    x = None if cached else embed_chunks(head, stats_ids, batch)[0]
+    x = None if cached else embed_chunks(head, stats_ids, batch, device)[0]
     float_held = list(held) if ref.final is None else None
     streams = {p: list(held) for p in plans}
     with Progress(cfg.num_layers, title, progress) as bar:
@@ -185,12 +185,14 @@ def _score_plans(
             for p in plans:
                 trial = copy.deepcopy(block)
                 apply_plan(trial, cfg, groups, p, scheme, data, rounding, clip=clip)
-                streams[p] = run_block(trial, streams[p], ctx, device)
+                run_block_in_place(trial, streams[p], ctx, device)
                 del trial
+            data = collector = None  # this layer's statistics and sums go before the next layer's are collected
             if float_held is not None:
-                float_held = run_block(block, float_held, ctx, device)
+                run_block_in_place(block, float_held, ctx, device)
+            del block
             if not cached:
-                x = y
+                x, y = y, None
             bar.advance()
     if float_held is not None:
         ref.final = float_held

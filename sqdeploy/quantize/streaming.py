@@ -1,10 +1,17 @@
 """The layer-streaming driver: one decoder layer in memory at a time.
 
-The calibration inputs of layer ``i`` (hidden states, float32) are kept in memory;
-layer ``i`` alone is read from safetensors, brought to the compute device and run
+The calibration inputs of layer ``i`` (hidden states, float32) are kept on the compute
+device; layer ``i`` alone is read from safetensors, brought to that device and run
 (collecting per-input-channel statistics through hooks), handed to the algorithm, and
 its outputs become the inputs of layer ``i + 1``. Peak memory is one layer plus the
 activations, so models larger than RAM or GPU memory can be processed.
+
+With ``--device cuda`` everything that grows with the calibration set stays on the GPU:
+the activation streams, the statistics and GPTQ's ``x^T x`` sums (float64) are made and
+accumulated where the layer runs, and nothing of them crosses to the host; the host holds
+the embedding table while the calibration set is embedded, the tensor being read and the
+layer being written. Nothing is kept per layer beyond a few numbers for the manifest, so
+neither memory grows with depth.
 
 Two activation streams can be propagated: the *float* stream (the unquantized model)
 and the *quantized* stream (the model with layers ``< i`` already quantized), for
@@ -74,7 +81,8 @@ class StatsCollector:
             raw = args[0].detach().float().reshape(-1, args[0].shape[-1])
             x = raw.abs()
             s = self.stats.get(name)
-            amax, asum = x.amax(0).cpu(), x.sum(0, dtype=torch.float64).float().cpu()
+            # on the layer's device: a host copy per batch would synchronise the device for each linear
+            amax, asum = x.amax(0), x.sum(0, dtype=torch.float64).float()
             xtx = self._accumulate(args[0], raw, None if s is None else s.xtx) if self.hessian else None
             if s is None:
                 self.stats[name] = ChannelStats(amax, asum, x.shape[0], xtx)
@@ -88,19 +96,23 @@ class StatsCollector:
     def _accumulate(self, tensor: torch.Tensor, raw: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
         """The running x^T x (float64) of this input. Linears fed the same tensor (q/k/v, gate/up)
         share one accumulator, added to once per batch: a 1B model's layer holds 0.45 GB of these
-        in float64 when each linear keeps its own copy."""
+        in float64 when each linear keeps its own copy. The sum stays on the layer's device, and
+        the float32 product is added into it in place (each element widened to float64 as it is
+        added, the same sums as adding a float64 copy): a 7B model's ``down_proj`` input would
+        otherwise cross to the host as a 1 GB float64 matrix for every batch."""
         if self._last_xtx is not None and self._last_xtx[0] is tensor:
             return self._last_xtx[1]
-        xtx = (raw.t() @ raw).double().cpu()
+        xtx = raw.t() @ raw
         if acc is None:
-            acc = xtx
+            acc = xtx.double()
         else:
             acc += xtx
         self._last_xtx = (tensor, acc)
         return acc
 
     def _observe_kv(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.kv_amax = torch.maximum(self.kv_amax, torch.stack([k.abs().amax().cpu().float(), v.abs().amax().cpu().float()]))
+        seen = torch.stack([k.abs().amax().float(), v.abs().amax().float()])
+        self.kv_amax = torch.maximum(self.kv_amax.to(seen.device), seen)
 
     def close(self) -> None:
         for h in self._handles:
@@ -116,13 +128,34 @@ class StatsCollector:
 
 
 def run_block(block: Block, chunks: list[torch.Tensor], ctx: Context, device: torch.device) -> list[torch.Tensor]:
-    """Run ``block`` over activation chunks (kept on the CPU between layers)."""
+    """Run ``block`` over activation chunks; the outputs (float32) stay on ``device`` for the next layer."""
     out = []
     with torch.no_grad():
         for x in chunks:
-            y = block(x.to(device), ctx)
-            out.append(y.to("cpu", torch.float32))
+            out.append(block(x.to(device), ctx).float())
     return out
+
+
+def run_block_in_place(block: Block, chunks: list[torch.Tensor], ctx: Context, device: torch.device) -> None:
+    """:func:`run_block` replacing each chunk by its output as it goes: one chunk more than the
+    stream, not a second copy of it."""
+    with torch.no_grad():
+        for k, x in enumerate(chunks):
+            chunks[k] = block(x.to(device), ctx).float()
+
+
+def block_error(block: Block, chunks: list[torch.Tensor], ref: list[torch.Tensor], ctx: Context, device: torch.device) -> float:
+    """:func:`relative_error` of ``block``'s outputs on ``chunks`` against ``ref``, one output chunk at a time
+    (the same sums in the same order, without holding the outputs)."""
+    num, den = 0, 0
+    with torch.no_grad():
+        for x, y in zip(chunks, ref):
+            out = block(x.to(device), ctx).float()
+            num += float((out - y).pow(2).sum())
+            del out
+    for y in ref:
+        den += float(y.pow(2).sum())
+    return num / max(den, 1e-30)
 
 
 def check_finite(chunks: list[torch.Tensor], where: str) -> None:
@@ -234,14 +267,16 @@ class LayerRecord:
     seconds: float
 
 
-def embed_chunks(model: Transformer, ids: torch.Tensor, batch: int) -> tuple[list[torch.Tensor], Context]:
-    """Embeddings of the calibration blocks, in chunks of ``batch`` sequences, and the shared context."""
+def embed_chunks(model: Transformer, ids: torch.Tensor, batch: int,
+                 device: str | torch.device | None = None) -> tuple[list[torch.Tensor], Context]:
+    """Embeddings of the calibration blocks, in chunks of ``batch`` sequences, and the shared context.
+    ``device``: where the chunks go, each as soon as it is embedded (the host never holds them all)."""
     chunks = []
     with torch.no_grad():
         for start in range(0, ids.shape[0], batch):
-            x, _ = model.prepare(ids[start : start + batch])
-            chunks.append(x.float())
-        _, ctx = model.prepare(ids[:1])  # batch-1 context broadcasts over every chunk
+            x, _ = model.prepare(ids[start : start + batch].to(model.embed.weight.device))
+            chunks.append(x.float() if device is None else x.float().to(device))
+        _, ctx = model.prepare(ids[:1].to(model.embed.weight.device))  # batch-1 context broadcasts over every chunk
     return chunks, ctx
 
 
@@ -253,10 +288,11 @@ def stream_layers(
     batch: int = 8,
     progress: Progress | None = None,
 ) -> Iterator[LayerRecord]:
-    """Quantize ``src`` layer by layer; yields each quantized layer (then drops it)."""
+    """Quantize ``src`` layer by layer; yields each quantized layer (then drops it). The yielded block
+    and its integer weights are on ``device``: a consumer takes what it keeps to the host itself."""
     device = torch.device(device)
-    head = load_model(src, with_layers=False)
-    x, ctx = embed_chunks(head, ids, batch)
+    head = load_model(src, with_layers=False, device=device, with_head=False)  # the embeddings only
+    x, ctx = embed_chunks(head, ids, batch, device)
     del head
     ctx = Context(mask=ctx.mask.to(device), cos=_to(ctx.cos, device), sin=_to(ctx.sin, device))
     xq = list(x) if algorithm.needs_quant_stream else None
@@ -277,9 +313,9 @@ def stream_layers(
         if progress:
             progress.update(f"layer {i + 1}/{n}: {algorithm.name}")
         result = algorithm.quantize_layer(block, data)
+        del data  # the algorithm's view of the layer (its statistics and sums) goes before the next layer's
         phases.lap()
-        yq_same = run_block(block, x, ctx, device)
-        error = relative_error(yq_same, y)
+        error = block_error(block, x, y, ctx, device)
         if not math.isfinite(error):
             raise SqDeployError(
                 f"layer {i} quantized by {algorithm.name} gives NaN/Inf outputs; its weights or activations exceed the "
@@ -287,11 +323,13 @@ def stream_layers(
             )
         acc = None
         if xq is not None:
-            xq = run_block(block, xq, ctx, device)
+            run_block_in_place(block, xq, ctx, device)
             acc = relative_error(xq, y)
-        record = LayerRecord(i, block.to("cpu"), result, error, acc, collector.kv_amax, time.perf_counter() - t0)
+        record = LayerRecord(i, block, result, error, acc, collector.kv_amax.cpu(), time.perf_counter() - t0)
+        del collector
         phases.lap("layer error + quantized stream")
         yield record
+        del record, block, result
         phases.restart()
         x = y
         if progress:

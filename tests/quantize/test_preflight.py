@@ -41,6 +41,9 @@ def test_gpu_need_grows_with_the_layer_and_the_activations(tiny_models):
     assert preflight.gpu_bytes_needed(cfg, 16, 128, hessian=False) > base
     layer = sum(o * i for o, i in (cfg.linear_shape(n) for n in cfg.linears)) * 4
     assert base > layer
+    # the calibration set's hidden states (in and out of the layer) stay on the GPU between layers
+    streams = preflight.gpu_bytes_needed(cfg, 8, 128, hessian=False, samples=128) - base
+    assert streams == 2 * 128 * 128 * cfg.hidden_size * 4
 
 
 def test_check_gpu_refuses_a_small_gpu_and_passes_a_large_one(tiny_models, monkeypatch):

@@ -17,7 +17,7 @@ from sqdeploy.formats.trtllm.options import TrtllmHfOptions, TrtllmOptions
 def _write(qdir, out, options, context):
     from sqdeploy.formats.trtllm.writer import write  # TensorRT-LLM writing code loads only when used
 
-    return write(qdir, out, options, context.progress, context.shown_as)
+    return write(qdir, out, options, context.progress, context.shown_as, context.device)
 
 
 def _resolve(model, options):
@@ -29,7 +29,7 @@ def _resolve(model, options):
 def _write_hf(qdir, out, options, context):
     from sqdeploy.formats.trtllm.hf_unified import write
 
-    return write(qdir, out, options, context.progress, context.shown_as)
+    return write(qdir, out, options, context.progress, context.shown_as, context.device)
 
 
 def _resolve_hf(model, options):

@@ -93,11 +93,11 @@ def linear_tensors(family: Family, name: str, lin: RankLinear, quant: QuantSpec,
 
 
 def write(qdir: Path, out: Path, options: TrtllmHfOptions = TrtllmHfOptions(), progress: bool = True,
-          shown_as: Path | None = None) -> dict:
+          shown_as: Path | None = None, device: str = "cpu") -> dict:
     qm = QuantizedModel(qdir)
     quant = resolve(qm, options)
     cfg, family, dtype = qm.config, qm.family, qm.dtype
-    source = LinearSource(qm, quant, progress)
+    source = LinearSource(qm, quant, progress, device=device)
     tensors: dict[str, torch.Tensor] = {}
     for canonical in cfg.global_names:
         tensors[family.hf_name(canonical)] = qm.get(canonical, dtype).contiguous()

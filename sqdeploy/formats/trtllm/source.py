@@ -37,8 +37,10 @@ def canonical_parallel(family) -> dict[str, str]:
 class LinearSource:
     """Whole (unsplit) canonical linears of a QuantizedModel, as the target quant_algo stores them."""
 
-    def __init__(self, qm: QuantizedModel, quant: QuantSpec, progress: bool = False, clip_search: bool = True):
+    def __init__(self, qm: QuantizedModel, quant: QuantSpec, progress: bool = False, clip_search: bool = True,
+                 device: str = "cpu"):
         self.qm, self.quant, self.clip_search = qm, quant, clip_search
+        self.device = device
         self.cfg, self.family = qm.config, qm.family
         self.parallel = canonical_parallel(qm.family)
         self.scheme: QuantScheme = scheme_of(quant)
@@ -56,7 +58,8 @@ class LinearSource:
         if self.qm.recipe.params.get("rounding", "rtn") != "gptq":
             return
         ids = recorded_calibration(self.qm)
-        self._streamed = requantize_streamed(self.qm, self.smoothed.ck, ids, self.scheme, progress, self.clip_search)
+        self._streamed = requantize_streamed(self.qm, self.smoothed.ck, ids, self.scheme, progress, self.clip_search,
+                                             self.device)
         self.rounding = "gptq"
 
     @property

@@ -100,7 +100,7 @@ def layer_tensors(lins: dict, spec: CheckpointSpec, i: int, qm: QuantizedModel, 
 
 
 def write(qdir: Path, out: Path, options: TrtllmOptions = TrtllmOptions(), progress: bool = True,
-          shown_as: Path | None = None) -> dict:
+          shown_as: Path | None = None, device: str = "cpu") -> dict:
     from sqdeploy.formats.trtllm.check import check_dir
 
     qm = QuantizedModel(qdir)
@@ -109,7 +109,7 @@ def write(qdir: Path, out: Path, options: TrtllmOptions = TrtllmOptions(), progr
     dtype = qm.dtype
     config = build_config(qm.family, qm.config, quant, tp, _dtype_name(dtype), pad=True)
     spec = parse_config(json.loads(json.dumps(config)))  # what we write must read back
-    source = LinearSource(qm, quant, progress, options.int4_requant_clip == "search")
+    source = LinearSource(qm, quant, progress, options.int4_requant_clip == "search", device)
     meta = {"format": "pt", "producer": "sq-deploy"}
     files = RankFiles(out, global_tensors(qm, spec, dtype), qm.config.num_layers, LAYER, meta)  # one layer in memory
     with Progress(qm.config.num_layers, f"writing TensorRT-LLM checkpoint (tp {tp})", progress) as bar:

@@ -273,6 +273,26 @@ def test_int4_gptq_recipe_is_requantized_with_gptq(quantized, tmp_path):
     assert (_logits(ckc) - ref).norm() < (_logits(ck) - ref).norm()
 
 
+def test_int4_gptq_requantization_runs_on_the_export_device(quantized, tmp_path, monkeypatch):
+    """The re-quantization's calibration pass runs where the export runs (``--device``), not on the CPU
+    whatever was asked; the integers it hands the writer are on the host."""
+    import sqdeploy.quantize.streaming as streaming
+    from sqdeploy.formats.export import export as export_api
+    from sqdeploy.formats.trtllm.options import TrtllmOptions
+    from sqdeploy.quantize.pipeline import Runtime as Rt
+
+    qdir = quantized("llama", int4_recipe(64, rounding="gptq", act_order=True))
+    asked, original = [], streaming.stream_layers
+
+    def spy(src, ids, algorithm, device="cpu", *args):
+        asked.append(str(device))
+        return original(src, ids, algorithm, "cpu", *args)  # this machine has only the CPU
+
+    monkeypatch.setattr(streaming, "stream_layers", spy)
+    export_api(qdir, TrtllmOptions(tp=1, int4_requant_clip="none"), tmp_path / "ckpt", runtime=Rt(device="cuda:3", progress=False))
+    assert asked == ["cuda:3"]
+
+
 def test_int4_symmetric_recipe_keeps_its_integers(int4_model, quantized, tmp_path):
     qdir = quantized(int4_model, int4_recipe(64, symmetric=True))
     out = tmp_path / "sym"
