@@ -93,6 +93,16 @@ def search_summary(search: dict | None) -> dict | None:
             "scores": search["scores"], "rtn_scores": search.get("rtn_scores")}
 
 
+def humaneval_settings(args) -> dict:
+    if not args.humaneval:
+        return {"run": False}
+    from sqdeploy.evaluate.humaneval import load_problems
+
+    n = len(load_problems())
+    return {"run": True, "problems": n, "limit": args.humaneval_limit, "generated": min(n, args.humaneval_limit or n),
+            "max_new_tokens": args.humaneval_max_new_tokens}
+
+
 def model_windows(key: str, args) -> dict:
     """The standard and validation windows of a model's held-out text (tokenized once)."""
     from sqdeploy.evaluate.perplexity import eval_windows, read_text
@@ -109,8 +119,7 @@ def model_windows(key: str, args) -> dict:
     return sets
 
 
-def job(key: str, spec: str | None, sets: dict, shared: str, humaneval: bool, humaneval_limit: int | None,
-        threads: int) -> dict:
+def job(key: str, spec: str | None, sets: dict, shared: str, humaneval: dict | None, threads: int) -> dict:
     """One row: the float model (``spec`` None) or a recipe, scored on every window set (in a worker process)."""
     import torch
 
@@ -132,11 +141,23 @@ def job(key: str, spec: str | None, sets: dict, shared: str, humaneval: bool, hu
         t1 = time.perf_counter()
         row[s] = score(model, w)
         row[s]["eval_seconds"] = time.perf_counter() - t1
-    if humaneval:
-        from sqdeploy.evaluate.humaneval import humaneval_pass_at_1
-
-        row["humaneval"] = humaneval_pass_at_1(model, load_tokenizer(ck.path), humaneval_limit)
+    if humaneval is not None:
+        row["humaneval"] = score_humaneval(model, load_tokenizer(ck.path), **humaneval)
     return row
+
+
+def score_humaneval(model, tokenizer, limit: int | None, max_new_tokens: int, data: str | None = None) -> dict:
+    """The canonical solutions' NLL on every problem, greedy pass@1 (with the completions) on the first ``limit``."""
+    from sqdeploy.evaluate.humaneval import canonical_solution_nll, humaneval_pass_at_1, load_problems
+
+    problems = load_problems(None, data)
+    t0 = time.perf_counter()
+    out = {"canonical": canonical_solution_nll(model, tokenizer, problems)}
+    out["canonical"]["eval_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out["generation"] = humaneval_pass_at_1(model, tokenizer, max_new_tokens=max_new_tokens, problems=problems[:limit])
+    out["generation"]["eval_seconds"] = time.perf_counter() - t0
+    return out
 
 
 def assemble(key: str, specs: list[str], done: dict) -> list[dict]:
@@ -154,6 +175,13 @@ def assemble(key: str, specs: list[str], done: dict) -> list[dict]:
                 row[s]["vs_float"] = change(base[s], row[s])
             if rtn is not None and s in rtn and row["recipe"].startswith("w4a16-") and row is not rtn:
                 row[s]["vs_w4a16_rtn"] = change(rtn[s], row[s])
+        if base is not None and "humaneval" in row and "humaneval" in base:
+            from sqdeploy.evaluate.humaneval import agreement
+
+            he, ref = row["humaneval"], base["humaneval"]
+            he["canonical"]["vs_float"] = change({"per_window_nll": ref["canonical"]["per_problem_nll"]},
+                                                 {"per_window_nll": he["canonical"]["per_problem_nll"]})
+            he["generation"]["same_as_float"] = agreement(ref["generation"], he["generation"])
     return rows
 
 
@@ -182,7 +210,14 @@ def markdown(data: dict) -> str:
     if s["validation_windows"] and s["validation_windows"] < 240:
         lines.append(f"The validation set here has {s['validation_windows']} windows, not the 240 that settings are"
                      " chosen on: fewer to fit the run into the time available on this machine.")
-    lines += ["", f"Reference tools: {data['references']}.", f"HumanEval pass@1: {data['humaneval']}.", ""]
+    he = data["humaneval"]
+    he_text = ("not run (pass --humaneval)" if not he.get("run") else
+               f"canonical-solution NLL on all {he['problems']} problems; greedy completions (at most"
+               f" {he['max_new_tokens']} new tokens, from the prompt without its trailing newline, cut at the first line"
+               f" at column 0 or stop string) on " + ("all of them" if he["limit"] is None else
+               f"the first {he['generated']} (`--humaneval-limit {he['limit']}`, to fit the run into the time available"
+               " on this machine)"))
+    lines += ["", f"Reference tools: {data['references']}.", f"HumanEval: {he_text}.", ""]
     if not data.get("complete"):
         lines += ["**Partial: the run has not finished (or was stopped); the rows below are those done so far.**", ""]
     for key, m in data["models"].items():
@@ -208,6 +243,9 @@ def markdown(data: dict) -> str:
                       round(r.get("quantize_seconds", 0.0), 1)]
             table.append(cells)
         lines += [markdown_table(head, table), ""]
+        he_rows = [r for r in m["rows"] if "humaneval" in r]
+        if he_rows:
+            lines += humaneval_table(he_rows)
         searched = [r for r in m["rows"] if r.get("search")]
         for r in searched:
             if r["search"]["calibration"].get("fallback"):
@@ -219,6 +257,27 @@ def markdown(data: dict) -> str:
                 [f"`{r['recipe']}`", r["search"]["plan_name"], r["search"]["rounding"], f"{r['search']['chosen']['kl']:.3e}",
                  f"{r['search']['unsmoothed']['kl']:.3e}", round(r["search"]["seconds"], 1)] for r in searched]), ""]
     return "\n".join(lines) + "\n"
+
+
+def humaneval_table(rows: list[dict]) -> list[str]:
+    """HumanEval rows: pass@1, and the two paired metrics that tell variants apart where pass@1 cannot."""
+    from sqdeploy.core.report import markdown_table
+
+    table = []
+    for r in rows:
+        can, gen = r["humaneval"]["canonical"], r["humaneval"]["generation"]
+        same = gen.get("same_as_float")
+        table.append([f"`{r['recipe']}`" if r.get("resolved") else r["recipe"],
+                      f"{100 * gen['pass@1']:.1f}% ({gen['passed']}/{gen['problems']})", round(can["nll"], 4),
+                      can["vs_float"]["text"] if "vs_float" in can else "",
+                      "" if same is None else f"{100 * same['fraction']:.1f}% ({same['same']}/{same['problems']})",
+                      round(can["eval_seconds"] + gen["eval_seconds"], 1)])
+    n_can = len(rows[0]["humaneval"]["canonical"]["per_problem_nll"])
+    return ["HumanEval: greedy pass@1; NLL per token of the canonical solution given its prompt (teacher-forced, mean"
+            f" over {n_can} problems) with its change against float as a perplexity ratio and the paired standard error"
+            " over the problems; the fraction of problems whose greedy completion equals the float model's:", "",
+            markdown_table(["recipe", "pass@1", "canonical NLL", "vs float", "same completion as float", "HumanEval s"],
+                           table), ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,8 +294,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="another recipe to score after the others, e.g. a baseline such as w8a8-sq:alpha=null (repeatable)")
     ap.add_argument("--standard-windows", type=int, default=24)
     ap.add_argument("--validation-windows", type=int, default=240, help="0: standard windows only")
-    ap.add_argument("--humaneval", action="store_true", help="also greedy HumanEval pass@1 (runs generated code)")
-    ap.add_argument("--humaneval-limit", type=int, default=None)
+    ap.add_argument("--humaneval", action="store_true",
+                    help="also HumanEval: the canonical solutions' NLL on every problem, greedy pass@1 and agreement with"
+                    " float (runs generated code)")
+    ap.add_argument("--humaneval-limit", type=int, default=None,
+                    help="generate for the first N problems only (the canonical-solution NLL covers all 164)")
+    ap.add_argument("--humaneval-max-new-tokens", type=int, default=192,
+                    help="new tokens per completion (default 192: more than 97%% of the canonical solutions take)")
     ap.add_argument("--jobs", type=int, default=1, help="rows computed in parallel worker processes")
     args = ap.parse_args(argv)
     if args.recipe is None:
@@ -258,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                      "seq_len": 512, "calibration": "humaneval.jsonl.gz (recipe defaults: 128 x 512 requested)",
                      "recipes": args.recipes, "jobs": args.jobs},
         "references": "; ".join(refs) if refs else "installed, not yet run by this script",
-        "humaneval": "scored" if args.humaneval else "not run (pass --humaneval)",
+        "humaneval": humaneval_settings(args),
         "models": {},
     }
     out = Path(args.out)
@@ -279,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(k, spec) for spec in [None, *order] for k in keys]
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else torch_threads()
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(job, k, spec, windows[k], args.shared, args.humaneval, args.humaneval_limit, threads): (k, spec)
-                   for k, spec in jobs}
+        he = {"limit": args.humaneval_limit, "max_new_tokens": args.humaneval_max_new_tokens} if args.humaneval else None
+        futures = {pool.submit(job, k, spec, windows[k], args.shared, he, threads): (k, spec) for k, spec in jobs}
         for fut in as_completed(futures):
             k, spec = futures[fut]
             try:

@@ -15,8 +15,10 @@ def greedy_generate(
     eos_ids: set[int] | None = None,
     stop: list[str] | None = None,
     decode=None,
+    stop_fn=None,
 ) -> list[int]:
-    """Greedy continuation of one prompt; stops at EOS, at ``max_new_tokens`` or when ``decode(ids)`` hits a stop string."""
+    """Greedy continuation of one prompt; stops at EOS, at ``max_new_tokens``, when ``decode(ids)`` hits a stop string
+    or when ``stop_fn(ids)`` is true."""
     device = next(model.parameters()).device
     cache = KVCache(len(model.layers))
     ids = torch.tensor([prompt_ids], device=device)
@@ -28,6 +30,8 @@ def greedy_generate(
             break
         out.append(nxt)
         if stop and decode is not None and any(s in decode(out) for s in stop):
+            break
+        if stop_fn is not None and stop_fn(out):
             break
         logits = model(torch.tensor([[nxt]], device=device), cache=cache)
     return out
