@@ -27,18 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# sq-export with its own peak RSS (VmHWM of the process after exec) written to $BENCH_HWM_FILE at exit
-LAUNCH = (
-    "import atexit, os, runpy\n"
-    "def _hwm():\n"
-    "    for line in open('/proc/self/status'):\n"
-    "        if line.startswith('VmHWM:'):\n"
-    "            open(os.environ['BENCH_HWM_FILE'], 'w').write(line.split()[1])\n"
-    "atexit.register(_hwm)\n"
-    "runpy.run_module('sqdeploy.cli.export', run_name='__main__', alter_sys=True)\n"
-)
-WIDTH = {"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 8, "num_key_value_heads": 8,
-         "vocab_size": 4096}
+from bench_writer_rss import LAUNCH, WIDTH  # noqa: E402  (the same child launcher and model width)
 
 
 def run(args: list[str], code: Path, log: Path) -> dict:
