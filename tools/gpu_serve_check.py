@@ -25,10 +25,18 @@ Sections (each one records its error and the run goes on):
    change speed), peak memory, and how many 2048-token sequences a full 32-layer model of
    each variant leaves room for in the same memory budget.
 5. ``online``: the same shape written to disk (quantized by ``sq-export`` with round-to-nearest
-   recipes) and served over HTTP by ``sq-serve --device cuda``: a closed loop measures capacity,
-   then Poisson arrivals at fractions of it give throughput, TTFT and inter-token latency
-   percentiles and the rate at which the median TTFT breaks down.
-6. ``served``: served (HTTP) over offline throughput of the first ``--model`` at batch 8.
+   recipes) and served over HTTP by ``sq-serve --device cuda``: after a warm-up round a closed
+   loop measures capacity, then Poisson arrivals at fractions of FP16's capacity (the same rates
+   for every variant) give throughput, TTFT and inter-token latency percentiles and the rate at
+   which the median TTFT breaks down.
+6. ``transformers``: the user's alternative on the same shape and GPU: Hugging Face transformers
+   ``generate`` with a static cache and ``torch.compile`` (mode ``reduce-overhead``, bfloat16),
+   output tokens/s at the ``bench_7b`` batch sizes and lengths, and decode-only tokens/s.
+7. ``served``: served (HTTP) over offline throughput of the first ``--model`` at batch 8.
+
+The report sets the sections side by side: served (closed loop) over offline throughput at the
+online batch, served speed-ups over served FP16 next to the offline ones, and the kernel
+backend's FP16 over transformers at every batch size.
 
 Float16 tolerance: batched and single runs, decode steps and full forwards use different
 GEMM shapes (and split-K choices), so their logits differ by float16 rounding, about 1e-3
@@ -57,6 +65,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 DEVICE = "cuda"  # --device cpu: a slow smoke run of this script itself
+REFERENCE = True  # --no-reference: bench_7b without the float32 torch backend
 NEAR_TIE = 0.05  # logits (float16 model): a top-2 gap below this may flip under rounding
 T0 = time.time()
 
@@ -499,6 +508,9 @@ def bench_7b(c: Check, tokenizer_dir: str | None) -> None:
             log(f"   kernel {v}: FAILED {traceback.format_exc().splitlines()[-1]}")
         torch.cuda.empty_cache()
         c.save()
+    if not REFERENCE:
+        res["reference_note"] = "torch reference backend not run (--no-reference)"
+        return
     if time.time() > c.deadline - 60:
         res["reference"] = "skipped: time budget"
         return
@@ -563,6 +575,70 @@ def _reference_7b(c: Check, res: dict, hf: dict, tokenizer_dir: str | None, in_l
             torch.cuda.empty_cache()
 
 
+def transformers_compile(c: Check) -> None:
+    """Hugging Face transformers ``generate`` with a static KV cache and ``torch.compile`` (its own
+    compiled decode step, CUDA graphs) on the ``bench_7b`` shape (bfloat16, random weights, greedy, no EOS): the path a user takes without
+    sq-deploy. Output tokens/s counts prefill as ``bench_7b`` does; decode-only tokens/s divides the
+    tokens after the first by the time after a one-token ``generate`` of the same batch."""
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    layers = 2 if c.quick else LAYERS_7B
+    hf = _llama7b(layers)
+    in_len, out_len = (128, 32) if c.quick else (512, 128)
+    if DEVICE == "cpu":
+        in_len, out_len = 16, 4
+    batches = (1, 8, 32)  # the sizes users quote for this path; each one compiles and captures anew
+    compiled = DEVICE != "cpu"  # CUDA graphs need a GPU; the CPU smoke run checks the plumbing
+    res: dict = {"transformers": transformers.__version__, "layers": layers, "input_len": in_len, "output_len": out_len,
+                 "dtype": "bfloat16", "cache": "static", "compile": "generate's compiled decode step: reduce-overhead, fullgraph" if compiled else "none",
+                 "rows": []}
+    c.data["transformers"] = res
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    cfg = LlamaConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type", "dtype")})
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    gen = model.generation_config
+    gen.cache_implementation, gen.eos_token_id, gen.pad_token_id, gen.do_sample = "static", None, 0, False
+    # generate compiles its own decode step when the cache is static and the model on a GPU (wrapping
+    # ``model.forward`` in torch.compile by hand instead breaks on CUDA-graph outputs the cache reuses)
+    gen.compile_config = transformers.CompileConfig(fullgraph=True, mode="reduce-overhead") if compiled else None
+
+    def timed(ids, n: int) -> float:
+        torch.cuda.synchronize() if DEVICE != "cpu" else None
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n)
+        torch.cuda.synchronize() if DEVICE != "cpu" else None
+        if out.shape[1] != ids.shape[1] + n:
+            raise RuntimeError(f"generate stopped at {out.shape[1] - ids.shape[1]} of {n} tokens")
+        return time.perf_counter() - t
+
+    for b in batches:
+        if time.time() > c.deadline - 30:
+            res["rows"].append({"batch": b, "error": "skipped: time budget"})
+            continue
+        try:
+            gen_ids = torch.Generator(device="cpu").manual_seed(b)
+            ids = torch.randint(3, cfg.vocab_size, (b, in_len), generator=gen_ids).to(DEVICE)
+            t = time.time()
+            timed(ids, out_len), timed(ids, 1)  # compile and capture for this batch size
+            warm = time.time() - t
+            full = sorted(timed(ids, out_len) for _ in range(2))[0]
+            first = sorted(timed(ids, 1) for _ in range(2))[0]
+            row = {"batch": b, "tokens_per_s": b * out_len / full, "e2e_s": full, "ttft_s": first,
+                   "decode_tokens_per_s": b * (out_len - 1) / max(full - first, 1e-9), "warmup_s": round(warm, 1)}
+            res["rows"].append(row)
+            log(f"   transformers batch {b}: {row['tokens_per_s']:.0f} tok/s, decode {row['decode_tokens_per_s']:.0f} tok/s "
+                f"(compile + capture {warm:.0f}s)")
+        except Exception:  # noqa: BLE001
+            res["rows"].append({"batch": b, "error": traceback.format_exc()[-2000:]})
+            log(f"   transformers batch {b}: FAILED {traceback.format_exc().splitlines()[-1]}")
+        c.save()
+    del model
+    torch._dynamo.reset()
+
+
 ONLINE_RECIPES = {  # variant -> sq-export recipe (round-to-nearest: speed does not depend on the values)
     "fp16": None,
     "w8a8": "w8a8-sq:alpha=null:rounding=rtn:gptq_act_order=false",
@@ -573,10 +649,11 @@ ONLINE_RECIPES = {  # variant -> sq-export recipe (round-to-nearest: speed does 
 def online(c: Check, tokenizer_dir: str | None) -> None:
     """HTTP serving under Poisson arrivals (as in the SmoothQuant+ paper), per variant of a 7B-shaped Llama
     with ``LAYERS_7B`` layers written to disk (random weights; quantized by ``sq-export`` with
-    round-to-nearest recipes). First a closed loop of ``batch`` concurrent requests measures the server's
-    capacity (and warms every batch size up); then Poisson rates at fractions of that capacity give
-    throughput, time to first token and inter-token latency percentiles, and the rate at which the
-    median TTFT breaks down (4x the lightest rate's)."""
+    round-to-nearest recipes). A warm-up round, then a closed loop of ``batch`` concurrent requests
+    measures the server's capacity; then Poisson rates at fractions of FP16's capacity, the same
+    rates for every variant (so TTFTs compare at equal load), give throughput, time to first token
+    and inter-token latency percentiles, and the rate at which the median TTFT breaks down (4x the
+    lightest rate's)."""
     import asyncio
     import subprocess
     import tempfile
@@ -592,9 +669,9 @@ def online(c: Check, tokenizer_dir: str | None) -> None:
         hf = dict(hf, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,
                   head_dim=64, vocab_size=8192)
         in_len, out_len, batch = 16, 4, 4
-    fractions = (0.5, 1.0, 1.5) if not c.quick else (0.5, 1.0)
+    fractions = (0.5, 1.0, 1.5, 2.0) if not c.quick else (0.5, 1.0)
     res: dict = {"layers": layers, "input_len": in_len, "output_len": out_len, "batch": batch,
-                 "fractions_of_capacity": list(fractions), "variants": {}}
+                 "fractions_of_fp16_capacity": list(fractions), "variants": {}}
     c.data["online"] = res
     with tempfile.TemporaryDirectory(prefix="sq-serve-online-") as tmp:
         base = write_random_dir(hf, Path(tmp) / "fp16", tokenizer_dir)
@@ -623,17 +700,22 @@ def online(c: Check, tokenizer_dir: str | None) -> None:
                 url = f"http://127.0.0.1:{port}"
                 try:
                     prompts = prompts_of(4 * batch, 8000 if DEVICE != "cpu" else 2000, [in_len], seed=11)
-                    closed = asyncio.run(run_point(url, "bench", [RequestSpec(q, out_len) for q in prompts],
-                                                   LoadPoint("concurrency", batch)))
+                    specs = [RequestSpec(q, out_len) for q in prompts]
+                    # a first closed-loop round tunes the kernels for the prefill shapes it meets and
+                    # fills the allocator: measured separately, so that capacity is the steady state
+                    warm = asyncio.run(run_point(url, "bench", specs[: 2 * batch], LoadPoint("concurrency", batch)))
+                    row["warmup_closed_loop"] = warm
+                    closed = asyncio.run(run_point(url, "bench", specs, LoadPoint("concurrency", batch)))
                     cap = closed["request_throughput"]
                     row["closed_loop"] = closed
                     log(f"   online {v}: capacity {cap:.1f} req/s ({closed['output_throughput']:.0f} tok/s at "
-                        f"{batch} concurrent)")
+                        f"{batch} concurrent; warm-up round {warm['output_throughput']:.0f} tok/s)")
+                    base_cap = res.setdefault("base_capacity_req_s", cap)  # the first variant's (fp16): common rates
                     row["points"] = []
                     for i, f in enumerate(fractions):
                         if time.time() > c.deadline - 15:
                             break
-                        rate = f * cap
+                        rate = f * base_cap
                         n = int(min(max(rate * (4 if c.quick else 5), 16), 6 * batch))
                         arrivals = poisson_arrivals(n, rate, seed=100 + i)
                         specs = [RequestSpec(prompts[k % len(prompts)], out_len, a) for k, a in enumerate(arrivals)]
@@ -784,12 +866,57 @@ def render(data: dict) -> str:
             if row.get("breakdown"):
                 notes.append(f"{v}: breakdown rate {row['breakdown']['rate']} ({row['breakdown']['reason']})")
         lines += [""] + [f"- {n}" for n in notes]
+    hf = data.get("transformers")
+    if hf:
+        lines += ["", f"## The user's alternative: transformers {hf['transformers']} generate, static cache, torch.compile "
+                      f"({hf['compile']}), {hf['dtype']}", "",
+                  "| batch | output tok/s | decode-only tok/s | kernel FP16 offline tok/s | kernel FP16 / transformers |",
+                  "|---|---|---|---|---|"]
+        ours = {r["batch"]: r["tokens_per_s"] for r in (data.get("bench_7b") or {}).get("rows", [])
+                if r.get("backend") == "kernel" and r.get("variant") == "fp16" and "batch" in r}
+        for r in hf["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['batch']} | error: {r['error'].strip().splitlines()[-1][:100]} ||||")
+                continue
+            k, t = ours.get(r["batch"]), r["tokens_per_s"]
+            lines.append(f"| {r['batch']} | {t:.0f} | {r['decode_tokens_per_s']:.0f} | "
+                         f"{'' if k is None else f'{k:.0f}'} | {'' if k is None else f'{k / t:.2f}x'} |")
+    lines += served_vs_offline(data)
     sv = data.get("served")
     if sv:
         lines += ["", f"## Served vs offline ({sv.get('path')}, kernel backend, batch 8)", "",
                   f"offline {sv['offline_median']:.1f} tok/s, served {sv['served_median']:.1f} tok/s, "
                   f"served / offline {sv['served_median'] / sv['offline_median']:.2f}"]
     return "\n".join(lines) + "\n"
+
+
+def served_vs_offline(data: dict) -> list[str]:
+    """Served (online closed loop) against offline throughput at the online batch, and the served
+    speed-ups over FP16 next to the offline ones: the two serving goals, from one run."""
+    on, b = data.get("online"), data.get("bench_7b")
+    if not on or not b or on.get("input_len") != b.get("input_len") or on.get("output_len") != b.get("output_len"):
+        return []
+    offline = {r["variant"]: r["tokens_per_s"] for r in b["rows"]
+               if r.get("backend") == "kernel" and r.get("batch") == on["batch"] and "tokens_per_s" in r}
+    served = {v: row["closed_loop"]["output_throughput"] for v, row in on["variants"].items() if row.get("closed_loop")}
+    lines = ["", f"## Served vs offline at batch {on['batch']} (same shape, lengths and GPU)", "",
+             "| variant | offline tok/s | served tok/s | served / offline | offline vs fp16 | served vs fp16 |",
+             "|---|---|---|---|---|---|"]
+    for v in served:
+        off, srv = offline.get(v), served[v]
+        ratio = lambda x, y: "" if not x or not y else f"{x / y:.2f}"  # noqa: E731
+        lines.append(f"| {v} | {'' if off is None else f'{off:.0f}'} | {srv:.0f} | {ratio(srv, off)} | "
+                     f"{ratio(off, offline.get('fp16'))} | {ratio(srv, served.get('fp16'))} |")
+    ttft = {v: {round(p["value"], 3): p["ttft_s"]["p50"] for p in row.get("points", [])} for v, row in on["variants"].items()}
+    base = ttft.get("fp16", {})
+    if base and on.get("fractions_of_fp16_capacity"):
+        lines += ["", "Median TTFT at the same Poisson rate, against FP16's:", "",
+                  "| variant | " + " | ".join(f"{r:.1f} req/s" for r in base) + " |", "|---|" + "---|" * len(base)]
+        for v, per in ttft.items():
+            cells = [("" if per.get(r) is None or not b else f"{1e3 * per[r]:.0f} ms ({per[r] / b:.2f}x)")
+                     for r, b in base.items()]
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def verdict(data: dict) -> str:
@@ -818,12 +945,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="an HF or quantized model directory to check (repeatable), e.g. shared/models/tiny-code-llama")
     ap.add_argument("--quick", action="store_true", help="fewer variants, shorter outputs (a smoke run)")
     ap.add_argument("--budget", type=float, default=330.0, help="seconds; sections past it are skipped (default 330)")
-    ap.add_argument("--only", default=None, help="comma-separated sections: tiny_random, models, bench_7b, online, served")
+    ap.add_argument("--only", default=None, help="comma-separated sections, run in this order: tiny_random, models, bench_7b, online, transformers, served")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="bench_7b without the torch (float32 fake-quant) backend it replaces")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     out = Path(args.out)
-    global DEVICE
-    DEVICE = args.device
+    global DEVICE, REFERENCE
+    DEVICE, REFERENCE = args.device, not args.no_reference
     if DEVICE != "cpu" and not torch.cuda.is_available():
         print("gpu_serve_check: no CUDA GPU visible; run it on a GPU machine", file=sys.stderr)
         return 2
@@ -835,10 +964,12 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(",")) if args.only else None
     tok_dir = next((m for m in args.model if (Path(m) / "tokenizer.json").exists()), None)
     c.run("environment", environment)
-    for name, fn, extra in (("tiny_random", tiny_random, ()), ("models", models, (args.model,)),
-                            ("bench_7b", bench_7b, (tok_dir,)), ("online", online, (tok_dir,)), ("served", served, (args.model[:1] or [""])[0:1])):
-        if only and name not in only:
-            continue
+    sections = (("tiny_random", tiny_random, ()), ("models", models, (args.model,)),
+                ("bench_7b", bench_7b, (tok_dir,)), ("online", online, (tok_dir,)),
+                ("transformers", transformers_compile, ()), ("served", served, (args.model[:1] or [""])[0:1]))
+    if only:  # in the order given: what matters most first, before the budget runs out
+        sections = sorted((s for s in sections if s[0] in only), key=lambda s: args.only.split(",").index(s[0]))
+    for name, fn, extra in sections:
         if name in ("models", "served") and not args.model:
             c.data["sections"][name] = {"status": "skipped: no --model given"}
             continue
