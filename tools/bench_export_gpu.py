@@ -68,12 +68,13 @@ class Job:
     layers: int
     recipe: str
     target: str  # trtllm | onnx
-    role: str  # "recipes", "onnx", "depth", "13b", "full"
+    role: str  # "recipes", "onnx", "depth", "13b", "full", "eager-gptq"
     estimate_gate: bool = False  # start only when the measured per-layer time says it fits
+    env: tuple[tuple[str, str], ...] = ()  # extra environment of the export
 
     @property
     def name(self) -> str:
-        return f"{self.shape}-L{self.layers}-{self.recipe}-{self.target}"
+        return f"{self.shape}-L{self.layers}-{self.recipe}-{self.target}" + ("-eager-gptq" if self.role == "eager-gptq" else "")
 
 
 @dataclass
@@ -98,6 +99,7 @@ class Result:
     checkpoint_mib: float | None = None
     returncode: int | None = None
     tail: list = field(default_factory=list)
+    tensors_sha256: str | None = None  # every tensor of the output's safetensors files, by name
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -242,6 +244,29 @@ def parse_line(line: str, progress: dict, layer_seconds: list) -> None:
         progress["t"], progress["layers"] = t, done
 
 
+def tensors_digest(folder: Path) -> str:
+    """One SHA-256 over every tensor (name, dtype, shape, bytes) of the safetensors files under ``folder``:
+    two exports wrote the same integers exactly when their digests match."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for name in sorted(sf.keys()):
+                t = sf.get_tensor(name).contiguous()
+                h.update(f"{f.relative_to(folder)}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.view(-1).view(torch_uint8()).numpy().tobytes())
+    return h.hexdigest()
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
+
+
 def run_export(job: Job, model: Path, calib: str, args, out_root: Path, timeout: float) -> Result:
     res = Result(job=asdict(job) | {"name": job.name})
     out = out_root / job.name
@@ -256,7 +281,7 @@ def run_export(job: Job, model: Path, calib: str, args, out_root: Path, timeout:
     if args.calib_seq_len:
         cmd += ["--calib-seq-len", str(args.calib_seq_len)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SQDEPLOY_PHASES_JSON": str(phases_json),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep), **dict(job.env)}
     log(f"start {job.name} (timeout {timeout:.0f} s): {' '.join(cmd[3:])}")
     t0 = time.perf_counter()
     progress: dict = {}
@@ -320,6 +345,8 @@ def run_export(job: Job, model: Path, calib: str, args, out_root: Path, timeout:
         pass
     if out.exists():
         res.output_mib = round(_du(out) / 2**20, 1)
+        if proc.returncode == 0 and job.target == "trtllm":
+            res.tensors_sha256 = tensors_digest(out)
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
     res.status = "timeout" if timed_out else ("ok" if proc.returncode == 0 else "error")
@@ -346,6 +373,8 @@ def plan(args) -> list[Job]:
     recipes = [r for r in args.recipes.split(",") if r]
     first, L = shapes[0], args.layers
     jobs = [Job(first, L, r, "trtllm", "recipes") for r in recipes]
+    if args.eager_gptq and args.device.startswith("cuda"):  # GPTQ's column loop launched eagerly: speed and integers
+        jobs.insert(1, Job(first, L, recipes[0], "trtllm", "eager-gptq", env=(("SQDEPLOY_GPTQ_GRAPHS", "0"),)))
     if args.depth_layers and args.depth_layers != L:
         jobs.append(Job(first, args.depth_layers, recipes[0], "trtllm", "depth"))
     jobs += [Job(s, L, recipes[0], "trtllm", s) for s in shapes[1:]]
@@ -362,7 +391,7 @@ def plan(args) -> list[Job]:
 
 def per_layer_fit(results: list[Result], shape: str, recipe: str, target: str = "trtllm") -> dict | None:
     """Fixed and per-layer wall seconds and peak RSS from two depths of the same export."""
-    ok = sorted((r for r in results if r.status == "ok" and r.job["shape"] == shape and r.job["recipe"] == recipe
+    ok = sorted((r for r in results if _measured(r) and r.job["shape"] == shape and r.job["recipe"] == recipe
                  and r.job["target"] == target), key=lambda r: r.job["layers"])
     if len(ok) < 2 or ok[0].job["layers"] == ok[-1].job["layers"]:
         return None
@@ -381,7 +410,7 @@ def per_layer_fit(results: list[Result], shape: str, recipe: str, target: str = 
 def borrowed_fit(results: list[Result], shape: str, recipe: str) -> dict | None:
     """One depth of ``recipe``: its per-layer part with the fixed part of another recipe measured at two
     depths on the same shape (start, tokenization and embedding do not depend on the recipe)."""
-    own = [r for r in results if r.status == "ok" and r.job["shape"] == shape and r.job["recipe"] == recipe
+    own = [r for r in results if _measured(r) and r.job["shape"] == shape and r.job["recipe"] == recipe
            and r.job["target"] == "trtllm"]
     if not own:
         return None
@@ -400,12 +429,17 @@ def borrowed_fit(results: list[Result], shape: str, recipe: str) -> dict | None:
     return None
 
 
+def _measured(r: Result) -> bool:
+    """A finished export of the default code path (the eager-GPTQ comparison run stays out of the fits)."""
+    return r.status == "ok" and r.job.get("role") != "eager-gptq"
+
+
 def estimate_seconds(results: list[Result], job: Job) -> float | None:
     fit = per_layer_fit(results, job.shape, job.recipe, job.target)
     if fit and "wall_s" in fit:
         w = fit["wall_s"]
         return w["fixed"] + w["per_layer"] * job.layers
-    same = [r for r in results if r.status == "ok" and r.job["shape"] == job.shape and r.job["recipe"] == job.recipe
+    same = [r for r in results if _measured(r) and r.job["shape"] == job.shape and r.job["recipe"] == job.recipe
             and r.job["target"] == job.target]
     if same:  # no fixed part known: scale the whole time by depth (an upper bound)
         r = same[0]
@@ -455,7 +489,7 @@ def extrapolate_70b(results: list[Result], recipe: str) -> dict | None:
         layer_mib = layer_params(SHAPES[shape]) * 4 / 2**20  # one layer in float32
         out["peak_rss_mib"] = round(rss["fixed"] + layer_mib * (ratio - 1) + rss["per_layer"] * ratio * 80, 0)
     gpu = [(layer_params(SHAPES[r.job["shape"]]), r.gpu_max_allocated_mib) for r in results
-           if r.status == "ok" and r.job["recipe"] == recipe and r.job["target"] == "trtllm" and r.gpu_max_allocated_mib]
+           if _measured(r) and r.job["recipe"] == recipe and r.job["target"] == "trtllm" and r.gpu_max_allocated_mib]
     pts = sorted(set(gpu))
     if len({p for p, _ in pts}) >= 2:
         (p1, g1), (p2, g2) = pts[0], pts[-1]
@@ -487,6 +521,20 @@ HEAD = ["export", "role", "status", "wall s", "s/layer (quantize)", "user s", "s
         "peak RSS MiB", "GPU max alloc MiB", "output MiB", "largest phases (s) / note"]
 
 
+def graph_vs_eager(res: list[Result]) -> list[str]:
+    """GPTQ's column loop replayed from CUDA graphs against launched eagerly: the same export twice."""
+    out = []
+    for e in (r for r in res if r.job.get("role") == "eager-gptq" and r.status == "ok"):
+        g = next((r for r in res if r.job["name"] == e.job["name"].removesuffix("-eager-gptq") and r.status == "ok"), None)
+        if g is None:
+            continue
+        same = None if not (g.tensors_sha256 and e.tensors_sha256) else g.tensors_sha256 == e.tensors_sha256
+        out += [f"GPTQ's column loop, `{g.job['name']}`: CUDA graphs {g.phases.get('GPTQ', float('nan')):.1f} s "
+                f"(wall {g.wall_s} s) against eager launches {e.phases.get('GPTQ', float('nan')):.1f} s (wall {e.wall_s} s); "
+                f"written tensors identical: {'yes' if same else 'no' if same is False else 'not compared'}.", ""]
+    return out
+
+
 def markdown(report: dict) -> str:
     from sqdeploy.core.report import markdown_table
 
@@ -495,6 +543,7 @@ def markdown(report: dict) -> str:
              f"Command: `{report['command']}`", f"Commit: {report['env'].get('commit')}; date: {report['env']['date']}; "
              f"torch {report['env']['torch']}; {report['env']['cpus']} CPUs", "",
              markdown_table(HEAD, summary_rows(res)), ""]
+    lines += graph_vs_eager(res)
     lines += ["## Seconds per phase", ""]
     names = []
     for r in res:
@@ -601,6 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True, help="also --target onnx (7B)")
     ap.add_argument("--onnx-recipe", default="w8a8-sq")
     ap.add_argument("--tp", type=int, default=8)
+    ap.add_argument("--eager-gptq", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the first export with GPTQ's column loop launched eagerly (SQDEPLOY_GPTQ_GRAPHS=0), "
+                         "to compare its time and its integers with the CUDA-graph loop")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--calib", default=None, help="calibration file (default: random-word prompts made here)")
     ap.add_argument("--calib-samples", type=int, default=None, help="default: the recipe's")

@@ -769,6 +769,12 @@ def plot_online(data: dict, path: Path) -> Path | None:
     return path
 
 
+def error_row(key, error: str, columns: int) -> str:
+    """A table row for a failed entry: its key, the error's last line, empty cells to ``columns``."""
+    last = (error or "").strip().splitlines()[-1:] or [""]
+    return f"| {key} | error: {last[0][:100]} |" + "|" * (columns - 2)
+
+
 def render(data: dict) -> str:
     env = data.get("environment", {})
     lines = ["# Kernel serving backend: GPU self-check", "",
@@ -790,7 +796,7 @@ def render(data: dict) -> str:
         for r in tr["rows"]:
             g = r.get("greedy")
             if g is None:
-                lines.append(f"| {r['variant']} | error: {r.get('error', '').splitlines()[-1] if r.get('error') else ''} |||||||")
+                lines.append(error_row(r["variant"], r.get("error", ""), 9))
                 continue
             agree = min(g["teacher_forced_agree_batched"] + g["teacher_forced_agree_single"])
             lines.append(f"| {r['variant']} | {g['rows_identical']}/{g['prompts']} | {g['ok']} | {g.get('tie_threshold', '')} | "
@@ -803,7 +809,7 @@ def render(data: dict) -> str:
                   "batched == single rows | teacher-forced ok | tie threshold | replays |", "|---|---|---|---|---|---|---|---|---|"]
         for r in m["rows"]:
             if "error" in r:
-                lines.append(f"| {r['variant']} | error: {r['error'].splitlines()[-1]} |||||||")
+                lines.append(error_row(r["variant"], r["error"], 9))
                 continue
             g = r["greedy"]
             lines.append(f"| {r['variant']} | {r['rel_err_kernel_serving_vs_ref32']:.2e} | "
@@ -853,7 +859,7 @@ def render(data: dict) -> str:
         notes = []
         for v, row in on["variants"].items():
             if "error" in row:
-                lines.append(f"| {v} | error: {row['error'].strip().splitlines()[-1][:100]} |||||||")
+                lines.append(error_row(v, row["error"], 8))
                 continue
             cl = row.get("closed_loop")
             if cl:
@@ -876,7 +882,7 @@ def render(data: dict) -> str:
                 if r.get("backend") == "kernel" and r.get("variant") == "fp16" and "batch" in r}
         for r in hf["rows"]:
             if "error" in r:
-                lines.append(f"| {r['batch']} | error: {r['error'].strip().splitlines()[-1][:100]} ||||")
+                lines.append(error_row(r["batch"], r["error"], 5))
                 continue
             k, t = ours.get(r["batch"]), r["tokens_per_s"]
             lines.append(f"| {r['batch']} | {t:.0f} | {r['decode_tokens_per_s']:.0f} | "
