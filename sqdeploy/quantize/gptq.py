@@ -179,7 +179,7 @@ class _GraphedLoop:
     """
 
     def __init__(self, loop, buffers: dict[str, torch.Tensor | None], device: torch.device):
-        self.loop, self.buf = loop, buffers
+        self.buf = buffers
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs require
@@ -209,10 +209,12 @@ def _buffers(out_f: int, width: int, names: tuple[str, ...], per_group: int, dev
     return {n: make.get(n, lambda n=n: torch.zeros(out_f, cols.get(n, width), **f32))() for n in names}
 
 
-def _graphed(key: tuple, loop, buffers: dict, inputs: tuple[str, ...], outputs: tuple[str, ...], qmin: int, qmax: int):
-    """The captured ``loop`` for this shape, built and checked against the eager loop on first use."""
+def _graphed(key: tuple, loop, make_buffers, inputs: tuple[str, ...], outputs: tuple[str, ...], qmin: int, qmax: int):
+    """The captured ``loop`` for this shape (``make_buffers()``: its static buffers), built and checked
+    against the eager loop on first use; None where the eager loop must run."""
     if key in _GRAPHS:
         return _GRAPHS[key]
+    buffers = make_buffers()
     if len(_GRAPHS) >= 16:  # a few shapes per model; drop the oldest
         _GRAPHS.pop(next(iter(_GRAPHS)))
     device = buffers["w1"].device
@@ -254,8 +256,8 @@ def _static_block(w1, s_blk, z_blk, hinv1, q_blk, qmin: int, qmax: int) -> torch
     if _use_graphs(w1):
         names = ("w1", "s", "z", "h", "q", "err") if z_blk is not None else ("w1", "s", "h", "q", "err")
         key = ("static", out_f, width, z_blk is not None, qmin, qmax, w1.device)
-        g = _GRAPHS.get(key) if key in _GRAPHS else _graphed(
-            key, loop, {"z": None, **_buffers(out_f, width, names, width, w1.device)}, ("w1", "s", "z", "h"), ("q", "err"), qmin, qmax)
+        g = _graphed(key, loop, lambda: {"z": None, **_buffers(out_f, width, names, width, w1.device)},
+                     ("w1", "s", "z", "h"), ("q", "err"), qmin, qmax)
         if g is not None:
             got = g(w1=w1, s=s_blk, z=z_blk, h=hinv1)
             q_blk.copy_(got["q"])
@@ -276,9 +278,8 @@ def _group_block(w1, clip_blk, s_out, z_out, hinv1, q_blk, scheme: WeightScheme,
     if _use_graphs(w1) and width % group == 0:
         names = ("w1", "s", "h", "q", "err") + (("z",) if zero else ()) + (("clip",) if clip_blk is not None else ())
         key = ("group", out_f, width, zero, clip_blk is not None, scheme, group, w1.device)
-        buffers = {"z": None, "clip": None, **_buffers(out_f, width, names, width // group, w1.device)}
-        g = _GRAPHS.get(key) if key in _GRAPHS else _graphed(
-            key, loop, buffers, ("w1", "clip", "h"), ("q", "err", "s", "z"), scheme.qmin, scheme.qmax)
+        g = _graphed(key, loop, lambda: {"z": None, "clip": None, **_buffers(out_f, width, names, width // group, w1.device)},
+                     ("w1", "clip", "h"), ("q", "err", "s", "z"), scheme.qmin, scheme.qmax)
         if g is not None:
             got = g(w1=w1, clip=clip_blk, h=hinv1)
             q_blk.copy_(got["q"])
