@@ -6,10 +6,15 @@ validation windows (``--validation-windows`` windows at offset 0.5, disjoint fro
 standard ones: the windows recipe settings are chosen on). Every change comes with its
 paired standard error over the windows; each INT4 recipe is also compared with
 round-to-nearest, and a searched smoothing reports its chosen plan with the held-apart
-scores of the plan and of not smoothing. Writes ``quality.json`` (with every window's NLL)
-and ``quality.md`` into ``--out`` with the commit, machine, date and command.
+scores of the plan and of not smoothing. Every searched W8A8 SmoothQuant recipe is also
+scored against the simple baselines it must never lose to, with its other settings unchanged:
+no smoothing, and SmoothQuant's alpha 0.5 on the norm groups and up->down (the paper's sites);
+every INT4 recipe against round-to-nearest. Writes ``quality.json`` (with every window's NLL)
+and ``quality.md`` into ``--out`` with the commit, machine, date and command, and with
+``--readme`` rewrites the README's quality table (between its ``quality-table`` markers)
+from the same data, so the README never quotes a figure this script did not produce.
 
-    python tools/quality.py --out docs/benchmarks
+    python tools/quality.py --out docs/benchmarks --readme README.md
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import json
 import os
 import platform
 import shlex
@@ -36,6 +42,28 @@ GOALS = {  # perplexity on the standard windows each recipe should reach
     "qwen2": {"w8a8-sq": 9.4900, "w8a8-sq-pertoken": 9.4811, "w4a16-sqplus": 9.5000},
 }
 REFERENCE_TOOLS = {"modelopt": "NVIDIA ModelOpt", "llmcompressor": "llm-compressor"}
+README_ROWS = ("w8a8-sq", "w8a8-sq-pertoken", "w8a16-rtn", "w4a16-rtn", "w4a16-awq", "w4a16-sqplus")
+README_MARKERS = ("<!-- quality-table:start (tools/quality.py --readme) -->", "<!-- quality-table:end -->")
+NO_SMOOTHING, ALPHA_05 = "no smoothing", "alpha 0.5, norms + up->down"
+
+
+def baselines(spec: str, model_dir: Path) -> dict[str, str]:
+    """The simple baselines a recipe must never be worse than, as recipe specs: for a W8A8 SmoothQuant recipe
+    whose smoothing is searched, the same recipe without smoothing and with SmoothQuant's alpha 0.5 on the
+    norm -> linear groups and the linear -> linear group (up->down); for an INT4 recipe, round-to-nearest.
+    Every other setting (rounding, calibration) stays the recipe's, so the comparison isolates the smoothing."""
+    from sqdeploy.core.families import family_for_hf_config
+    from sqdeploy.quantize.recipes import load_recipe
+
+    if spec.startswith("w4a16-") and spec != "w4a16-rtn":
+        return {"round to nearest": "w4a16-rtn"}
+    recipe = load_recipe(spec)
+    if recipe.algorithm != "smoothquant" or recipe.params.get("alpha") != "search" or not recipe.scheme.act.quantized:
+        return {}
+    family = family_for_hf_config(json.loads((model_dir / "config.json").read_text()))
+    groups = [g.name for g in family.smoothing_groups if g.kind in ("norm", "linear")]
+    return {NO_SMOOTHING: f"{spec}:alpha=null",
+            ALPHA_05: f"{spec}:alpha=0.5:smoothing_groups={json.dumps(groups, separators=(',', ':'))}"}
 
 
 def machine() -> dict:
@@ -160,8 +188,9 @@ def score_humaneval(model, tokenizer, limit: int | None, max_new_tokens: int, da
     return out
 
 
-def assemble(key: str, specs: list[str], done: dict) -> list[dict]:
-    """A model's rows in table order (float first), each with its paired changes against float and RTN."""
+def assemble(key: str, specs: list[str], done: dict, base_specs: dict | None = None) -> list[dict]:
+    """A model's rows in table order (float first), each with its paired changes against float and RTN, and
+    against its simple baselines (``base_specs``: recipe -> {label: baseline spec}) with the verdict."""
     rows = [done[(key, s)] for s in [None, *specs] if (key, s) in done]
     base = done.get((key, None))
     rtn = done.get((key, "w4a16-rtn"))
@@ -175,6 +204,14 @@ def assemble(key: str, specs: list[str], done: dict) -> list[dict]:
                 row[s]["vs_float"] = change(base[s], row[s])
             if rtn is not None and s in rtn and row["recipe"].startswith("w4a16-") and row is not rtn:
                 row[s]["vs_w4a16_rtn"] = change(rtn[s], row[s])
+            compared = {}
+            for label, spec in (base_specs or {}).get(row["recipe"], {}).items():
+                other = done.get((key, spec))
+                if other is not None and s in other:
+                    compared[label] = {"spec": spec, "perplexity": other[s]["perplexity"], "change": change(other[s], row[s])}
+            if compared:
+                row[s]["vs_baselines"] = compared
+                row[s]["never_worse"] = row[s]["perplexity"] <= min(c["perplexity"] for c in compared.values())
         if base is not None and "humaneval" in row and "humaneval" in base:
             from sqdeploy.evaluate.humaneval import agreement
 
@@ -243,6 +280,7 @@ def markdown(data: dict) -> str:
                       round(r.get("quantize_seconds", 0.0), 1)]
             table.append(cells)
         lines += [markdown_table(head, table), ""]
+        lines += baselines_table(m["rows"], s["validation_windows"] > 0)
         he_rows = [r for r in m["rows"] if "humaneval" in r]
         if he_rows:
             lines += humaneval_table(he_rows)
@@ -257,6 +295,68 @@ def markdown(data: dict) -> str:
                 [f"`{r['recipe']}`", r["search"]["plan_name"], r["search"]["rounding"], f"{r['search']['chosen']['kl']:.3e}",
                  f"{r['search']['unsmoothed']['kl']:.3e}", round(r["search"]["seconds"], 1)] for r in searched]), ""]
     return "\n".join(lines) + "\n"
+
+
+def baselines_table(rows: list[dict], has_val: bool) -> list[str]:
+    """Each recipe against the simple baselines it must never be worse than, on both window sets."""
+    from sqdeploy.core.report import markdown_table
+
+    table = []
+    for r in rows:
+        for s in ("standard", "validation") if has_val else ("standard",):
+            vs = r.get(s, {}).get("vs_baselines")
+            if not vs:
+                continue
+            table.append([f"`{r['recipe']}`", s, round(r[s]["perplexity"], 4),
+                          "; ".join(f"{label} ({'`' + c['spec'] + '`'}): {c['perplexity']:.4f}, recipe {c['change']['text']}"
+                                    for label, c in vs.items()),
+                          "yes" if r[s]["never_worse"] else "**no**"])
+    if not table:
+        return []
+    return ["Against the simple baselines (same rounding and calibration, only the smoothing changed; the change is"
+            " the recipe's against the baseline, with its paired standard error):", "",
+            markdown_table(["recipe", "windows", "perplexity", "baselines", "at most the best baseline"], table), ""]
+
+
+def readme_table(data: dict) -> str:
+    """The README's quality table: standard windows, change against float, HumanEval canonical NLL, and
+    whether each recipe stays at or below its simple baselines on both window sets."""
+    from sqdeploy.core.report import markdown_table
+
+    keys = list(data["models"])
+    by = {k: {r["recipe"]: r for r in data["models"][k]["rows"]} for k in keys}
+    head = ["recipe", *(MODELS[k] for k in keys), "HumanEval canonical NLL, " + " / ".join(keys),
+            "never worse than its baselines (standard / validation), " + " / ".join(keys)]
+    table = [["float32", *(f"{by[k]['float32 (unquantized)']['standard']['perplexity']:.4f}" for k in keys), "", ""]]
+    for name in README_ROWS:
+        rows = [by[k].get(name) for k in keys]
+        if any(r is None or "error" in r for r in rows):
+            continue
+        cells = [f"`{name}`"]
+        for r in rows:
+            cells.append(f"{r['standard']['perplexity']:.4f} ({r['standard']['vs_float']['text']})")
+        he = [r.get("humaneval", {}).get("canonical", {}).get("vs_float") for r in rows]
+        cells.append(" / ".join(h["text"].split(" ±")[0] for h in he) if all(he) else "")
+        verdicts = []
+        for r in rows:
+            v = [r[s]["never_worse"] for s in ("standard", "validation") if "never_worse" in r.get(s, {})]
+            verdicts.append("/".join("yes" if x else "no" for x in v))
+        cells.append(" · ".join(verdicts) if any(verdicts) else "")
+        table.append(cells)
+    return markdown_table(head, table)
+
+
+def update_readme(path: Path, data: dict) -> None:
+    """Replace the README's block between the quality-table markers with the table of ``data``."""
+    start, end = README_MARKERS
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{path}: no quality-table markers ({start} ... {end}) to replace")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{head}{start}\n{readme_table(data)}\n{end}{tail}")
+    tmp.replace(path)
 
 
 def humaneval_table(rows: list[dict]) -> list[str]:
@@ -281,7 +381,6 @@ def humaneval_table(rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sqdeploy.core.report import write_json_atomic
     from sqdeploy.quantize.recipes import builtin_recipes
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -302,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--humaneval-max-new-tokens", type=int, default=192,
                     help="new tokens per completion (default 192: more than 97%% of the canonical solutions take)")
     ap.add_argument("--jobs", type=int, default=1, help="rows computed in parallel worker processes")
+    ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                    help="also score each searched W8A8 recipe without smoothing and with alpha 0.5 (default on)")
+    ap.add_argument("--readme", default=None, help="rewrite this README's quality table from the results (when complete)")
+    ap.add_argument("--from-json", default=None,
+                    help="no scoring: rewrite --out's Markdown and --readme's table from this quality.json")
     args = ap.parse_args(argv)
     if args.recipe is None:
         names = [n for n in builtin_recipes() if n != "fp16"]
@@ -312,6 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     missing = [k for k in args.models.split(",") if k not in MODELS]
     if missing:
         ap.error(f"unknown model(s) {missing}; known: {', '.join(MODELS)}")
+    out = Path(args.out)
+    if args.from_json:
+        return rewrite(Path(args.from_json), out, args.readme, Path(args.shared))
+    keys = args.models.split(",")
+    # each searched recipe's simple baselines, per model (the group names come from the model's family)
+    base_specs = {k: {spec: b for spec in args.recipes if (b := baselines(spec, Path(args.shared) / "models" / MODELS[k]))}
+                  if args.baselines else {} for k in keys}
+    specs = {k: [*args.recipes, *dict.fromkeys(b for m in base_specs[k].values() for b in m.values()
+                                               if b not in args.recipes)] for k in keys}
     refs = [f"{label} not installed" for mod, label in REFERENCE_TOOLS.items() if importlib.util.find_spec(mod) is None]
     data = {
         "command": "python tools/quality.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
@@ -320,31 +433,29 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": {"standard_windows": args.standard_windows, "validation_windows": args.validation_windows,
                      "seq_len": 512, "calibration": "humaneval.jsonl.gz (recipe defaults: 128 x 512 requested)",
-                     "recipes": args.recipes, "jobs": args.jobs},
+                     "recipes": args.recipes, "baselines": base_specs, "jobs": args.jobs},
         "references": "; ".join(refs) if refs else "installed, not yet run by this script",
         "humaneval": humaneval_settings(args),
         "models": {},
     }
-    out = Path(args.out)
 
     def save():
         data["seconds"] = time.perf_counter() - t0
-        write_json_atomic(out / "quality.json", data)
-        tmp = out / ".quality.md.tmp"
-        tmp.write_text(markdown(data))
-        tmp.replace(out / "quality.md")
+        write_outputs(out, data)
 
     t0 = time.perf_counter()
-    keys = args.models.split(",")
     windows = {k: model_windows(k, args) for k in keys}
     done: dict = {}
-    # the searched recipes take longest: start them first
-    order = sorted(args.recipes, key=lambda r: 2 if r in args.extra else 0 if "sq" in r and "-o" not in r else 1)
-    jobs = [(k, spec) for spec in [None, *order] for k in keys]
+    added = {b for k in keys for b in specs[k] if b not in args.recipes}
+    # the searched recipes take longest: start them first; extras and baselines last
+    rank = lambda r: 2 if r in args.extra or r in added else 0 if "sq" in r and "-o" not in r else 1  # noqa: E731
+    jobs = sorted([(k, spec) for k in keys for spec in [None, *specs[k]]],
+                  key=lambda j: (j[1] is not None, rank(j[1] or ""), keys.index(j[0])))
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else torch_threads()
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
         he = {"limit": args.humaneval_limit, "max_new_tokens": args.humaneval_max_new_tokens} if args.humaneval else None
-        futures = {pool.submit(job, k, spec, windows[k], args.shared, he, threads): (k, spec) for k, spec in jobs}
+        futures = {pool.submit(job, k, spec, windows[k], args.shared, None if spec in added else he, threads): (k, spec)
+                   for k, spec in jobs}
         for fut in as_completed(futures):
             k, spec = futures[fut]
             try:
@@ -355,14 +466,44 @@ def main(argv: list[str] | None = None) -> int:
                 save()
                 continue
             for key in keys:
-                data["models"][key] = {"rows": assemble(key, args.recipes, done)}
+                data["models"][key] = {"rows": assemble(key, specs[key], done, base_specs[key])}
             row = done[(k, spec)]
             log(f"{k} {row['recipe']}: " + ", ".join(f"{s} {row[s]['perplexity']:.4f}" for s in windows[k])
                 + f" ({len(done)}/{len(jobs)} done)")
             save()
     data["complete"] = True
     save()
-    log(f"wrote {out / 'quality.json'} and {out / 'quality.md'} in {time.perf_counter() - t0:.0f} s")
+    if args.readme:
+        update_readme(Path(args.readme), data)
+    log(f"wrote {out / 'quality.json'} and {out / 'quality.md'} in {time.perf_counter() - t0:.0f} s"
+        + (f"; rewrote the quality table of {args.readme}" if args.readme else ""))
+    return 0
+
+
+def write_outputs(out: Path, data: dict) -> None:
+    from sqdeploy.core.report import write_json_atomic
+
+    write_json_atomic(out / "quality.json", data)
+    tmp = out / ".quality.md.tmp"
+    tmp.write_text(markdown(data))
+    tmp.replace(out / "quality.md")
+
+
+def rewrite(source: Path, out: Path, readme: str | None, shared: Path) -> int:
+    """Re-derive the comparisons, the Markdown and the README table from a finished run's JSON (no scoring)."""
+    data = json.loads(source.read_text())
+    base_specs = data["settings"].get("baselines")
+    if base_specs is None:  # a run from before the baselines: compare with whichever baseline rows it has
+        base_specs = {k: {r["recipe"]: b for r in m["rows"] if "resolved" in r
+                          and (b := baselines(r["recipe"], shared / "models" / MODELS[k]))} for k, m in data["models"].items()}
+    for key, m in data["models"].items():
+        done = {(key, None if "resolved" not in r and r["recipe"].startswith("float32") else r["recipe"]): r for r in m["rows"]}
+        specs = [r["recipe"] for r in m["rows"] if not r["recipe"].startswith("float32")]
+        m["rows"] = assemble(key, specs, done, base_specs.get(key, {}))
+    write_outputs(out, data)
+    if readme:
+        update_readme(Path(readme), data)
+    log(f"rewrote {out / 'quality.md'}" + (f" and the quality table of {readme}" if readme else "") + f" from {source}")
     return 0
 
 
