@@ -59,31 +59,45 @@ def job_sqdeploy(model: str, spec: str, calib: dict) -> dict:
             "output_mib": size / 2**20}
 
 
-def job_modelopt(model: str, cfg_name: str, calib: dict) -> dict:
-    """ModelOpt's own flow: load the HF model, calibrate/search, export a TensorRT-LLM checkpoint."""
-    import modelopt.torch.quantization as mtq
+def job_modelopt(model: str, cfg_name: str, calib: dict, device: str = "cpu", tp: int = 1, out: str | None = None) -> dict:
+    """ModelOpt's own flow: load the HF model, calibrate/search, export a TensorRT-LLM checkpoint (``tp`` ranks).
+
+    On a GPU the model is loaded in float16 on the device (ModelOpt's documented flow); on CPU in float32.
+    Its steps are marked with :mod:`sqdeploy.core.phases`, so with ``SQDEPLOY_PHASES_JSON`` set the process
+    leaves the same record ``sq-export`` does and ``bench_export_gpu.py`` reports both tools alike."""
     import torch
+
+    from sqdeploy.core import phases
+
+    phases.lap("start (imports, checks)")
+    import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
     from transformers import AutoModelForCausalLM
 
     from sqdeploy.quantize.calibration import build_calibration
     from sqdeploy.quantize.pipeline import load_tokenizer
 
+    phases.lap("import modelopt, transformers")
     t0 = time.perf_counter()
     ids = build_calibration(load_tokenizer(Path(model)), calib["source"], calib["samples"], calib["seq_len"]).ids
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    cuda = device.startswith("cuda")
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float16 if cuda else torch.float32).to(device).eval()
+    phases.lap("open model, tokenize calibration set")
 
     def forward_loop(m):
         with torch.no_grad():
             for rows in ids.split(4):
-                m(rows)
+                m(rows.to(device))
 
     t1 = time.perf_counter()
     hf = mtq.quantize(hf, getattr(mtq, cfg_name), forward_loop)
+    phases.lap("quantize (calibrate, search)")
     search = time.perf_counter() - t1
     with tempfile.TemporaryDirectory() as tmp:
-        export_tensorrt_llm_checkpoint(hf, "llama", torch.float16, Path(tmp) / "ckpt", inference_tensor_parallel=1)
-        size = sum(p.stat().st_size for p in (Path(tmp) / "ckpt").glob("*.safetensors"))
+        dest = Path(out) if out else Path(tmp) / "ckpt"
+        export_tensorrt_llm_checkpoint(hf, "llama", torch.float16, dest, inference_tensor_parallel=tp)
+        size = sum(p.stat().st_size for p in dest.glob("*.safetensors"))
+    phases.lap("write trtllm")
     return {"seconds": time.perf_counter() - t0, "search_seconds": search, "alpha": None, "output_mib": size / 2**20}
 
 
@@ -104,7 +118,8 @@ def child_main(job: dict) -> None:
     if job["tool"] == "sq-deploy":
         out = job_sqdeploy(job["model"], job["recipe"], job["calib"])
     else:
-        out = job_modelopt(job["model"], MODELOPT[job["recipe"]], job["calib"])
+        out = job_modelopt(job["model"], MODELOPT[job["recipe"]], job["calib"], job.get("device", "cpu"), job.get("tp", 1),
+                           job.get("out"))
     print(json.dumps({**out, "peak_rss_mib": _peak_rss_mib()}))
 
 

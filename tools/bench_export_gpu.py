@@ -52,6 +52,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 RECIPES = ("w8a8-sq", "w8a8-sq-pertoken", "w4a16-awq", "w4a16-sqplus")
+MODELOPT = ("modelopt-int8-sq", "modelopt-int4-awq")  # tools/bench_export.py's ModelOpt configurations
+RTN_SQ = "w8a8-sq:rounding=rtn:gptq_act_order=false"  # the searched SmoothQuant with round-to-nearest: what ModelOpt's INT8 SmoothQuant does
+VS_MODELOPT = ((RTN_SQ, "modelopt-int8-sq", 2.0), ("w8a8-sq", "modelopt-int8-sq", None),
+               ("w4a16-awq", "modelopt-int4-awq", 1.0), ("w4a16-sqplus", "modelopt-int4-awq", 1.0))
 NEEDED = ("torch", "safetensors", "tokenizers", "transformers", "compressed_tensors", "yaml", "tqdm", "onnx")
 MIN_START_S = 25.0  # an export is not started with less time than this left
 KILL_GRACE_S = 15.0
@@ -272,14 +276,20 @@ def run_export(job: Job, model: Path, calib: str, args, out_root: Path, timeout:
     out = out_root / job.name
     phases_json = out_root / f"{job.name}.phases.json"
     log_path = Path(args.out) / "bench-export-gpu.log"  # one log for all exports: few files to carry back
-    cmd = [sys.executable, "-u", "-m", "sqdeploy.cli.export", str(model), "--recipe", job.recipe, "--target", job.target,
-           "--device", args.device, "--calib", calib, "--out", str(out), "--force"]
-    if job.target == "trtllm":
-        cmd += ["--tp", str(args.tp)]
-    if args.calib_samples:
-        cmd += ["--calib-samples", str(args.calib_samples)]
-    if args.calib_seq_len:
-        cmd += ["--calib-seq-len", str(args.calib_seq_len)]
+    if job.role == "modelopt":  # ModelOpt's quantize + TensorRT-LLM export, same model and calibration set
+        spec = {"tool": "modelopt", "model": str(model), "recipe": job.recipe, "threads": os.cpu_count() or 1,
+                "calib": {"source": calib, "samples": args.calib_samples or 128, "seq_len": args.calib_seq_len or 512},
+                "device": args.device, "tp": args.tp, "out": str(out)}
+        cmd = [sys.executable, "-u", str(ROOT / "tools" / "bench_export.py"), "--job", json.dumps(spec)]
+    else:
+        cmd = [sys.executable, "-u", "-m", "sqdeploy.cli.export", str(model), "--recipe", job.recipe, "--target", job.target,
+               "--device", args.device, "--calib", calib, "--out", str(out), "--force"]
+        if job.target == "trtllm":
+            cmd += ["--tp", str(args.tp)]
+        if args.calib_samples:
+            cmd += ["--calib-samples", str(args.calib_samples)]
+        if args.calib_seq_len:
+            cmd += ["--calib-seq-len", str(args.calib_seq_len)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SQDEPLOY_PHASES_JSON": str(phases_json),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep), **dict(job.env)}
     log(f"start {job.name} (timeout {timeout:.0f} s): {' '.join(cmd[3:])}")
@@ -345,7 +355,7 @@ def run_export(job: Job, model: Path, calib: str, args, out_root: Path, timeout:
         pass
     if out.exists():
         res.output_mib = round(_du(out) / 2**20, 1)
-        if proc.returncode == 0 and job.target == "trtllm":
+        if proc.returncode == 0 and job.target == "trtllm" and job.role != "modelopt":
             res.tensors_sha256 = tensors_digest(out)
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
@@ -386,6 +396,9 @@ def plan(args) -> list[Job]:
         jobs.append(Job(first, SHAPES[first]["num_hidden_layers"], recipes[0], "trtllm", "full", estimate_gate=True))
     for s in shapes[1:]:
         jobs += [Job(s, L, r, "trtllm", s) for r in recipes[1:]]
+    if args.modelopt:  # after the first shape's recipes, at the same depth: the ratios the goals name
+        at = len(recipes) + sum(j.role == "eager-gptq" for j in jobs)
+        jobs[at:at] = [Job(first, L, r, "trtllm", "modelopt") for r in MODELOPT] + [Job(first, L, RTN_SQ, "trtllm", "recipes")]
     return jobs
 
 
@@ -431,7 +444,7 @@ def borrowed_fit(results: list[Result], shape: str, recipe: str) -> dict | None:
 
 def _measured(r: Result) -> bool:
     """A finished export of the default code path (the eager-GPTQ comparison run stays out of the fits)."""
-    return r.status == "ok" and r.job.get("role") != "eager-gptq"
+    return r.status == "ok" and r.job.get("role") not in ("eager-gptq", "modelopt")
 
 
 def estimate_seconds(results: list[Result], job: Job) -> float | None:
@@ -535,6 +548,29 @@ def graph_vs_eager(res: list[Result]) -> list[str]:
     return out
 
 
+def vs_modelopt(res: list[Result]) -> list[str]:
+    """sq-deploy's exports against ModelOpt's on the same model, calibration set and tensor parallelism."""
+    from sqdeploy.core.report import markdown_table
+
+    ok = {(r.job["shape"], r.job["layers"], r.job["recipe"]): r for r in res if r.status == "ok"}
+    rows = []
+    for ours, theirs, goal in VS_MODELOPT:
+        for (shape, layers, recipe), o in ok.items():
+            m = ok.get((shape, layers, theirs))
+            if recipe != ours or m is None:
+                continue
+            ratio = o.wall_s / m.wall_s
+            rows.append([f"{shape}, {layers} layers", f"`{ours}`", o.wall_s, theirs, m.wall_s, f"{ratio:.2f}x",
+                         "" if goal is None else f"<= {goal}x: {'met' if ratio <= goal else 'missed'}",
+                         o.gpu_max_allocated_mib, m.gpu_max_allocated_mib, o.peak_rss_mib, m.peak_rss_mib])
+    if not rows:
+        return []
+    return ["## Against NVIDIA ModelOpt (same checkpoint, calibration set and tensor parallelism; wall seconds of each"
+            " process, imports included)", "",
+            markdown_table(["model", "sq-deploy", "s", "ModelOpt", "s", "ratio", "goal", "GPU MiB (ours)",
+                            "GPU MiB (ModelOpt)", "RSS MiB (ours)", "RSS MiB (ModelOpt)"], rows), ""]
+
+
 def markdown(report: dict) -> str:
     from sqdeploy.core.report import markdown_table
 
@@ -544,6 +580,7 @@ def markdown(report: dict) -> str:
              f"torch {report['env']['torch']}; {report['env']['cpus']} CPUs", "",
              markdown_table(HEAD, summary_rows(res)), ""]
     lines += graph_vs_eager(res)
+    lines += vs_modelopt(res)
     lines += ["## Seconds per phase", ""]
     names = []
     for r in res:
@@ -653,6 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eager-gptq", action=argparse.BooleanOptionalAction, default=True,
                     help="also the first export with GPTQ's column loop launched eagerly (SQDEPLOY_GPTQ_GRAPHS=0), "
                          "to compare its time and its integers with the CUDA-graph loop")
+    ap.add_argument("--modelopt", action="store_true",
+                    help="also NVIDIA ModelOpt's INT8 SmoothQuant and INT4 AWQ (quantize + TensorRT-LLM export at --tp) on the"
+                    " first shape at --layers, same calibration set (needs nvidia-modelopt)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--calib", default=None, help="calibration file (default: random-word prompts made here)")
     ap.add_argument("--calib-samples", type=int, default=None, help="default: the recipe's")
