@@ -271,15 +271,30 @@ def torch_uint8():
     return torch.uint8
 
 
+def modelopt_tp(job: Job, tp: int) -> int:
+    """The tensor parallelism ModelOpt can export ``job`` at: its INT4 AWQ export refuses a rank slice that is
+    not a multiple of the 128-column block (7B's MLP, 11008 columns, splits 2 ways, not 8); sq-deploy pads instead."""
+    if job.recipe != "modelopt-int4-awq":
+        return tp
+    from sqdeploy.testing.random_checkpoint import SHAPES
+
+    dims = (SHAPES[job.shape]["hidden_size"], SHAPES[job.shape]["intermediate_size"])
+    return max(t for t in range(1, tp + 1) if tp % t == 0 and all(d % (t * 128) == 0 for d in dims))
+
+
 def run_export(job: Job, model: Path, calib: str, args, out_root: Path, timeout: float) -> Result:
     res = Result(job=asdict(job) | {"name": job.name})
     out = out_root / job.name
     phases_json = out_root / f"{job.name}.phases.json"
     log_path = Path(args.out) / "bench-export-gpu.log"  # one log for all exports: few files to carry back
     if job.role == "modelopt":  # ModelOpt's quantize + TensorRT-LLM export, same model and calibration set
+        tp = modelopt_tp(job, args.tp)
+        res.job["tp"] = tp
+        if tp != args.tp:
+            res.note = f"exported at tp {tp}: ModelOpt's INT4 export needs every rank's slice a multiple of 128"
         spec = {"tool": "modelopt", "model": str(model), "recipe": job.recipe, "threads": os.cpu_count() or 1,
                 "calib": {"source": calib, "samples": args.calib_samples or 128, "seq_len": args.calib_seq_len or 512},
-                "device": args.device, "tp": args.tp, "out": str(out)}
+                "device": args.device, "tp": tp, "out": str(out)}
         cmd = [sys.executable, "-u", str(ROOT / "tools" / "bench_export.py"), "--job", json.dumps(spec)]
     else:
         cmd = [sys.executable, "-u", "-m", "sqdeploy.cli.export", str(model), "--recipe", job.recipe, "--target", job.target,
@@ -560,7 +575,7 @@ def vs_modelopt(res: list[Result]) -> list[str]:
             if recipe != ours or m is None:
                 continue
             ratio = o.wall_s / m.wall_s
-            rows.append([f"{shape}, {layers} layers", f"`{ours}`", o.wall_s, theirs, m.wall_s, f"{ratio:.2f}x",
+            rows.append([f"{shape}, {layers} layers", f"`{ours}`", o.wall_s, f"{theirs} (tp {m.job.get('tp')})", m.wall_s, f"{ratio:.2f}x",
                          "" if goal is None else f"<= {goal}x: {'met' if ratio <= goal else 'missed'}",
                          o.gpu_max_allocated_mib, m.gpu_max_allocated_mib, o.peak_rss_mib, m.peak_rss_mib])
     if not rows:
