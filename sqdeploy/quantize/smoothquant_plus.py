@@ -55,7 +55,8 @@ class SmoothQuantPlus:
         self.plan = plan
         self.alphas = tuple(plan.get(g.name) for g in groups)
         self.needs_hessian = rounding.needs_hessian
-        self.needs_quant_stream = True  # the manifest reports each layer's accumulated error
+        self.needs_quant_stream = rounding.needs_quant_stream
+        self.reports_accumulated_error = True  # the manifest reports each layer's accumulated error
 
     def quantize_layer(self, block: Block, data: LayerData) -> LayerResult:
         scales, qweights = apply_plan(block, self.cfg, self.groups, self.alphas, self.scheme, data, self.rounding, last=True,
