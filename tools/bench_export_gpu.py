@@ -567,7 +567,8 @@ def vs_modelopt(res: list[Result]) -> list[str]:
     """sq-deploy's exports against ModelOpt's on the same model, calibration set and tensor parallelism."""
     from sqdeploy.core.report import markdown_table
 
-    ok = {(r.job["shape"], r.job["layers"], r.job["recipe"]): r for r in res if r.status == "ok"}
+    ok = {(r.job["shape"], r.job["layers"], r.job["recipe"]): r for r in res
+          if r.status == "ok" and r.job.get("role") != "eager-gptq"}  # the recipe as shipped, not its eager twin
     rows = []
     for ours, theirs, goal in VS_MODELOPT:
         for (shape, layers, recipe), o in ok.items():
