@@ -5,7 +5,8 @@ Each request gets a cache slot when one is free and keeps it until it ends. A st
 1. retires finished and cancelled rows (their slots go back, nobody else's cache moves),
 2. admits waiting requests while slots are free,
 3. feeds prompts in chunks, at most ``max_prefill_tokens`` tokens in all per step, oldest
-   request first, so a long prompt holds the running rows up for one chunk at a time,
+   request first, so a long prompt holds the running rows up for one chunk at a time; chunks of
+   the same start and length (prompts admitted together) run as one batch,
 4. decodes one token for every row whose prompt is complete.
 
 Sampling happens on the device; each step only the sampled ids reach the host, where
@@ -52,7 +53,7 @@ class SlotScheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.prefilling: list[Row] = []
         self.decoding: list[Row] = []
-        self.steps = {"prefill_chunks": 0, "decode_steps": 0}
+        self.steps = {"prefill_chunks": 0, "prefill_batches": 0, "decode_steps": 0}
 
     @property
     def running(self) -> int:
@@ -108,24 +109,35 @@ class SlotScheduler:
         return events
 
     def _prefill(self) -> list[TokenEvent]:
+        """This step's prompt chunks. Rows whose chunks start at the same position and have the same length
+        (prompts admitted together, most often) go through the model as one batch when the backend can
+        (``prefill_rows``): one GEMM per linear for all of them instead of one per row."""
         rows = [r for r in self.prefilling if r.seq.finish_reason is None]
         chunks = plan_chunks([len(r.seq.request.prompt_ids) - r.done for r in rows], self.config.max_prefill_tokens)
-        ready: list[tuple[Row, torch.Tensor]] = []
-        events: list[TokenEvent] = []
+        groups: dict[tuple[int, int], list[Row]] = {}
         for row, n in zip(rows, chunks):
             if n == 0:
                 break
-            ids = row.seq.request.prompt_ids[row.done : row.done + n]
+            groups.setdefault((row.done, n) if hasattr(self.backend, "prefill_rows") else (id(row), n), []).append(row)
+        ready: list[tuple[Row, torch.Tensor]] = []
+        events: list[TokenEvent] = []
+        for (_, n), members in groups.items():
+            ids = [r.seq.request.prompt_ids[r.done : r.done + n] for r in members]
             try:
-                logits = self.backend.prefill(row.slot, ids, row.done)
-            except Exception as exc:  # noqa: BLE001 - only this request fails
+                if len(members) == 1:
+                    logits = [self.backend.prefill(members[0].slot, ids[0], members[0].done)]
+                else:
+                    logits = list(self.backend.prefill_rows([r.slot for r in members], ids, members[0].done))
+            except Exception as exc:  # noqa: BLE001 - only these requests fail
                 traceback.print_exc()
-                events.append(row.seq.finish("error", error=f"{type(exc).__name__}: {exc}"))
+                events += [r.seq.finish("error", error=f"{type(exc).__name__}: {exc}") for r in members]
                 continue
-            self.steps["prefill_chunks"] += 1
-            row.done += n
-            if row.done == len(row.seq.request.prompt_ids):
-                ready.append((row, logits))
+            self.steps["prefill_chunks"] += len(members)
+            self.steps["prefill_batches"] += 1
+            for row, lg in zip(members, logits):
+                row.done += n
+                if row.done == len(row.seq.request.prompt_ids):
+                    ready.append((row, lg))
         if ready:
             events += self._guarded([r for r, _ in ready], lambda: self._first_tokens(ready))
         return events

@@ -104,3 +104,21 @@ def test_rows_not_decoding_keep_their_length(kmodel):
     assert cache.lengths.tolist()[:2] == [4, 2]
     with pytest.raises(SqDeployError, match="gap"):
         prefill_chunk(kmodel, cache, s1, torch.tensor([1]), 3)
+
+
+def test_rows_prefilled_together_equal_each_alone(kmodel):
+    """``prefill_rows``: one batch through the linears, each row's cache and attention its own (every family,
+    a prompt past Mistral's sliding window, a second chunk at a later start)."""
+    from sqdeploy.kernels.slots import prefill_rows
+
+    cfg = kmodel.cfg
+    cache = SlotCache(kmodel, plan_slots(kv_bytes_per_token(kmodel), cfg.max_positions, 4, None))
+    ids = torch.randint(3, cfg.vocab_size, (2, 90), generator=GEN)
+    first, second = cache.acquire(), cache.acquire()
+    la = prefill_rows(kmodel, cache, [second, first], ids[:, :70], 0)
+    lb = prefill_rows(kmodel, cache, [second, first], ids[:, 70:], 70)
+    for row, slot in enumerate([second, first]):
+        full = _full_logits(kmodel, ids[row].tolist())
+        torch.testing.assert_close(la[row], full[69], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(lb[row], full[-1], rtol=1e-4, atol=1e-4)
+        assert cache.host_lengths[slot] == 90

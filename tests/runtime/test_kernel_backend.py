@@ -45,6 +45,51 @@ def test_batched_greedy_equals_one_at_a_time(backend):
     assert batched == [greedy_generate(backend.model, q, 8) for q in PROMPTS]
 
 
+def test_prompts_admitted_together_prefill_as_one_batch(tiny_models):
+    """Equal-length prompts share their prefill GEMMs (one batch per chunk position) and still give each
+    prompt's own greedy tokens; a prompt of another length goes on its own."""
+    be = KernelBackend(tiny_models["llama"], "cpu", KernelConfig(max_batch_size=4, max_prefill_tokens=64))
+    prompts = [[5, 6, 7, 8, 9, 10], [100, 200, 300, 400, 500, 600], [7] * 6, [42, 43, 44]]
+    engine = BatchingEngine(be, BatchConfig(4, 64))
+    try:
+        p = SamplingParams(max_new_tokens=6, ignore_eos=True)
+        batched = [c.token_ids for c in generate(engine, prompts, p)]
+        steps = dict(engine.scheduler.steps)
+    finally:
+        engine.shutdown()
+    assert steps["prefill_chunks"] == 4 and steps["prefill_batches"] == 2  # the three 6-token prompts together
+    assert batched == [greedy_generate(be.model, q, 6) for q in prompts]
+
+
+def test_batched_prefill_rows_equal_one_slot_at_a_time(backend):
+    from sqdeploy.kernels.slots import prefill_chunk, prefill_rows
+
+    cache = backend.cache
+    slots = [backend.acquire() for _ in range(3)]
+    try:
+        ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]])
+        one = torch.stack([prefill_chunk(backend.model, cache, s, ids[i], 0) for i, s in enumerate(slots)])
+        keys = [cache.k[0][s, :, :4].clone() for s in slots]
+        for s in slots:
+            backend.release(s)
+        order = [slots[2], slots[0], slots[1]]  # rows need not come in slot order
+        for s in order:
+            assert backend.acquire() in slots
+        together = prefill_rows(backend.model, cache, order, ids[[2, 0, 1]], 0)
+        torch.testing.assert_close(together, one[[2, 0, 1]], rtol=1e-5, atol=1e-5)
+        for i, s in enumerate(slots):
+            torch.testing.assert_close(cache.k[0][s, :, :4], keys[i], rtol=1e-5, atol=1e-5)
+        more = prefill_rows(backend.model, cache, slots, torch.tensor([[1, 2], [3, 4], [5, 6]]), 4)  # a second chunk
+        assert more.shape[0] == 3 and [cache.host_lengths[s] for s in slots] == [6, 6, 6]
+        with pytest.raises(SqDeployError, match="would leave a gap"):
+            prefill_rows(backend.model, cache, slots, ids, 0)
+        with pytest.raises(SqDeployError, match="distinct slots"):
+            prefill_rows(backend.model, cache, [slots[0], slots[0]], ids[:2], 6)
+    finally:
+        for s in slots:
+            backend.release(s)
+
+
 def test_a_long_prompt_does_not_stall_running_rows(backend):
     sched = SlotScheduler(backend, BatchConfig(4, 7))  # driven by hand, step by step
     short = Sequence(GenerationRequest([1, 2, 3], SamplingParams(max_new_tokens=20, ignore_eos=True)), None,

@@ -191,6 +191,15 @@ class KernelBackend:
         with self._on_device():
             return prefill_chunk(self.model, self.cache, slot, torch.tensor(list(ids), dtype=torch.long), start)
 
+    def prefill_rows(self, slots: Sequence[int], ids: Sequence[Sequence[int]], start: int) -> torch.Tensor:
+        """Equal-length prompt chunks of several slots at positions ``start ..``, as one batch; float32 logits
+        of each row's last token [B, V] (on the device)."""
+        from sqdeploy.kernels.slots import prefill_rows
+
+        with self._on_device():
+            return prefill_rows(self.model, self.cache, list(slots), torch.tensor([list(r) for r in ids], dtype=torch.long),
+                                start)
+
     def _on_device(self):
         """The backend's GPU as the current device: Triton launches on the current one, and the engine's
         worker thread starts on GPU 0 whatever ``cuda:N`` was asked for."""
