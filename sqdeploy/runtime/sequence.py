@@ -18,37 +18,56 @@ from sqdeploy.runtime.engine import Completion, EventSink, GenerationRequest, Ti
 _CONTEXT_TOKENS = 5
 
 
+def window_decoder(tokenizer):
+    """``ids -> text`` as ``tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)``.
+
+    For a fast (Rust) tokenizer that is exactly its ``backend_tokenizer.decode(ids, skip_special_tokens=True)``,
+    which transformers calls after per-call Python checks that walk the ids; for the few ids of a
+    detokenizer window those checks cost several times the decode itself, and a server detokenizes every
+    row of every step on the thread that launches the next one. Other tokenizers keep ``decode``."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and callable(getattr(backend, "decode", None)):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 class IncrementalDetokenizer:
     """Text added by each new token, without ever emitting half of a multi-byte character.
 
     Decodes a short window of ids (``prefix`` .. end) and emits what it adds to the
     window's first part, the approach of text-generation-inference: byte-level BPE
-    splits UTF-8 characters over tokens, which decode to U+FFFD until complete.
+    splits UTF-8 characters over tokens, which decode to U+FFFD until complete. The first
+    part's text is kept while the window stays (a character split over several tokens).
     """
 
     def __init__(self, tokenizer, prompt_ids: list[int]):
-        self.tok = tokenizer
+        self._decode = window_decoder(tokenizer)
         self.ids = list(prompt_ids[-_CONTEXT_TOKENS:])
         self.prefix = 0
         self.read = len(self.ids)
+        self._before: str | None = None  # decode of ids[prefix:read], while the window stays
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    def _first_part(self) -> str:
+        if self._before is None:
+            self._before = self._decode(self.ids[self.prefix : self.read])
+        return self._before
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        before = self._decode(self.ids[self.prefix : self.read])
+        before = self._first_part()
         after = self._decode(self.ids[self.prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
+            self._before = None
             return after[len(before) :]
         return ""
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the very end)."""
-        before = self._decode(self.ids[self.prefix : self.read])
+        before = self._first_part()
         after = self._decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
+        self._before = None
         return after[len(before) :] if len(after) > len(before) else ""
 
 

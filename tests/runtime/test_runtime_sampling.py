@@ -54,6 +54,27 @@ def test_detokenizer_never_splits_a_character(tokenizer):
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_window_decoder_is_the_tokenizers_decode(tokenizer, shared_model):
+    """The detokenizer's fast path decodes exactly as ``tokenizer.decode`` with its settings, special tokens
+    and characters split over tokens included; a tokenizer without a Rust backend keeps ``decode``."""
+    from sqdeploy.runtime.sequence import window_decoder
+
+    fast = window_decoder(tokenizer)
+    text = "def héllo():  # wörld, 日本語 ✓\n    return '€'"
+    ids = tokenizer(text).input_ids + [tokenizer.eos_token_id]
+    rng = np.random.default_rng(0)
+    windows = [ids[i:j] for i in range(len(ids)) for j in range(i, min(len(ids), i + 7) + 1)]
+    windows += [rng.integers(0, tokenizer.vocab_size, int(rng.integers(1, 8))).tolist() for _ in range(300)]
+    for w in windows:
+        assert fast(w) == tokenizer.decode(w, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    class Plain:  # no backend_tokenizer: transformers' decode is used as before
+        def decode(self, ids, skip_special_tokens, clean_up_tokenization_spaces):
+            return "|".join(map(str, ids))
+
+    assert window_decoder(Plain())([1, 2]) == "1|2"
+
+
 def test_stop_strings_cut_the_text_and_are_held_back_while_streaming(tokenizer):
     ids = tokenizer("alpha beta gamma delta").input_ids
     seq = Sequence(
