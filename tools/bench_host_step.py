@@ -85,6 +85,16 @@ def gpu_tpot(report: Path | None) -> dict[int, float]:
     return {r["batch"]: r["tpot_s"] * 1e3 for r in rows if r.get("variant") == "fp16" and "tpot_s" in r}
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "tiny-code-llama"),
@@ -117,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = {"command": "python tools/bench_host_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-                        "torch": torch.__version__}, "gpu_report": args.gpu_report, "rows": rows}
+            "machine": {"cpu": cpu_name(), "python": platform.python_version(), "torch": torch.__version__},
+            "gpu_report": args.gpu_report, "rows": rows}
     try:
         import subprocess
 
@@ -134,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
           "" if r["gpu_tpot_ms"] is None else f"{r['gpu_tpot_ms']:.2f}",
           "" if r["gpu_tpot_ms"] is None else f"{r['host_ms'] / r['gpu_tpot_ms']:.0%} (was "
           f"{r['host_ms_transformers_decode'] / r['gpu_tpot_ms']:.0%})"] for r in rows])
-    (out / "host-step.md").write_text(f"# Host time of a decode step\n\n`{data['command']}`, commit {data.get('commit', '?')[:12]}, "
-                                      f"{data['machine']['cpu']}, one thread\n\n{table}\n")
+    (out / "host-step.md").write_text(
+        f"# Host time of a decode step\n\n`{data['command']}`, commit {data.get('commit', '?')[:12]}, "
+        f"{data['machine']['cpu']}, one torch thread. The GPU column is a measurement from another machine (its "
+        f"report: `{Path(args.gpu_report).name}`); the share is this host's time against it.\n\n{table}\n")
     import matplotlib
 
     matplotlib.use("Agg")
