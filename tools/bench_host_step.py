@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="folder for host-step.json, host-step.md and host-step.png")
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--steps", type=int, default=128, help="decode steps per run (default 128)")
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=9, help="alternating runs of each path per batch size; medians (default 9)")
     ap.add_argument("--gpu-report", default=str(ROOT / "docs" / "benchmarks" / "gpu-serve-check-h100-warm.json"),
                     help="a gpu_serve_check.py JSON whose FP16 TPOT is printed beside (default: the committed H100 run)")
     args = ap.parse_args(argv)
@@ -120,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     tpot = gpu_tpot(Path(args.gpu_report) if args.gpu_report else None)
     rows = []
     for b in batches:
-        fast = host_ms_per_step(backend, tok, b, text_ids, args.steps, args.repeat)
-        slow = host_ms_per_step(backend, _SlowDecode(tok), b, text_ids, args.steps, args.repeat)
+        pairs = [(host_ms_per_step(backend, tok, b, text_ids, args.steps, 1),  # alternating: drift hits both
+                  host_ms_per_step(backend, _SlowDecode(tok), b, text_ids, args.steps, 1)) for _ in range(args.repeat)]
+        fast, slow = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
         rows.append({"batch": b, "host_ms": fast, "host_ms_transformers_decode": slow, "gpu_tpot_ms": tpot.get(b)})
         print(f"batch {b}: host {fast:.3f} ms per step (transformers decode: {slow:.3f} ms)", flush=True)
     out = Path(args.out)
