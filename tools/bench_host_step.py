@@ -6,7 +6,8 @@ sequence (incremental detokenization, stop strings, lengths) and launches the ne
 host work is serial with the GPU's (the ids must reach the host before the next step is
 scheduled), so at large batches it sets a floor under the step time. This benchmark runs the
 real :class:`~sqdeploy.runtime.slot_batching.SlotScheduler`, sequences and tokenizer over a kernel
-backend whose prefill and decode return precomputed logits (tokens from real code text), and
+backend whose model steps cost nothing and whose sampler returns precomputed ids (tokens of real
+code text; on a GPU the logits and their argmax stay on the device), and
 reports host milliseconds per step per batch size, side by side for two detokenizer paths in one
 run: the tokenizers library's own decode (what sq-serve uses) and ``tokenizer.decode`` through
 transformers (the previous path, and what a hand-written server usually calls). Next to them,
@@ -48,20 +49,20 @@ def host_ms_per_step(backend, tokenizer, batch: int, text_ids: list[int], steps:
     from sqdeploy.runtime.sequence import Sequence
     from sqdeploy.runtime.slot_batching import SlotScheduler
 
-    vocab = backend.info.vocab_size
-    tables = [torch.zeros(batch, vocab) for _ in range(64)]  # precomputed logits: one hot on a real text's ids
-    for k, t in enumerate(tables):
-        for r in range(batch):
-            t[r, text_ids[(k * batch + 7 * r) % len(text_ids)] % vocab] = 10.0
+    # the tokens of each step: a real text's ids, different per row; logits and their argmax live on the GPU
+    # in the served path (only the sampled ids cross to the host), so sampling is replaced by a table lookup
+    tables = [torch.tensor([text_ids[(k * batch + 7 * r) % len(text_ids)] for r in range(batch)]) for k in range(64)]
     calls = {"n": 0}
+    dummy = torch.zeros(batch, 1)
 
-    def decode(slots):
+    def sample(logits, params, request_ids, seqs):
         calls["n"] += 1
-        return tables[calls["n"] % len(tables)][: len(slots)]
+        return tables[calls["n"] % len(tables)][: logits.shape[0]]
 
-    backend.prefill = lambda slot, ids, start: tables[0][0].clone()
-    backend.prefill_rows = lambda slots, ids, start: tables[0][: len(slots)].clone()
-    backend.decode = decode
+    backend.prefill = lambda slot, ids, start: dummy[0]
+    backend.prefill_rows = lambda slots, ids, start: dummy[: len(slots)]
+    backend.decode = lambda slots: dummy[: len(slots)]
+    backend.sampler.sample_tensor = sample
     params = SamplingParams(max_new_tokens=steps, ignore_eos=True)
     runs = []
     for _ in range(repeat):
