@@ -33,6 +33,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -45,6 +47,40 @@ REFERENCE_TOOLS = {"modelopt": "NVIDIA ModelOpt", "llmcompressor": "llm-compress
 README_ROWS = ("w8a8-sq", "w8a8-sq-pertoken", "w8a16-rtn", "w4a16-rtn", "w4a16-awq", "w4a16-sqplus")
 README_MARKERS = ("<!-- quality-table:start (tools/quality.py --readme) -->", "<!-- quality-table:end -->")
 NO_SMOOTHING, ALPHA_05 = "no smoothing", "alpha 0.5, norms + up->down"
+# the user's alternatives, scored on the same windows where installed: row name -> ModelOpt config
+MODELOPT_ROWS = {"modelopt:int8-smoothquant": "INT8_SMOOTHQUANT_CFG", "modelopt:int4-awq": "INT4_AWQ_CFG"}
+
+
+class _HFLogits(torch.nn.Module):
+    """A Hugging Face causal LM seen as ``ids -> logits`` (what the scoring functions call)."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, ids):
+        return self.hf(ids).logits
+
+
+def modelopt_model(model_dir: Path, cfg_name: str, calib_path: Path):
+    """ModelOpt's own flow on the CPU, as its documentation gives it: the float32 HF model, ``mtq.quantize``
+    with the config and a forward loop over the same calibration blocks the recipes use (128 x 512 of the
+    HumanEval prompts); the fake-quantized model it returns is what is scored."""
+    import modelopt.torch.quantization as mtq
+    from transformers import AutoModelForCausalLM
+
+    from sqdeploy.quantize.calibration import build_calibration
+    from sqdeploy.quantize.pipeline import load_tokenizer
+
+    ids = build_calibration(load_tokenizer(model_dir), str(calib_path), 128, 512).ids
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for rows in ids.split(4):
+                m(rows)
+
+    return _HFLogits(mtq.quantize(hf, getattr(mtq, cfg_name), forward_loop)).eval()
 
 
 def baselines(spec: str, model_dir: Path) -> dict[str, str]:
@@ -160,6 +196,9 @@ def job(key: str, spec: str | None, sets: dict, shared: str, humaneval: dict | N
     t0 = time.perf_counter()
     if spec is None:
         model = load_model(ck)
+    elif spec in MODELOPT_ROWS:
+        model = modelopt_model(ck.path, MODELOPT_ROWS[spec], Path(shared) / "data" / "humaneval.jsonl.gz")
+        row.update(quantize_seconds=time.perf_counter() - t0, reference="NVIDIA ModelOpt " + _version("nvidia-modelopt"))
     else:
         cal = Calibration(str(Path(shared) / "data" / "humaneval.jsonl.gz"))
         model, result = quantize_in_memory(ck, spec, cal, Runtime(progress=False))
@@ -172,6 +211,15 @@ def job(key: str, spec: str | None, sets: dict, shared: str, humaneval: dict | N
     if humaneval is not None:
         row["humaneval"] = score_humaneval(model, load_tokenizer(ck.path), **humaneval)
     return row
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
 
 
 def score_humaneval(model, tokenizer, limit: int | None, max_new_tokens: int, data: str | None = None) -> dict:
@@ -343,6 +391,11 @@ def readme_table(data: dict) -> str:
             verdicts.append("/".join("yes" if x else "no" for x in v))
         cells.append(" · ".join(verdicts) if any(verdicts) else "")
         table.append(cells)
+    for name in MODELOPT_ROWS:  # the user's alternative, on the same windows
+        rows = [by[k].get(name) for k in keys]
+        if all(r is not None and "error" not in r for r in rows):
+            table.append([f"{rows[0].get('reference', 'NVIDIA ModelOpt')} {name.split(':', 1)[1]} (reference)",
+                          *(f"{r['standard']['perplexity']:.4f} ({r['standard']['vs_float']['text']})" for r in rows), "", ""])
     return markdown_table(head, table)
 
 
@@ -403,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="rows computed in parallel worker processes")
     ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                     help="also score each searched W8A8 recipe without smoothing and with alpha 0.5 (default on)")
+    ap.add_argument("--references", action=argparse.BooleanOptionalAction, default=True,
+                    help="also NVIDIA ModelOpt's INT8 SmoothQuant and INT4 AWQ where it is installed (default on)")
     ap.add_argument("--readme", default=None, help="rewrite this README's quality table from the results (when complete)")
     ap.add_argument("--from-json", default=None,
                     help="no scoring: rewrite --out's Markdown and --readme's table from this quality.json")
@@ -423,9 +478,15 @@ def main(argv: list[str] | None = None) -> int:
     # each searched recipe's simple baselines, per model (the group names come from the model's family)
     base_specs = {k: {spec: b for spec in args.recipes if (b := baselines(spec, Path(args.shared) / "models" / MODELS[k]))}
                   if args.baselines else {} for k in keys}
+    references = [*MODELOPT_ROWS] if args.references and importlib.util.find_spec("modelopt") is not None else []
     specs = {k: [*args.recipes, *dict.fromkeys(b for m in base_specs[k].values() for b in m.values()
-                                               if b not in args.recipes)] for k in keys}
+                                               if b not in args.recipes), *references] for k in keys}
     refs = [f"{label} not installed" for mod, label in REFERENCE_TOOLS.items() if importlib.util.find_spec(mod) is None]
+    if references:
+        refs.insert(0, f"NVIDIA ModelOpt {_version('nvidia-modelopt')}: INT8 SmoothQuant and INT4 AWQ, its default configs,"
+                       " quantized on the CPU in float32 from the same calibration blocks (rows `modelopt:*`)")
+    elif importlib.util.find_spec("modelopt") is not None:
+        refs.insert(0, "NVIDIA ModelOpt installed, not run (--no-references)")
     data = {
         "command": "python tools/quality.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "commit": commit(),
@@ -434,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"standard_windows": args.standard_windows, "validation_windows": args.validation_windows,
                      "seq_len": 512, "calibration": "humaneval.jsonl.gz (recipe defaults: 128 x 512 requested)",
                      "recipes": args.recipes, "baselines": base_specs, "jobs": args.jobs},
-        "references": "; ".join(refs) if refs else "installed, not yet run by this script",
+        "references": "; ".join(refs),
         "humaneval": humaneval_settings(args),
         "models": {},
     }
@@ -446,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     windows = {k: model_windows(k, args) for k in keys}
     done: dict = {}
-    added = {b for k in keys for b in specs[k] if b not in args.recipes}
+    added = {b for k in keys for b in specs[k] if b not in args.recipes}  # baselines and references: no HumanEval
     # the searched recipes take longest: start them first; extras and baselines last
     rank = lambda r: 2 if r in args.extra or r in added else 0 if "sq" in r and "-o" not in r else 1  # noqa: E731
     jobs = sorted([(k, spec) for k in keys for spec in [None, *specs[k]]],

@@ -78,3 +78,13 @@ def test_verdict_is_no_when_any_baseline_is_better_and_the_readme_block_is_rewri
     with pytest.raises(SystemExit, match="no quality-table markers"):
         quality.update_readme(readme, data)
     assert readme.read_text() == "no markers"
+
+
+def test_reference_rows_join_the_readme_table(quality):
+    base = {"recipe": "float32 (unquantized)", "standard": {"perplexity": 7.0, "per_window_nll": [2.0, 1.9]}}
+    ref = {"recipe": "modelopt:int4-awq", "reference": "NVIDIA ModelOpt 0.47.0",
+           "standard": {"perplexity": 7.3, "per_window_nll": [2.05, 1.95]}}
+    done = {("llama", None): base, ("llama", "modelopt:int4-awq"): ref}
+    rows = quality.assemble("llama", ["modelopt:int4-awq"], done)
+    table = quality.readme_table({"models": {"llama": {"rows": rows}}})
+    assert "NVIDIA ModelOpt 0.47.0 int4-awq (reference) | 7.3000 (+" in table.replace("  ", "")
