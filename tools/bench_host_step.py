@@ -86,16 +86,6 @@ def gpu_tpot(report: Path | None) -> dict[int, float]:
     return {r["batch"]: r["tpot_s"] * 1e3 for r in rows if r.get("variant") == "fp16" and "tpot_s" in r}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "tiny-code-llama"),
@@ -109,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from sqdeploy.core.report import markdown_table, write_json_atomic
+    from sqdeploy.core.report import cpu_model, markdown_table, write_json_atomic
     from sqdeploy.runtime.backends.kernel import KernelBackend, KernelConfig
 
     torch.set_num_threads(1)
@@ -129,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = {"command": "python tools/bench_host_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": {"cpu": cpu_name(), "python": platform.python_version(), "torch": torch.__version__},
+            "machine": {"cpu": cpu_model(), "python": platform.python_version(), "torch": torch.__version__},
             "gpu_report": args.gpu_report, "rows": rows}
     try:
         import subprocess

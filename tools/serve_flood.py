@@ -29,22 +29,15 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sqdeploy.core.report import cpu_model  # noqa: E402 - after the checkout is on the path
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def flood(engine_dir: str, repo: Path, connections: int, seconds: float, nofile: int) -> dict:
@@ -107,7 +100,7 @@ def flood(engine_dir: str, repo: Path, connections: int, seconds: float, nofile:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     return {
         "commit": commit,
-        "machine": f"{_cpu()}, {platform.system()} {platform.machine()}",
+        "machine": f"{cpu_model()}, {platform.system()} {platform.machine()}",
         "open_file_limit": nofile,
         "connections_held": connections,
         "connections_opened": opened,
