@@ -89,16 +89,22 @@ async def _sse(gen, head: dict, include_usage: bool):
     optional usage (no choices), ``[DONE]``."""
     usage = dict(ZERO_USAGE)
     yield _chunk(head, {"role": "assistant", "content": ""})
+    ready: list[str] = []  # chunks of events already queued go out in one send (see openai._sse)
     try:
         async for e in gen.events():
             if e.finish_reason == "error":
-                yield sse_error(f"generation failed: {e.error}", "server_error", 500)
-                continue
-            yield _chunk(head, {"content": e.text} if e.text or e.finish_reason is None else {}, e.finish_reason)
-            if e.completion is not None:
-                usage = e.completion.usage
+                ready.append(sse_error(f"generation failed: {e.error}", "server_error", 500))
+            else:
+                ready.append(_chunk(head, {"content": e.text} if e.text or e.finish_reason is None else {}, e.finish_reason))
+                if e.completion is not None:
+                    usage = e.completion.usage
+            if gen.queue.empty():
+                yield "".join(ready)
+                ready.clear()
     except RequestError as exc:
-        yield sse_error(exc.message, exc.kind, exc.status)
+        ready.append(sse_error(exc.message, exc.kind, exc.status))
+    if ready:
+        yield "".join(ready)
     if include_usage:
         yield _chunk(head, None, usage=usage)
     yield "data: [DONE]\n\n"
