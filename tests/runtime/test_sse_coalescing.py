@@ -6,6 +6,7 @@ import asyncio
 
 from sqdeploy.runtime.engine import TokenEvent
 from sqdeploy.runtime.server import openai
+from sqdeploy.runtime.server.bridge import Generation
 from sqdeploy.runtime.server.limits import RequestError
 
 
@@ -21,6 +22,8 @@ class _Gen:
         self.queue: asyncio.Queue = asyncio.Queue()
         for item in items:
             self.queue.put_nowait(item)
+
+    rendered = Generation.rendered  # the coalescing under test, over this queue
 
     async def events(self):
         while True:

@@ -158,6 +158,24 @@ class Generation:
                 self._observe(e)
             yield e
 
+    async def rendered(self, render, error) -> AsyncIterator[str]:
+        """``render(event)`` of every event; the renders of events already queued when one is taken are
+        joined into one string (one send for all of them: behind a burst of steps the event loop does one
+        write per request instead of one per token, and holds the interpreter lock it shares with the
+        engine's thread less). A :class:`RequestError` ends the stream with ``error(exc)``, after what was
+        already rendered."""
+        ready: list[str] = []
+        try:
+            async for e in self.events():
+                ready.append(render(e))
+                if self.queue.empty():
+                    yield "".join(ready)
+                    ready.clear()
+        except RequestError as exc:
+            ready.append(error(exc))
+        if ready:
+            yield "".join(ready)
+
     def _observe(self, e: TokenEvent) -> None:
         m, t = self.bridge.metrics, e.completion.timings
         m.finished.labels(e.finish_reason).inc()

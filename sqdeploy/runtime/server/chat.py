@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from sqdeploy.runtime.engine import InvalidRequestError, encode_prompt
 from sqdeploy.runtime.server.bridge import EventStream
 from sqdeploy.runtime.server.fields import build_requests
-from sqdeploy.runtime.server.limits import RequestError, bad_request
+from sqdeploy.runtime.server.limits import bad_request
 from sqdeploy.runtime.server.openai import ZERO_USAGE, collect, sse_error
 from sqdeploy.runtime.server.schemas import ChatRequest, check_model, parse_body
 
@@ -89,22 +89,18 @@ async def _sse(gen, head: dict, include_usage: bool):
     optional usage (no choices), ``[DONE]``."""
     usage = dict(ZERO_USAGE)
     yield _chunk(head, {"role": "assistant", "content": ""})
-    ready: list[str] = []  # chunks of events already queued go out in one send (see openai._sse)
-    try:
-        async for e in gen.events():
-            if e.finish_reason == "error":
-                ready.append(sse_error(f"generation failed: {e.error}", "server_error", 500))
-            else:
-                ready.append(_chunk(head, {"content": e.text} if e.text or e.finish_reason is None else {}, e.finish_reason))
-                if e.completion is not None:
-                    usage = e.completion.usage
-            if gen.queue.empty():
-                yield "".join(ready)
-                ready.clear()
-    except RequestError as exc:
-        ready.append(sse_error(exc.message, exc.kind, exc.status))
-    if ready:
-        yield "".join(ready)
+    state = {"usage": usage}
+
+    def render(e) -> str:
+        if e.finish_reason == "error":
+            return sse_error(f"generation failed: {e.error}", "server_error", 500)
+        if e.completion is not None:
+            state["usage"] = e.completion.usage
+        return _chunk(head, {"content": e.text} if e.text or e.finish_reason is None else {}, e.finish_reason)
+
+    async for text in gen.rendered(render, lambda exc: sse_error(exc.message, exc.kind, exc.status)):
+        yield text
+    usage = state["usage"]
     if include_usage:
         yield _chunk(head, None, usage=usage)
     yield "data: [DONE]\n\n"

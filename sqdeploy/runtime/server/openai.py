@@ -95,34 +95,25 @@ def _chunk(head: dict, choices: list, usage: dict | None = None) -> str:
 
 async def _sse(gen, head: dict, prefix: list[str], include_usage: bool):
     """Server-sent events as OpenAI sends them: one chunk per token (its text may be empty while a character
-    is incomplete), the finish reason, optional usage, ``[DONE]``; benchmarks time tokens by chunks. The chunks
-    of events that are already queued when one is taken go out in one send: behind a burst of steps the event
-    loop then does one write per request instead of one per token, and the interpreter lock it shares with
-    the engine's thread is held less between steps."""
+    is incomplete), the finish reason, optional usage, ``[DONE]``; benchmarks time tokens by chunks (those of
+    events already queued go out in one send: :meth:`Generation.rendered`)."""
     index = {r.request_id: i for i, r in enumerate(gen.requests)}
     usage = dict(ZERO_USAGE)
-    ready: list[str] = []  # chunks of the events already queued: one send for all of them
-    try:
-        for i, text in enumerate(prefix):
-            if text:
-                yield _chunk(head, [{"index": i, "text": text, "logprobs": None, "finish_reason": None}])
-        async for e in gen.events():
-            if e.finish_reason == "error":
-                ready.append(sse_error(f"generation failed: {e.error}", "server_error", 500))
-            else:
-                ready.append(_chunk(
-                    head, [{"index": index[e.request_id], "text": e.text, "logprobs": None, "finish_reason": e.finish_reason}]
-                ))
-                if e.completion is not None:
-                    for k, v in e.completion.usage.items():
-                        usage[k] += v
-            if gen.queue.empty():
-                yield "".join(ready)
-                ready.clear()
-    except RequestError as exc:
-        ready.append(sse_error(exc.message, exc.kind, exc.status))
-    if ready:
-        yield "".join(ready)
+    for i, text in enumerate(prefix):
+        if text:
+            yield _chunk(head, [{"index": i, "text": text, "logprobs": None, "finish_reason": None}])
+
+    def render(e) -> str:
+        if e.finish_reason == "error":
+            return sse_error(f"generation failed: {e.error}", "server_error", 500)
+        if e.completion is not None:
+            for k, v in e.completion.usage.items():
+                usage[k] += v
+        return _chunk(head, [{"index": index[e.request_id], "text": e.text, "logprobs": None,
+                              "finish_reason": e.finish_reason}])
+
+    async for text in gen.rendered(render, lambda exc: sse_error(exc.message, exc.kind, exc.status)):
+        yield text
     if include_usage:
         yield _chunk(head, [], usage)
     yield "data: [DONE]\n\n"
