@@ -108,7 +108,7 @@ def _detail_table(data: dict) -> str:
             extra = (f"INT4 kernels {_f(r.get('int4_fused_ms'), 4)} / dequant+cuBLAS {_f(r.get('int4_dequant_cublas_ms'), 4)}; "
                      f"tuner chose {r.get('int4_choice', '-')}")
         if r["variant"] == "w8a8":
-            extra = f"per-token quant {_f(r.get('quant_ms'))}"
+            extra = f"per-token quant {_f(r.get('quant_ms'))}; tuner chose {r.get('int8_choice', '-')}"
         rows.append([r["model"], r["gemm"], f"{r['N']}x{r['K']}", r["M"], r["variant"], _f(r["ms"], 4),
                      _roof(data, r, r["ms"]), f"{r['weight_bytes'] / 2**20:.1f}", extra])
     return markdown_table(["model", "GEMM", "NxK", "M", "variant", "ms", "roofline", "weight MiB", "notes"], rows)

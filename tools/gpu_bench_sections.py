@@ -229,6 +229,7 @@ def _layer_bench(b: Bench, label: str, hf: dict, ms: tuple[int, ...]) -> None:
                 if variant == "w8a8":
                     rec["quant_ms"] = quant_ms[(m, k)]
                     rec["torch_int_mm_ms"] = _timed(_torch_int_mm_fns(mods, x)) if m > 16 else None
+                    rec["int8_choice"] = triton_gemm.int8_choice(m, n, k)
                 if variant == "w4a16":
                     rec["int4_choice"] = triton_gemm.int4_choice(m, n, k, probe.group_size)
                     rec.update(_int4_alternatives(mods, x))

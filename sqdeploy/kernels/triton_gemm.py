@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sqdeploy.kernels import gemlite_int4, triton_gemv, triton_int4_planes, triton_int8_tma
+from sqdeploy.kernels import gemlite_int4, triton_gemv, triton_int4_planes, triton_int8_gemv, triton_int8_tma
 from sqdeploy.kernels.triton_fused import ACT_CODES
 from sqdeploy.kernels.triton_tiles import _counters, _finish, _tile_ids
 from sqdeploy.kernels.tuning import Tuner
@@ -210,8 +210,11 @@ def _usable(cands: list[dict], k: int, group: int | None = None, max_split: int 
 
 
 def int8_candidates(m: int, k: int, device: torch.device) -> list[dict]:
-    """Pointer-based tiles (any GPU of compute capability 8.0+) and, on Hopper, TMA-fed ones for large M."""
+    """Pointer-based tiles (any GPU of compute capability 8.0+), for one row also the ``dp4a`` GEMV
+    (:mod:`.triton_int8_gemv`), and on Hopper TMA-fed tiles for large M."""
     out = [c for c in _usable(_int8_candidates(m), k, max_split=32) if Tuner.usable("int8_gemm", c)]
+    if m == 1:
+        out += [c for c in triton_int8_gemv.candidates(k) if Tuner.usable("int8_gemm", c)]
     for c in triton_int8_tma.candidates(_m_bucket(m), device):
         r = _resolve(c, k, None)
         if r is not None and Tuner.usable("int8_gemm", r):
@@ -282,6 +285,11 @@ def int8_gemm(qx: torch.Tensor, sx: torch.Tensor, qw: torch.Tensor, sw: torch.Te
     def launch(cfg):
         if cfg.get("KIND", "").startswith("tma") and triton_int8_tma.aligned(qx, qw):
             return triton_int8_tma.launch(cfg, qx, sx, qw, sw, bias, out)
+        if cfg.get("KIND") == triton_int8_gemv.KIND:
+            if m == 1 and triton_int8_gemv.aligned(qx, qw):
+                args = _split_args(cfg, m, n, qx.device)
+                return triton_int8_gemv.launch(cfg, qx, sx, qw, sw, bias, out, args["ws_ptr"], args["cnt_ptr"])
+            cfg = _usable(_int8_candidates(m), k, max_split=32)[0]  # operands not word-aligned: a tile
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         _int8_gemm_kernel[grid](qx, qw, sx, sw, bias if bias is not None else sw, out, M=m, N=n, K=k,
                                 stride_am=qx.stride(0), stride_om=out.stride(0), A_PER_ROW=sx.numel() != 1,
@@ -346,9 +354,18 @@ def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
 def int4_choice(m: int, n: int, k: int, group: int, dequant: bool = True) -> str:
     """The configuration the W4A16 tuner chose for this shape, in brief ('-' if none was chosen yet)."""
     cfg = _INT4_GEMV.best.get((n, k, group, None)) if m == 1 else _INT4.best.get((_m_bucket(m), n, k, group, dequant))
+    return _brief(cfg, "gemv" if m == 1 else "tc")
+
+
+def int8_choice(m: int, n: int, k: int) -> str:
+    """The configuration the W8A8 tuner chose for this shape, in brief ('-' if none was chosen yet)."""
+    return _brief(_INT8.best.get((_m_bucket(m), n, k)), "tc")
+
+
+def _brief(cfg: dict | None, plain: str) -> str:
     if cfg is None:
         return "-"
-    kind = cfg.get("KIND") or ("gemv" if m == 1 else "tc")
+    kind = cfg.get("KIND") or plain
     tile = "x".join(str(cfg[x]) for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if x in cfg)
     return f"{kind} {tile} split{cfg.get('SPLIT_K', 1)} w{cfg.get('num_warps', '-')}s{cfg.get('num_stages', '-')}".strip()
 

@@ -129,8 +129,8 @@ def _splitk_cases():
 
 
 def check_candidates(rows: list) -> None:
-    """Every one-row INT4 GEMV configuration (with and without the fused activation) and every
-    TMA-fed INT8 configuration (large- and mid-M tiles) against the reference; a configuration that
+    """Every one-row INT4 GEMV configuration (with and without the fused activation), every one-row
+    INT8 GEMV and every TMA-fed INT8 configuration (large- and mid-M tiles) against the reference; a configuration that
     fails is disabled for the rest of the process, so the tuner can never pick it."""
     w4 = _int4_case(1536, 4096, 128, True)
     dense = dequantize_int4(w4, torch.float32)
@@ -143,6 +143,7 @@ def check_candidates(rows: list) -> None:
     cases += [(tg._INT4_GEMV, cfg, lambda: tg.int4_gemm(gu, w4.packed, w4.scales, w4.zeros, 128, None, act="silu"),
                lambda: gated, (1, 1536)) for cfg in tg.gemv_candidates(4096, 128)]
     cases += _tma_cases(300) + _tma_cases(200)  # the large-M and the mid-M (65..256 rows) TMA tiles
+    cases += _gemv8_cases(1536, 4096) + _gemv8_cases(1000, 11008)  # dp4a GEMVs: split K, a ragged last tile
     for tuner, cfg, run, want, shape in cases:
         tuner.forced = cfg
         try:
@@ -234,6 +235,14 @@ def _tma_cases(m: int) -> list:
     return [(tg._INT8, cfg, lambda: tg.int8_gemm(qa.q, qa.scale, w8.q, w8.scale, bias, torch.float16),
              lambda: expect8, (m, 1536)) for cfg in tg.int8_candidates(m, 4096, qa.q.device)
             if cfg.get("KIND", "").startswith("tma")]
+
+
+def _gemv8_cases(n: int, k: int) -> list:
+    """(tuner, config, run, reference, output shape) for every one-row INT8 GEMV (:mod:`.triton_int8_gemv`)."""
+    qa, w8, bias = _int8_case(1, n, k)
+    expect8 = ref.int8_linear(qa, w8, bias, torch.float32)
+    return [(tg._INT8, cfg, lambda: tg.int8_gemm(qa.q, qa.scale, w8.q, w8.scale, bias, torch.float16),
+             lambda: expect8, (1, n)) for cfg in tg.int8_candidates(1, k, qa.q.device) if cfg.get("KIND") == "gemv8"]
 
 
 def _brief(cfg: dict) -> str:

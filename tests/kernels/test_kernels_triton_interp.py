@@ -58,6 +58,33 @@ def test_int8_gemm_every_candidate(m, n, k):
         tg._INT8.forced = None
 
 
+def test_int8_gemv_split_and_ragged_columns_equal_the_gemm():
+    """The one-row dp4a GEMV (plain-Triton form here): K split over programs, a ragged last column tile,
+    per-tensor scale; unsplit it equals the tensor-core tile bit for bit (integer sums are exact)."""
+    m, n, k = 1, 40, 4096
+    qx = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=GEN)
+    w = Int8Weight(torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=GEN), torch.rand(n, generator=GEN) + 0.1)
+    sx, bias = torch.rand(1, generator=GEN) + 0.1, torch.randn(n, generator=GEN)
+    expect = ref.int8_linear(ref.QAct(qx, sx), w, bias, torch.float32)
+    gemv = [c for c in tg.int8_candidates(m, k, torch.device("cpu")) if c.get("KIND") == "gemv8"]
+    assert {c["SPLIT_K"] for c in gemv} >= {1, 2}, gemv
+    try:
+        tg._INT8.forced = tg.int8_candidates(m, k, torch.device("cpu"))[0]
+        tile = tg.int8_gemm(qx, sx, w.q, w.scale, bias, torch.float32)
+        for cfg in gemv:
+            tg._INT8.forced = cfg
+            y = tg.int8_gemm(qx, sx, w.q, w.scale, bias, torch.float32)
+            assert _rel(y, expect) < 1e-6, cfg
+            if cfg["SPLIT_K"] == 1:
+                assert torch.equal(y, tile), cfg
+        tg._INT8.forced = gemv[0]
+        odd = torch.zeros(m, k + 1, dtype=torch.int8)[:, 1:]  # not word-aligned: falls back to a tile
+        odd.copy_(qx)
+        assert _rel(tg.int8_gemm(odd, sx, w.q, w.scale, bias, torch.float32), expect) < 1e-6
+    finally:
+        tg._INT8.forced = None
+
+
 def _int4_problem(m: int, n: int, k: int, group: int, asym: bool):
     """Random packed INT4 weights (uint8 zero points, float32 scales as on the CPU), input, bias, reference output."""
     q = torch.randint(0, 16, (n, k), dtype=torch.int8, generator=GEN)
