@@ -246,7 +246,7 @@ def _gemv8_cases(n: int, k: int) -> list:
 
 
 def _brief(cfg: dict) -> str:
-    keys = ("KIND", "TYPE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "K_PER", "MATH", "STAGES", "GROUP_M", "num_warps", "num_stages")
+    keys = ("KIND", "TYPE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "K_PER", "MATH", "SWAP", "STAGES", "GROUP_M", "num_warps", "num_stages")
     return " ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
 
 
