@@ -238,12 +238,16 @@ class BatchingEngine:
             self._deliver(self.scheduler.step())
 
     def _deliver(self, events: list[TokenEvent]) -> None:
-        """One call per sink per step, events in order: a server bridges a whole step in one hop."""
-        groups: dict[int, tuple[EventSink, list[TokenEvent]]] = {}
+        """One call per sink per step, events in order: a server bridges a whole step in one hop.
+
+        Sinks are grouped by equality, not identity: a server hands every request the bound method
+        ``bridge.sink``, a new object each time it is read, and grouped by ``id`` a step of 32 rows
+        became 32 calls, each waking the event loop with a write to its self-pipe."""
+        groups: dict[EventSink, list[TokenEvent]] = {}
         for e in events:
             sink = self._sinks[e.request_id] if e.finish_reason is None else self._sinks.pop(e.request_id)
-            groups.setdefault(id(sink), (sink, []))[1].append(e)
-        for sink, evs in groups.values():
+            groups.setdefault(sink, []).append(e)
+        for sink, evs in groups.items():
             try:
                 sink(evs)
             except Exception:  # noqa: BLE001 - a broken consumer must not stop the engine

@@ -117,6 +117,41 @@ def test_slots_are_freed_and_cancelled_requests_leave(tiny_models):
         engine.shutdown()
 
 
+def test_one_sink_call_per_step_for_requests_of_one_server(tiny_models):
+    """A server passes ``bridge.sink``, a new bound-method object on every read: the engine still makes one
+    call per step for all of its rows (one wake-up of the event loop), with every event delivered in order."""
+    import threading
+
+    from sqdeploy.runtime.engine import GenerationRequest
+
+    class _Server:
+        def __init__(self):
+            self.calls: list[list] = []
+            self.done = threading.Event()
+
+        def sink(self, events):
+            self.calls.append([(e.request_id, e.finish_reason) for e in events])
+            if sum(f is not None for c in self.calls for _, f in c) == 4:
+                self.done.set()
+
+    server = _Server()
+    engine = open_engine(tiny_models["llama"], batch=BatchConfig(max_batch_size=4))
+    try:
+        ids = engine.tokenizer(PROMPTS[0]).input_ids
+        params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+        for _ in range(4):  # four HTTP requests: four reads of server.sink
+            engine.submit([GenerationRequest(ids, params)], server.sink)
+        assert server.done.wait(60)
+    finally:
+        engine.shutdown()
+    assert max(len({rid for rid, _ in c}) for c in server.calls) == 4  # a step of all four rows: one call
+    assert len(server.calls) <= 6 + 3  # one per step (6 tokens, admissions perhaps apart), not one per row
+    per_request = {}
+    for c in server.calls:
+        for rid, _ in c:
+            per_request[rid] = per_request.get(rid, 0) + 1
+    assert sorted(per_request.values()) == [6] * 4
+
 def test_requests_are_validated(tiny_models):
     engine = open_engine(tiny_models["llama"], "torch")
     try:
