@@ -22,8 +22,10 @@ On Hopper a 64-row tile runs on ``wgmma``, whose right operand must come from sh
 the dequantized weights make a round trip there every K step. ``SWAP`` computes the
 transposed product instead, ``y^T = W x^T``, so the weights are the left operand, which
 ``wgmma`` may read from registers, and the activation rows are the MMA's N dimension
-(16-64 wide), the way Machete and swap-AB kernels serve small batches. Sum order differs from the reference's only in how the
-float32 accumulator adds up K, the same freedom every GEMM takes.
+(16-64 wide), the way Machete and swap-AB kernels serve small batches.
+
+Sum order differs from the reference's only in how the float32 accumulator adds up K, the
+same freedom every GEMM takes.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from sqdeploy.kernels import ops
 from sqdeploy.kernels import reference as ref
 from sqdeploy.kernels import triton_fused as tf
 from sqdeploy.kernels import triton_gemm as tg
+from sqdeploy.kernels import triton_int8_gemv
 from sqdeploy.kernels.packing import Int4Weight, Int8Weight, dequantize_int4, pack_int4
 from sqdeploy.kernels.reference import InputQuant
 from sqdeploy.kernels.tuning import Tuner
@@ -130,8 +131,8 @@ def _splitk_cases():
 
 def check_candidates(rows: list) -> None:
     """Every one-row INT4 GEMV configuration (with and without the fused activation), every one-row
-    INT8 GEMV and every TMA-fed INT8 configuration (large- and mid-M tiles) against the reference; a configuration that
-    fails is disabled for the rest of the process, so the tuner can never pick it."""
+    INT8 GEMV and every TMA-fed INT8 configuration (large- and mid-M tiles) against the reference; a
+    configuration that fails is disabled for the rest of the process, so the tuner can never pick it."""
     w4 = _int4_case(1536, 4096, 128, True)
     dense = dequantize_int4(w4, torch.float32)
     x1 = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
@@ -142,8 +143,9 @@ def check_candidates(rows: list) -> None:
              for cfg in tg.one_row_candidates(4096, 128, True, False) if cfg.get("KIND") != "gemlite"]
     cases += [(tg._INT4_GEMV, cfg, lambda: tg.int4_gemm(gu, w4.packed, w4.scales, w4.zeros, 128, None, act="silu"),
                lambda: gated, (1, 1536)) for cfg in tg.gemv_candidates(4096, 128)]
-    cases += _tma_cases(300) + _tma_cases(200)  # the large-M and the mid-M (65..256 rows) TMA tiles
-    cases += _gemv8_cases(1536, 4096) + _gemv8_cases(1000, 11008)  # dp4a GEMVs: split K, a ragged last tile
+    cases += _int8_cases(300, "tma") + _int8_cases(200, "tma")  # the large-M and the mid-M (65..256 rows) TMA tiles
+    gemv8 = triton_int8_gemv.KIND
+    cases += _int8_cases(1, gemv8) + _int8_cases(1, gemv8, 1000, 11008)  # dp4a GEMVs: split K, a ragged last tile
     for tuner, cfg, run, want, shape in cases:
         tuner.forced = cfg
         try:
@@ -228,21 +230,14 @@ def check_gemlite(rows: list) -> None:
                         Tuner.disable(name, cfg)
 
 
-def _tma_cases(m: int) -> list:
-    """(tuner, config, run, reference, output shape) for every TMA-fed INT8 configuration offered at ``m`` rows."""
-    qa, w8, bias = _int8_case(m, 1536, 4096)
+def _int8_cases(m: int, kind: str, n: int = 1536, k: int = 4096) -> list:
+    """(tuner, config, run, reference, output shape) for every INT8 configuration offered at ``m`` rows whose
+    kind starts with ``kind`` (``tma``: the TMA-fed tiles; the one-row ``dp4a`` GEMV's)."""
+    qa, w8, bias = _int8_case(m, n, k)
     expect8 = ref.int8_linear(qa, w8, bias, torch.float32)
     return [(tg._INT8, cfg, lambda: tg.int8_gemm(qa.q, qa.scale, w8.q, w8.scale, bias, torch.float16),
-             lambda: expect8, (m, 1536)) for cfg in tg.int8_candidates(m, 4096, qa.q.device)
-            if cfg.get("KIND", "").startswith("tma")]
-
-
-def _gemv8_cases(n: int, k: int) -> list:
-    """(tuner, config, run, reference, output shape) for every one-row INT8 GEMV (:mod:`.triton_int8_gemv`)."""
-    qa, w8, bias = _int8_case(1, n, k)
-    expect8 = ref.int8_linear(qa, w8, bias, torch.float32)
-    return [(tg._INT8, cfg, lambda: tg.int8_gemm(qa.q, qa.scale, w8.q, w8.scale, bias, torch.float16),
-             lambda: expect8, (1, n)) for cfg in tg.int8_candidates(1, k, qa.q.device) if cfg.get("KIND") == "gemv8"]
+             lambda: expect8, (m, n)) for cfg in tg.int8_candidates(m, k, qa.q.device)
+            if cfg.get("KIND", "").startswith(kind)]
 
 
 def _brief(cfg: dict) -> str:

@@ -66,7 +66,7 @@ def test_int8_gemv_split_and_ragged_columns_equal_the_gemm():
     w = Int8Weight(torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=GEN), torch.rand(n, generator=GEN) + 0.1)
     sx, bias = torch.rand(1, generator=GEN) + 0.1, torch.randn(n, generator=GEN)
     expect = ref.int8_linear(ref.QAct(qx, sx), w, bias, torch.float32)
-    gemv = [c for c in tg.int8_candidates(m, k, torch.device("cpu")) if c.get("KIND") == "gemv8"]
+    gemv = [c for c in tg.int8_candidates(m, k, torch.device("cpu")) if c.get("KIND") == tg.triton_int8_gemv.KIND]
     assert {c["SPLIT_K"] for c in gemv} >= {1, 2}, gemv
     try:
         tg._INT8.forced = tg.int8_candidates(m, k, torch.device("cpu"))[0]

@@ -89,18 +89,17 @@ async def _sse(gen, head: dict, include_usage: bool):
     optional usage (no choices), ``[DONE]``."""
     usage = dict(ZERO_USAGE)
     yield _chunk(head, {"role": "assistant", "content": ""})
-    state = {"usage": usage}
 
     def render(e) -> str:
+        nonlocal usage
         if e.finish_reason == "error":
             return sse_error(f"generation failed: {e.error}", "server_error", 500)
         if e.completion is not None:
-            state["usage"] = e.completion.usage
+            usage = e.completion.usage
         return _chunk(head, {"content": e.text} if e.text or e.finish_reason is None else {}, e.finish_reason)
 
     async for text in gen.rendered(render, lambda exc: sse_error(exc.message, exc.kind, exc.status)):
         yield text
-    usage = state["usage"]
     if include_usage:
         yield _chunk(head, None, usage=usage)
     yield "data: [DONE]\n\n"
