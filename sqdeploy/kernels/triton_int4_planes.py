@@ -122,9 +122,9 @@ def _int4_planes_kernel(a_ptr, b_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, c
         x1, x5 = tl.split(x_o0)
         x3, x7 = tl.split(x_o1)
         dt = x0.dtype
-        if ONE_GROUP:
+        if ONE_GROUP and not SWAP:
             g_off = (k // G) * N + rn[None, :]
-        else:
+        else:  # also the transposed tiles: Triton 3.6 rejected them with one scale row broadcast (H100)
             g_off = ((k + rows * 8) // G)[:, None] * N + rn[None, :]
         s = tl.load(s_ptr + g_off)
         if HAS_ZERO:
