@@ -431,6 +431,7 @@ def served(c: Check, path: str) -> None:
 
 
 LAYERS_7B = 4
+PREFILL_7B = 8192  # prompt tokens per prefill step, offline and served alike
 
 
 def _llama7b(layers: int) -> dict:
@@ -446,10 +447,15 @@ def _offline(engine, batch: int, in_len: int, out_len: int, repeat: int) -> dict
     from sqdeploy.runtime.bench.offline import _measure, prompts_for
 
     prompts = prompts_for(batch, in_len, engine.info.vocab_size, 0)
+    from sqdeploy.runtime.bench.online import activity_share
+
     _measure(engine, prompts, min(out_len, 4))  # warm-up: kernel tuning, graph capture
+    before = engine.activity()
     runs = [_measure(engine, prompts, out_len) for _ in range(repeat)]
+    after = engine.activity()
     runs.sort(key=lambda r: r["tokens_per_s"])
-    return runs[len(runs) // 2]
+    delta = {k: after[k] - before[k] for k in after}
+    return dict(runs[len(runs) // 2], engine=activity_share(delta, sum(r["e2e_s"] for r in runs)))
 
 
 def _sequences_that_fit(weights: dict, layers_built: int, budget_gib: float) -> dict:
@@ -488,9 +494,9 @@ def bench_7b(c: Check, tokenizer_dir: str | None) -> None:
             model = random_model(cfg, VARIANTS[v], DEVICE, layers=layers, seed=0)
             wb = weight_bytes(model)
             res["fit"][v] = {f"{b:g} GiB": _sequences_that_fit(wb, layers, b) for b in (0.9 * total_gib, 24.0)}
-            be = kernel_backend(model, max_batch=max(batches), max_prefill=8192, max_len=in_len + out_len,
+            be = kernel_backend(model, max_batch=max(batches), max_prefill=PREFILL_7B, max_len=in_len + out_len,
                                 description=f"7B-shaped {v}")
-            engine = BatchingEngine(be, BatchConfig(max(batches), 8192))
+            engine = BatchingEngine(be, BatchConfig(max(batches), PREFILL_7B))
             try:
                 for b in batches:
                     r = _offline(engine, b, in_len, out_len, repeat)
@@ -695,7 +701,7 @@ def online(c: Check, tokenizer_dir: str | None) -> None:
                     row["export_s"] = round(time.time() - t, 1)
                 port = free_port()
                 cfg = OverheadConfig(batch=batch, input_len=in_len, output_len=out_len, device=DEVICE,
-                                     gpu_memory_fraction=0.8)
+                                     gpu_memory_fraction=0.8, prefill_tokens=PREFILL_7B)
                 server = _start_server(path, "kernel", cfg, port)
                 url = f"http://127.0.0.1:{port}"
                 try:
@@ -913,6 +919,7 @@ def served_vs_offline(data: dict) -> list[str]:
         ratio = lambda x, y: "" if not x or not y else f"{x / y:.2f}"  # noqa: E731
         lines.append(f"| {v} | {'' if off is None else f'{off:.0f}'} | {srv:.0f} | {ratio(srv, off)} | "
                      f"{ratio(off, offline.get('fp16'))} | {ratio(srv, served.get('fp16'))} |")
+    lines += _engine_time(on, b)
     ttft = {v: {round(p["value"], 3): p["ttft_s"]["p50"] for p in row.get("points", [])} for v, row in on["variants"].items()}
     base = ttft.get("fp16", {})
     if base and on.get("fractions_of_fp16_capacity"):
@@ -922,6 +929,29 @@ def served_vs_offline(data: dict) -> list[str]:
             cells = [("" if per.get(r) is None or not b else f"{1e3 * per[r]:.0f} ms ({per[r] / b:.2f}x)")
                      for r, b in base.items()]
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _engine_time(on: dict, b: dict) -> list[str]:
+    """Where the engine worker's time went, offline and served (sq-serve's engine counters): idle time
+    served is time the GPU waited for requests; a longer step at equal rows is the server's cost."""
+    rows = []
+    for r in b["rows"]:
+        if r.get("batch") == on["batch"] and r.get("engine"):
+            rows.append((r["variant"], "offline", r["engine"]))
+    rows += [(v, "served", row["closed_loop"]["engine"]) for v, row in on["variants"].items()
+             if (row.get("closed_loop") or {}).get("engine")]
+    if not rows:
+        return []
+    pct = lambda e, k: "" if k not in e else f"{100 * e[k]:.0f}%"  # noqa: E731
+    num = lambda e, k, f: "" if k not in e else format(e[k], f)  # noqa: E731
+    lines = ["", "Engine worker's time (offline: the timed runs; served: the closed loop):", "",
+             "| variant | run | in steps | delivering | idle | ms per step | rows per decode step | prefill batches |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v, run, e in sorted(rows, key=lambda r: (r[0], r[1])):
+        lines.append(f"| {v} | {run} | {pct(e, 'step_fraction')} | {pct(e, 'deliver_fraction')} | {pct(e, 'idle_fraction')} "
+                     f"| {num(e, 'ms_per_step', '.2f')} | {num(e, 'rows_per_decode_step', '.1f')} "
+                     f"| {num(e, 'prefill_batches', '.0f')} |")
     return lines
 
 

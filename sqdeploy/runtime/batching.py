@@ -191,6 +191,9 @@ class BatchingEngine:
         self._cv = threading.Condition()
         self._stopping = False
         self._drain = True
+        self._activity = {"steps": 0, "step_s": 0.0, "deliver_s": 0.0, "idle_s": 0.0, "tokens": 0}
+        self._idle_since: float | None = None  # the worker waits for work since then
+        self._activity_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="sq-engine", daemon=True)
         self._thread.start()
 
@@ -205,6 +208,17 @@ class BatchingEngine:
 
     def stats(self) -> dict[str, int]:
         return {"waiting": len(self._incoming) + len(self.scheduler.waiting), "running": self.scheduler.running}
+
+    def activity(self) -> dict[str, float]:
+        """Cumulative worker time: in model steps (``step_s``, scheduling and the host's share of the
+        step included), handing events to servers (``deliver_s``) and waiting for work (``idle_s``),
+        with the steps and tokens, plus the scheduler's own counters where it keeps them. Differences
+        of two readings show where a served run's time went next to an offline one."""
+        with self._activity_lock:
+            out = dict(self._activity)
+            if self._idle_since is not None:  # the wait in progress counts up to now
+                out["idle_s"] += time.perf_counter() - self._idle_since
+        return {**out, **getattr(self.scheduler, "steps", {})}
 
     @property
     def healthy(self) -> bool:
@@ -222,7 +236,10 @@ class BatchingEngine:
             close()
 
     def _loop(self) -> None:
+        a, lock = self._activity, self._activity_lock
         while True:
+            with lock:
+                self._idle_since = time.perf_counter()
             with self._cv:
                 while not (self._incoming or self.scheduler.has_work() or self._stopping):
                     self._cv.wait()
@@ -235,7 +252,19 @@ class BatchingEngine:
                         s.cancel()
                 if self._stopping and not self.scheduler.has_work():
                     return
-            self._deliver(self.scheduler.step())
+            with lock:
+                t1 = time.perf_counter()
+                a["idle_s"] += t1 - self._idle_since
+                self._idle_since = None
+            events = self.scheduler.step()
+            t2 = time.perf_counter()
+            with lock:
+                a["step_s"] += t2 - t1
+                a["steps"] += 1
+                a["tokens"] += sum(e.token_id is not None for e in events)  # before a consumer hears of them
+            self._deliver(events)
+            with lock:
+                a["deliver_s"] += time.perf_counter() - t2
 
     def _deliver(self, events: list[TokenEvent]) -> None:
         """One call per sink per step, events in order: a server bridges a whole step in one hop.

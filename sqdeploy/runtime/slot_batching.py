@@ -53,7 +53,7 @@ class SlotScheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.prefilling: list[Row] = []
         self.decoding: list[Row] = []
-        self.steps = {"prefill_chunks": 0, "prefill_batches": 0, "decode_steps": 0}
+        self.steps = {"prefill_chunks": 0, "prefill_batches": 0, "prefill_tokens": 0, "decode_steps": 0, "decode_rows": 0}
 
     @property
     def running(self) -> int:
@@ -134,6 +134,7 @@ class SlotScheduler:
                 continue
             self.steps["prefill_chunks"] += len(members)
             self.steps["prefill_batches"] += 1
+            self.steps["prefill_tokens"] += n * len(members)
             for row, lg in zip(members, logits):
                 row.done += n
                 if row.done == len(row.seq.request.prompt_ids):
@@ -167,6 +168,7 @@ class SlotScheduler:
                                                       seqs)
         self.backend.set_next(self.backend.slot_index(slots), toks)
         self.steps["decode_steps"] += 1
+        self.steps["decode_rows"] += len(rows)
         return [s.append(t) for s, t in zip(seqs, toks.tolist())]
 
     def _retire(self) -> list[TokenEvent]:

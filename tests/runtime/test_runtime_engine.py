@@ -152,6 +152,18 @@ def test_one_sink_call_per_step_for_requests_of_one_server(tiny_models):
             per_request[rid] = per_request.get(rid, 0) + 1
     assert sorted(per_request.values()) == [6] * 4
 
+def test_activity_counts_the_workers_steps_and_tokens(tiny_models):
+    engine = open_engine(tiny_models["llama"], batch=BatchConfig(max_batch_size=4))
+    try:
+        before = engine.activity()
+        outs = generate(engine, PROMPTS[:3], SamplingParams(max_new_tokens=5, ignore_eos=True))
+        after = engine.activity()
+    finally:
+        engine.shutdown()
+    assert after["tokens"] - before["tokens"] == sum(len(o.token_ids) for o in outs) == 15
+    assert after["steps"] - before["steps"] >= 4 and after["step_s"] > before["step_s"]  # a prefill step gives a first token
+
+
 def test_requests_are_validated(tiny_models):
     engine = open_engine(tiny_models["llama"], "torch")
     try:

@@ -167,6 +167,22 @@ def test_metrics_in_prometheus_format(url):
     assert 'sqdeploy_requests_total{route="/v1/completions",status="400"}' in text
 
 
+def test_engine_time_reaches_metrics_and_the_online_benchmark(url):
+    """The engine's counters are exported, and a benchmark point splits the worker's wall time
+    from two scrapes: steps + delivering + idle add up to the point's duration."""
+    import asyncio
+
+    from sqdeploy.runtime.bench.online import LoadPoint, RequestSpec, run_point
+
+    ids = list(range(5, 25))
+    point = asyncio.run(run_point(url, "tiny", [RequestSpec(ids, 6)] * 6, LoadPoint("concurrency", 3)))
+    e = point["engine"]
+    assert point["failed"] == 0 and e["steps"] >= 6
+    assert 0.5 < e["step_fraction"] + e["deliver_fraction"] + e["idle_fraction"] < 1.2, e
+    text = httpx.get(f"{url}/metrics").text
+    assert "sqdeploy_engine_step_seconds_total" in text and "sqdeploy_engine_idle_seconds_total" in text
+
+
 def test_overload_is_429_and_timeout_is_504(engine):
     with ServerThread(engine, ServeLimits(max_concurrent=1, max_queue=0, max_new_tokens=250)) as url:
         c = client(url)

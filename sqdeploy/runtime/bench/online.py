@@ -147,6 +147,7 @@ async def run_point(
             tick()
             return r
 
+        before = await engine_activity(client, url)
         start = time.perf_counter()
         if point.kind == "concurrency":
             todo = list(specs)
@@ -164,7 +165,41 @@ async def run_point(
                 return await one(spec)
 
             results = list(await asyncio.gather(*(later(s) for s in specs)))
-    return summarize(point, results, start)
+        out = summarize(point, results, start)
+        after = await engine_activity(client, url)
+    if before and after:
+        out["engine"] = activity_share({k: after[k] - before.get(k, 0.0) for k in after}, out["duration_s"])
+    return out
+
+
+async def engine_activity(client, url: str) -> dict[str, float] | None:
+    """The engine worker's counters from sq-serve's ``/metrics``; None from a server without them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        r = await client.get(f"{url}/metrics")
+        r.raise_for_status()
+    except Exception:  # noqa: BLE001 - another server, or metrics behind a key: the point stands without
+        return None
+    prefix = "sqdeploy_engine_"
+    return {fam.name[len(prefix):].replace("_seconds", "_s"): s.value for fam in text_string_to_metric_families(r.text)
+            if fam.name.startswith(prefix) for s in fam.samples if s.name.endswith("_total")} or None
+
+
+def activity_share(delta: dict[str, float], wall_s: float) -> dict[str, float]:
+    """Where the engine worker's time went over ``wall_s`` (fractions), its mean step, and the mean
+    rows per decode step: a served run that is idle waits for its clients, one that is busy but
+    slower than offline pays per step (names as :meth:`BatchingEngine.activity`, or sq-serve's metrics)."""
+    out = {f"{k[:-2]}_fraction": delta[k] / wall_s for k in ("step_s", "deliver_s", "idle_s") if k in delta}
+    if delta.get("steps"):
+        out["ms_per_step"] = 1e3 * delta.get("step_s", 0.0) / delta["steps"]
+        out["steps"] = delta["steps"]
+    if delta.get("decode_steps"):
+        out["rows_per_decode_step"] = delta.get("decode_rows", 0.0) / delta["decode_steps"]
+        out["decode_steps"] = delta["decode_steps"]
+    if delta.get("prefill_batches"):
+        out["prefill_batches"] = delta["prefill_batches"]
+    return out
 
 
 def summarize(point: LoadPoint, results: list[RequestResult], start: float) -> dict[str, Any]:

@@ -35,6 +35,14 @@ class OverheadConfig:
     kv_cache_gib: float | None = None
     gpu_memory_fraction: float | None = None
     tp: int | None = None
+    prefill_tokens: int | None = None
+
+    @property
+    def max_prefill_tokens(self) -> int:
+        """Prompt tokens per prefill step (default: one batch's prompts in one step), for the in-process
+        engine and the server alike: the two must run the same schedule for their ratio to measure
+        the server alone."""
+        return self.prefill_tokens or max(4096, self.batch * self.input_len)
 
     def kernel_args(self, served: bool) -> tuple[float | None, float | None]:
         """(kv_cache_gib, gpu_memory_fraction) of one of the two engines sharing the GPU: with no fixed
@@ -59,6 +67,8 @@ def _start_server(path: str, backend: str, cfg: OverheadConfig, port: int) -> su
         "bench",
         "--max-concurrent-requests",
         str(cfg.batch),
+        "--max-prefill-tokens",
+        str(cfg.max_prefill_tokens),
         "--log-level",
         "warning",
     ]
@@ -92,7 +102,7 @@ def measure_overhead(path: str, backend: str = "auto", cfg: OverheadConfig = Ove
 
     gib, frac = cfg.kernel_args(served=False)
     engine = open_engine(path, backend, cfg.device, threads=cfg.threads,
-                         batch=BatchConfig(cfg.batch, max(4096, cfg.batch * cfg.input_len)),
+                         batch=BatchConfig(cfg.batch, cfg.max_prefill_tokens),
                          kernel=KernelOptions(gib, frac, max_model_len=cfg.input_len + cfg.output_len), tp=cfg.tp)
     port = free_port()
     server = _start_server(path, backend, cfg, port)
