@@ -55,9 +55,10 @@ def test_online_report(tmp_path_factory, tiny_models, tmp_path):
     for p in points[:3]:
         assert p["failed"] == 0 and p["requests"] == 6 and p["output_tokens"] == 24
         assert 0 < p["ttft_s"]["p50"] <= p["ttft_s"]["p99"] and p["itl_s"]["p50"] > 0 and p["output_throughput"] > 0
+        assert p["engine"]["steps"] >= 4 and 0 <= p["engine"]["idle_fraction"] <= 1.2  # sq-serve's engine counters
     assert points[3]["output_tokens"] == 8
     assert report["breakdown"]["rate"] in (None, 40.0)
-    assert "TTFT p50/p90/p99 ms" in (out / "report.md").read_text()
+    assert "TTFT p50/p90/p99 ms" in (md := (out / "report.md").read_text()) and "steps/delivering/idle" in md
     assert (out / "online.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -87,6 +87,7 @@ def online_table(points: list[dict]) -> str:
             p3(p["ttft_s"]),
             p3(p["itl_s"]),
             p3(p["e2e_s"], 1.0, "{:.2f}"),
+            _engine_split(p.get("engine")),
         ]
         for p in points
     ]
@@ -100,9 +101,17 @@ def online_table(points: list[dict]) -> str:
             "TTFT p50/p90/p99 ms",
             "ITL p50/p90/p99 ms",
             "e2e p50/p90/p99 s",
+            "server engine steps/delivering/idle",
         ],
         rows,
     )
+
+
+def _engine_split(e: dict | None) -> str:
+    """The served engine's worker time over the point (sq-serve only): idle is time it waited for requests."""
+    if not e or "step_fraction" not in e:
+        return ""
+    return "/".join(f"{100 * e.get(k, 0.0):.0f}%" for k in ("step_fraction", "deliver_fraction", "idle_fraction"))
 
 
 def write_report(out: Path, kind: str, data: dict, markdown: str, plots: list[str]) -> None:
