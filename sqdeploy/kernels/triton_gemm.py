@@ -250,13 +250,11 @@ def gemv_candidates(k: int, group: int) -> list[dict]:
 
 def one_row_candidates(k: int, group: int, asym: bool, fused_act: bool) -> list[dict]:
     """What the one-row tuner times: the GEMVs, and (plain input) the plane-wise tensor-core kernel's
-    PTX-unpacking tiles, plain and transposed (one real row of 16), and gemlite's one-row kernel where
-    installed."""
+    PTX-unpacking tiles (one real row of 16) and gemlite's one-row kernel where installed."""
     if fused_act:
         return gemv_candidates(k, group)
     planes = [triton_int4_planes.resolve(c, k, SPLITK_ENABLED) for c in triton_int4_planes.candidates(16, 1)]
-    planes = [c for c in planes if c is not None and c["MATH"] == 2 and Tuner.usable("int4_gemv", c)]
-    planes = [c for c in planes if not c["SWAP"]][:3] + [c for c in planes if c["SWAP"]][:2]
+    planes = [c for c in planes if c is not None and c["MATH"] == 2 and Tuner.usable("int4_gemv", c)][:3]
     return gemv_candidates(k, group) + planes + gemlite_int4.candidates(1, group, asym)
 
 
@@ -367,7 +365,7 @@ def int8_choice(m: int, n: int, k: int) -> str:
 def _brief(cfg: dict | None, plain: str) -> str:
     if cfg is None:
         return "-"
-    kind = (cfg.get("KIND") or plain) + ("-swap" if cfg.get("SWAP") else "")
+    kind = cfg.get("KIND") or plain
     tile = "x".join(str(cfg[x]) for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if x in cfg)
     return f"{kind} {tile} split{cfg.get('SPLIT_K', 1)} w{cfg.get('num_warps', '-')}s{cfg.get('num_stages', '-')}".strip()
 

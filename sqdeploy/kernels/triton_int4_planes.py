@@ -16,16 +16,8 @@ an element-wise function of the loaded words (shift, mask, the FP16 ``1024 + q``
 trick, subtract the zero point, multiply by the scale), so the compiler can load the words
 straight into the MMA operand layout (the software pipeline stages them in shared memory
 with asynchronous copies) and dequantize in registers: the Marlin recipe, without
-reshuffling the weights offline.
-
-On Hopper a 64-row tile runs on ``wgmma``, whose right operand must come from shared memory:
-the dequantized weights make a round trip there every K step. ``SWAP`` computes the
-transposed product instead, ``y^T = W x^T``, so the weights are the left operand, which
-``wgmma`` may read from registers, and the activation rows are the MMA's N dimension
-(16-64 wide), the way Machete and swap-AB kernels serve small batches.
-
-Sum order differs from the reference's only in how the float32 accumulator adds up K, the
-same freedom every GEMM takes.
+reshuffling the weights offline. Sum order differs from the reference's only in how the
+float32 accumulator adds up K, the same freedom every GEMM takes.
 """
 
 from __future__ import annotations
@@ -77,18 +69,10 @@ def _planes_asm(p):
 
 
 @triton.jit
-def _mma(x, w, acc, SWAP: tl.constexpr):
-    """``acc + x @ w``; SWAP: ``acc + (x @ w)^T`` computed as ``w^T @ x^T``, the weights the left operand."""
-    if SWAP:
-        return tl.dot(tl.trans(w), tl.trans(x), acc)
-    return tl.dot(x, w, acc)
-
-
-@triton.jit
 def _int4_planes_kernel(a_ptr, b_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                         M, N, K, G, K_PER, SPLIT_K, stride_am, stride_om,
                         HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, IS_SPLIT: tl.constexpr,
-                        SPLIT_P2: tl.constexpr, ONE_GROUP: tl.constexpr, MATH: tl.constexpr, SWAP: tl.constexpr,
+                        SPLIT_P2: tl.constexpr, ONE_GROUP: tl.constexpr, MATH: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """``ONE_GROUP``: the group size is a multiple of BLOCK_K (one scale row per tile); otherwise
     every word row of the tile fetches its own group's scale (BLOCK_K spans several groups)."""
@@ -104,12 +88,8 @@ def _int4_planes_kernel(a_ptr, b_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, c
     k0 = pid_k * K_PER
     b_ptrs = b_ptr + (k0 // 8 + rows)[:, None].to(tl.int64) * N + rn[None, :]
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + (k0 + tl.arange(0, BLOCK_K))[None, :]
-    if SWAP:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # even planes, transposed
-        acc1 = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # even planes
-        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # odd planes: two independent MMA chains
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # even planes
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # odd planes: two independent MMA chains
     for k in range(k0, tl.minimum(k0 + K_PER, K), BLOCK_K):  # the last K slice may be shorter
         p = tl.load(b_ptrs)
         xt = tl.load(a_ptrs)
@@ -122,9 +102,9 @@ def _int4_planes_kernel(a_ptr, b_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, c
         x1, x5 = tl.split(x_o0)
         x3, x7 = tl.split(x_o1)
         dt = x0.dtype
-        if ONE_GROUP and not SWAP:
+        if ONE_GROUP:
             g_off = (k // G) * N + rn[None, :]
-        else:  # also the transposed tiles: Triton 3.6 rejected them with one scale row broadcast (H100)
+        else:
             g_off = ((k + rows * 8) // G)[:, None] * N + rn[None, :]
         s = tl.load(s_ptr + g_off)
         if HAS_ZERO:
@@ -133,46 +113,35 @@ def _int4_planes_kernel(a_ptr, b_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, ws_ptr, c
             zf = tl.full((1, BLOCK_N), 1032.0, tl.float16)
         if MATH == 2:  # the planes unpacked by PTX, then the reference's (q - z) * s in FP16
             q0, q1, q2, q3, q4, q5, q6, q7 = _planes_asm(p)
-            acc = _mma(x0, _dequant(q0, zf, s, dt), acc, SWAP)
-            acc1 = _mma(x1, _dequant(q1, zf, s, dt), acc1, SWAP)
-            acc = _mma(x2, _dequant(q2, zf, s, dt), acc, SWAP)
-            acc1 = _mma(x3, _dequant(q3, zf, s, dt), acc1, SWAP)
-            acc = _mma(x4, _dequant(q4, zf, s, dt), acc, SWAP)
-            acc1 = _mma(x5, _dequant(q5, zf, s, dt), acc1, SWAP)
-            acc = _mma(x6, _dequant(q6, zf, s, dt), acc, SWAP)
-            acc1 = _mma(x7, _dequant(q7, zf, s, dt), acc1, SWAP)
+            acc = tl.dot(x0, _dequant(q0, zf, s, dt), acc)
+            acc1 = tl.dot(x1, _dequant(q1, zf, s, dt), acc1)
+            acc = tl.dot(x2, _dequant(q2, zf, s, dt), acc)
+            acc1 = tl.dot(x3, _dequant(q3, zf, s, dt), acc1)
+            acc = tl.dot(x4, _dequant(q4, zf, s, dt), acc)
+            acc1 = tl.dot(x5, _dequant(q5, zf, s, dt), acc1)
+            acc = tl.dot(x6, _dequant(q6, zf, s, dt), acc)
+            acc1 = tl.dot(x7, _dequant(q7, zf, s, dt), acc1)
         else:
-            acc = _mma(x0, _plane(p, 0, zf, s, dt), acc, SWAP)
-            acc1 = _mma(x1, _plane(p, 1, zf, s, dt), acc1, SWAP)
-            acc = _mma(x2, _plane(p, 2, zf, s, dt), acc, SWAP)
-            acc1 = _mma(x3, _plane(p, 3, zf, s, dt), acc1, SWAP)
-            acc = _mma(x4, _plane(p, 4, zf, s, dt), acc, SWAP)
-            acc1 = _mma(x5, _plane(p, 5, zf, s, dt), acc1, SWAP)
-            acc = _mma(x6, _plane(p, 6, zf, s, dt), acc, SWAP)
-            acc1 = _mma(x7, _plane(p, 7, zf, s, dt), acc1, SWAP)
+            acc = tl.dot(x0, _plane(p, 0, zf, s, dt), acc)
+            acc1 = tl.dot(x1, _plane(p, 1, zf, s, dt), acc1)
+            acc = tl.dot(x2, _plane(p, 2, zf, s, dt), acc)
+            acc1 = tl.dot(x3, _plane(p, 3, zf, s, dt), acc1)
+            acc = tl.dot(x4, _plane(p, 4, zf, s, dt), acc)
+            acc1 = tl.dot(x5, _plane(p, 5, zf, s, dt), acc1)
+            acc = tl.dot(x6, _plane(p, 6, zf, s, dt), acc)
+            acc1 = tl.dot(x7, _plane(p, 7, zf, s, dt), acc1)
         a_ptrs += BLOCK_K
         b_ptrs += KW * N
     acc += acc1
-    if SWAP:
-        acc = tl.trans(acc)
     _finish(acc, out_ptr, bias_ptr, ws_ptr, cnt_ptr, pid, pid_k, offs_m, offs_n, M, N, stride_om, SPLIT_K,
             HAS_BIAS, IS_SPLIT, SPLIT_P2)
 
 
-def planes_cfg(bm: int, bn: int, bk: int, kper: int, warps: int, stages: int, math: int = 2, group_m: int = 8,
-               swap: bool = False) -> dict:
+def planes_cfg(bm: int, bn: int, bk: int, kper: int, warps: int, stages: int, math: int = 2, group_m: int = 8) -> dict:
     """A candidate of this kernel; BLOCK_K >= 128 (each plane's dot needs K >= 16). ``math=2``: the
-    words unpacked by PTX (:data:`_PAIR_ASM`, GPU only); ``math=0``: by Triton operations (any backend).
-    ``swap``: the transposed product (see the module's docstring)."""
+    words unpacked by PTX (:data:`_PAIR_ASM`, GPU only); ``math=0``: by Triton operations (any backend)."""
     return dict(KIND=KIND, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, KPER=kper, MATH=math, UNPACK=0, GROUP_M=group_m,
-                SWAP=int(swap), num_warps=warps, num_stages=stages)
-
-
-def _swapped(bm: int) -> list[dict]:
-    """Transposed tiles: 64 or 128 weight columns as the MMA's M (one or two warpgroups), the rows as its N."""
-    return [planes_cfg(bm, 64, 128, 1024, 4, 4, swap=True), planes_cfg(bm, 128, 128, 1024, 8, 3, swap=True),
-            planes_cfg(bm, 64, 128, 512, 4, 4, swap=True), planes_cfg(bm, 128, 128, 512, 4, 3, swap=True),
-            planes_cfg(bm, 64, 128, 1024, 4, 4, 0, swap=True)]
+                num_warps=warps, num_stages=stages)
 
 
 def candidates(bucket: int, m: int) -> list[dict]:
@@ -191,8 +160,6 @@ def candidates(bucket: int, m: int) -> list[dict]:
             out += [planes_cfg(64, 64, 128, 1024, 4, 4), planes_cfg(64, 64, 128, 512, 4, 3), planes_cfg(64, 64, 128, 1024, 4, 4, 0)]
     else:
         out = []
-    if 1 < bucket <= 64:
-        out += _swapped(16 if bucket <= 16 else 32 if m <= 32 else 64)
     return [c for c in out if not (INTERPRET and c["MATH"] == 2)]
 
 
@@ -214,7 +181,6 @@ def launch(cfg: dict, x, packed, scales, zeros, bias, out, group: int, split_arg
         x, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
         M=m, N=n, K=k, G=group, stride_am=x.stride(0), stride_om=out.stride(0),
         HAS_ZERO=zeros is not None, HAS_BIAS=bias is not None, ONE_GROUP=group % cfg["BLOCK_K"] == 0, MATH=cfg.get("MATH", 0),
-        SWAP=bool(cfg.get("SWAP", 0)),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **split_args,
     )

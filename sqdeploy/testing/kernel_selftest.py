@@ -247,7 +247,7 @@ def _int8_cases(m: int, kind: str, n: int = 1536, k: int = 4096) -> list:
 
 
 def _brief(cfg: dict) -> str:
-    keys = ("KIND", "TYPE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "K_PER", "MATH", "SWAP", "STAGES", "GROUP_M", "num_warps", "num_stages")
+    keys = ("KIND", "TYPE", "BLOCK_M", "BLOCK_N", "BLOCK_K", "K_PER", "MATH", "STAGES", "GROUP_M", "num_warps", "num_stages")
     return " ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
 
 
