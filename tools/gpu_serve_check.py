@@ -732,7 +732,8 @@ def online(c: Check, tokenizer_dir: str | None) -> None:
                         log(f"   online {v} {rate:.1f} req/s: {pt['output_throughput']:.0f} tok/s, ttft p50 "
                             f"{1e3 * (pt['ttft_s']['p50'] or 0):.0f} ms p99 {1e3 * (pt['ttft_s']['p99'] or 0):.0f} ms, "
                             f"itl p50 {1e3 * (pt['itl_s']['p50'] or 0):.1f} ms p99 {1e3 * (pt['itl_s']['p99'] or 0):.1f} ms"
-                            f"{', ' + str(pt['failed']) + ' failed' if pt['failed'] else ''}")
+                            f"{', ' + str(pt['failed']) + ' failed' if pt['failed'] else ''}"
+                            f"{', ' + str(pt.get('rejected', 0)) + ' rejected (429)' if pt.get('rejected') else ''}")
                         c.save()
                     row["breakdown"] = breakdown_rate(row["points"])
                 finally:
@@ -861,22 +862,24 @@ def render(data: dict) -> str:
     if on:
         lines += ["", f"## Online: HTTP under Poisson arrivals (7B-shaped Llama, {on['layers']} layers, input "
                       f"{on['input_len']}, output {on['output_len']}, {on['batch']} slots)", "",
-                  "| variant | offered req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | failed |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| variant | offered req/s | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | failed "
+                  "| rejected (429: queue full) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         ms = lambda x: "" if x is None else f"{1e3 * x:.1f}"  # noqa: E731
         notes = []
         for v, row in on["variants"].items():
             if "error" in row:
-                lines.append(error_row(v, row["error"], 8))
+                lines.append(error_row(v, row["error"], 9))
                 continue
             cl = row.get("closed_loop")
             if cl:
                 lines.append(f"| {v} | closed loop, {on['batch']} concurrent | {cl['output_throughput']:.0f} | "
                              f"{ms(cl['ttft_s']['p50'])} | {ms(cl['ttft_s']['p99'])} | {ms(cl['itl_s']['p50'])} | "
-                             f"{ms(cl['itl_s']['p99'])} | {cl['failed']} |")
+                             f"{ms(cl['itl_s']['p99'])} | {cl['failed']} | {cl.get('rejected', '')} |")
             for p in row.get("points", []):
                 lines.append(f"| {v} | {p['value']:.1f} | {p['output_throughput']:.0f} | {ms(p['ttft_s']['p50'])} | "
-                             f"{ms(p['ttft_s']['p99'])} | {ms(p['itl_s']['p50'])} | {ms(p['itl_s']['p99'])} | {p['failed']} |")
+                             f"{ms(p['ttft_s']['p99'])} | {ms(p['itl_s']['p50'])} | {ms(p['itl_s']['p99'])} | {p['failed']} "
+                             f"| {p.get('rejected', '')} |")
             if row.get("breakdown"):
                 notes.append(f"{v}: breakdown rate {row['breakdown']['rate']} ({row['breakdown']['reason']})")
         lines += [""] + [f"- {n}" for n in notes]

@@ -185,6 +185,10 @@ def online(args, argv) -> int:
     print(table)
     print(f"\n{note}\nreport: {out}/report.md, {out}/report.json, {out}/online.png")
     failed = sum(p["failed"] for p in points)
+    rejected = sum(p.get("rejected", 0) for p in points)
+    if rejected:
+        print(f"sq-bench: {rejected} request(s) rejected with HTTP 429 (the server's queue was full: the offered load "
+              "exceeds its capacity)", file=sys.stderr)
     if failed:
         print(
             f"sq-bench: {failed} request(s) failed; first errors: {[e for p in points for e in p['first_errors']][:3]}",

@@ -88,3 +88,14 @@ def test_overhead_compares_offline_and_served_throughput(tmp_path_factory, tiny_
     assert result["offline_median"] > 0 and result["served_median"] > 0
     assert result["served_vs_offline"] == pytest.approx(result["served_median"] / result["offline_median"])
     assert "served / offline" in (out / "report.md").read_text() and (out / "overhead.png").exists()
+
+
+def test_load_shedding_is_counted_apart_from_errors():
+    """A 429 is the server refusing work past its queue, not a broken request: the point says which."""
+    from sqdeploy.runtime.bench.online import LoadPoint, RequestResult, summarize
+
+    ok = RequestResult(sent=0.0, chunks=[0.1, 0.2], done=0.2, completion_tokens=2)
+    shed = RequestResult(sent=0.0, done=0.01, error="HTTP 429: at capacity", status=429)
+    broken = RequestResult(sent=0.0, done=0.01, error="HTTP 500: boom", status=500)
+    p = summarize(LoadPoint("rate", 10.0), [ok, shed, shed, broken], 0.0)
+    assert (p["failed"], p["rejected"], p["first_errors"]) == (1, 2, ["HTTP 500: boom"])

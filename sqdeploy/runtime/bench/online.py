@@ -38,6 +38,7 @@ class RequestResult:
     done: float | None = None
     completion_tokens: int = 0
     error: str | None = None
+    status: int | None = None  # the HTTP status when it was not 200
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ async def _send(client, url: str, model: str, spec: RequestSpec, ignore_eos: boo
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
             if r.status_code != 200:
+                res.status = r.status_code
                 res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return res
             async for line in r.aiter_lines():
@@ -208,13 +210,16 @@ def summarize(point: LoadPoint, results: list[RequestResult], start: float) -> d
     duration = max(end - start, 1e-9)
     tokens = sum(r.completion_tokens for r in ok)
     itl = [b - a for r in ok for a, b in zip(r.chunks, r.chunks[1:])]
-    errors = [r.error for r in results if r.error is not None]
+    # a 429 is the server shedding load past its queue (sq-serve, vLLM, TGI alike): counted apart from errors
+    rejected = [r for r in results if r.status == 429]
+    errors = [r.error for r in results if r.error is not None and r.status != 429]
     return {
         "load": point.kind,
         "value": point.value,
         "label": point.label,
         "requests": len(results),
         "failed": len(errors),
+        "rejected": len(rejected),
         "first_errors": errors[:3],
         "duration_s": duration,
         "request_throughput": len(ok) / duration,
