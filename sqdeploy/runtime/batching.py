@@ -212,12 +212,13 @@ class BatchingEngine:
     def activity(self) -> dict[str, float]:
         """Cumulative worker time: in model steps (``step_s``, scheduling and the host's share of the
         step included), handing events to servers (``deliver_s``) and waiting for work (``idle_s``),
-        with the steps and tokens, plus the scheduler's own counters where it keeps them. Differences
-        of two readings show where a served run's time went next to an offline one."""
+        with the steps and tokens, plus the scheduler's own counters where it keeps them, and the
+        monotonic clock at the reading (``clock_s``). Differences of two readings show where a served
+        run's time went next to an offline one."""
         with self._activity_lock:
-            out = dict(self._activity)
+            out = dict(self._activity, clock_s=time.perf_counter())  # differences give the readings' window
             if self._idle_since is not None:  # the wait in progress counts up to now
-                out["idle_s"] += time.perf_counter() - self._idle_since
+                out["idle_s"] += out["clock_s"] - self._idle_since
         return {**out, **getattr(self.scheduler, "steps", {})}
 
     @property

@@ -189,9 +189,11 @@ async def engine_activity(client, url: str) -> dict[str, float] | None:
 
 
 def activity_share(delta: dict[str, float], wall_s: float) -> dict[str, float]:
-    """Where the engine worker's time went over ``wall_s`` (fractions), its mean step, and the mean
+    """Where the engine worker's time went between two readings (fractions of the time between them by
+    the engine's clock, else of ``wall_s``), its mean step, and the mean
     rows per decode step: a served run that is idle waits for its clients, one that is busy but
     slower than offline pays per step (names as :meth:`BatchingEngine.activity`, or sq-serve's metrics)."""
+    wall_s = delta.get("clock_s") or wall_s  # the server's own clock between the readings, where it gives it
     out = {f"{k[:-2]}_fraction": delta[k] / wall_s for k in ("step_s", "deliver_s", "idle_s") if k in delta}
     if delta.get("steps"):
         out["ms_per_step"] = 1e3 * delta.get("step_s", 0.0) / delta["steps"]
