@@ -660,6 +660,8 @@ def plot(report: dict, path: Path) -> str | None:
 # ---------------------------------------------------------------- main
 
 def environment(args) -> dict:
+    from sqdeploy.core.report import source_revision
+
     import torch
 
     env = {"device": args.device, "torch": torch.__version__, "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -668,11 +670,7 @@ def environment(args) -> dict:
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env.update(gpu=p.name, gpu_mem_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
-    try:
-        env["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        env["commit"] = None
+    env["commit"] = source_revision(ROOT)
     return env
 
 

@@ -80,7 +80,7 @@ def main() -> int:
     ap.add_argument("--intermediate", type=int, default=WIDTH["intermediate_size"])
     ap.add_argument("--work", default=None, help="working folder (kept; random checkpoints already there are reused)")
     args = ap.parse_args()
-    from sqdeploy.core.report import markdown_table
+    from sqdeploy.core.report import markdown_table, source_revision
     from sqdeploy.testing.random_checkpoint import SMALL, random_prompts, with_layers, write_random_llama
 
     out = Path(args.out)
@@ -120,7 +120,7 @@ def main() -> int:
             k = round(slope(depths, [runs[d]["peak_rss_mib"] for d in depths]), 2)
             results["runs"][recipe][name]["growth_mib_per_layer"] = k
             per_layer.append([recipe, name, k, round(runs[depths[0]]["peak_rss_mib"] - k * depths[0], 1)])
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = source_revision(ROOT)
     results.update(date=time.strftime("%Y-%m-%d", time.gmtime()), commit=commit,
                    machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}")
     lm = results["layer_mib"]

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from sqdeploy.core.report import cpu_model, markdown_table, write_json_atomic
+    from sqdeploy.core.report import cpu_model, markdown_table, source_revision, write_json_atomic
     from sqdeploy.runtime.backends.kernel import KernelBackend, KernelConfig
 
     torch.set_num_threads(1)
@@ -121,12 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"command": "python tools/bench_host_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": {"cpu": cpu_model(), "python": platform.python_version(), "torch": torch.__version__},
             "gpu_report": args.gpu_report, "rows": rows}
-    try:
-        import subprocess
-
-        data["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        pass
+    data["commit"] = source_revision(ROOT)
     write_json_atomic(out / "host-step.json", data)
     table = markdown_table(
         ["batch", "host ms per step", "with transformers' decode", "speed-up", "H100 FP16 decode step (TPOT) ms",

@@ -65,7 +65,7 @@ def main() -> int:
     ap.add_argument("--recipe", default="w8a8-sq-o1")
     ap.add_argument("--work", default=None, help="working folder (kept; quantized models already there are reused)")
     args = ap.parse_args()
-    from sqdeploy.core.report import markdown_table
+    from sqdeploy.core.report import markdown_table, source_revision
     from sqdeploy.testing.random_checkpoint import SMALL, random_prompts, with_layers, write_random_llama
 
     out = Path(args.out)
@@ -102,7 +102,7 @@ def main() -> int:
         w = results["write"][name]
         results["write"][name]["growth_mib_per_layer"] = round(
             (w[depths[-1]]["peak_rss_mib"] - w[depths[0]]["peak_rss_mib"]) / (depths[-1] - depths[0]), 2)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = source_revision(ROOT)
     results["date"], results["commit"] = time.strftime("%Y-%m-%d", time.gmtime()), commit
     results["cpu"] = f"{os.cpu_count()} CPUs"
     md = [f"# Peak host RSS of the TensorRT-LLM writer against depth (tp {args.tp}, `{args.recipe}`)", "",

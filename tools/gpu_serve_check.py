@@ -64,6 +64,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from sqdeploy.core.report import source_revision  # noqa: E402
+
 DEVICE = "cuda"  # --device cpu: a slow smoke run of this script itself
 REFERENCE = True  # --no-reference: bench_7b without the float32 torch backend
 NEAR_TIE = 0.05  # logits (float16 model): a top-2 gap below this may flip under rounding
@@ -266,13 +268,7 @@ def environment(c: Check) -> None:
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
         "transformers": transformers.__version__,
     }
-    try:
-        import subprocess
-
-        c.data["environment"]["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                         text=True, cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    except Exception:  # noqa: BLE001
-        pass
+    c.data["environment"]["commit"] = source_revision(Path(__file__).resolve().parents[1])
     log(f"   {c.data['environment']}")
 
 

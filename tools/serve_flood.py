@@ -31,7 +31,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sqdeploy.core.report import cpu_model  # noqa: E402 - after the checkout is on the path
+from sqdeploy.core.report import cpu_model, source_revision  # noqa: E402 - after the checkout is on the path
 
 
 def _free_port() -> int:
@@ -97,7 +97,7 @@ def flood(engine_dir: str, repo: Path, connections: int, seconds: float, nofile:
                     proc.kill()
                     code = proc.wait()
         text = log_path.read_bytes()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    commit = source_revision(repo)
     return {
         "commit": commit,
         "machine": f"{cpu_model()}, {platform.system()} {platform.machine()}",

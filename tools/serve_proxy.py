@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from sqdeploy.core.report import cpu_model, markdown_table, write_json_atomic
+    from sqdeploy.core.report import cpu_model, markdown_table, source_revision, write_json_atomic
     from sqdeploy.runtime import BatchConfig, SamplingParams, generate
     from sqdeploy.runtime.backends.kernel import KernelBackend, KernelConfig
     from sqdeploy.runtime.batching import BatchingEngine
@@ -101,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"command": "python tools/serve_proxy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "cpu": cpu_model(), "decode_ms": args.decode_ms, "prefill_ms": args.prefill_ms, "offline_tok_s": offline,
             "served": served, "ratio_median": statistics.median(s["tok_s"] for s in served) / off}
-    try:
-        data["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        pass
+    data["commit"] = source_revision(ROOT)
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(outdir / "serve-proxy.json", data)

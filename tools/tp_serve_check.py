@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from sqdeploy.core.report import source_revision  # noqa: E402
+
 
 def _export(model: str, recipe: str, tp: int, out: Path, calib: str | None, device: str) -> Path:
     from sqdeploy.cli.export import main as export_main
@@ -154,7 +156,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     work = out / "ckpt"
     res = {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], "torch": torch.__version__,
-           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+           "commit": source_revision(),
            "recipes": {}}
     from sqdeploy.runtime.backends.base import load_tokenizer
 

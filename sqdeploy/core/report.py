@@ -59,3 +59,25 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def source_revision(root: str | Path | None = None) -> str | None:
+    """The short commit a report's code ran from, with ``+changes`` when tracked files differ from it, or
+    None outside a git checkout. ``SQDEPLOY_COMMIT`` overrides it: a copy of the checkout whose git
+    metadata lags its files (as on a lent GPU machine) would otherwise label its report with an older
+    commit; the ``+changes`` mark shows such a copy even without the override."""
+    import subprocess
+
+    if os.environ.get("SQDEPLOY_COMMIT"):
+        return os.environ["SQDEPLOY_COMMIT"]
+    cwd = str(root or Path(__file__).resolve().parents[2])
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", cwd, *args], capture_output=True, text=True, timeout=20).stdout.strip()
+
+    try:
+        sha = git("rev-parse", "--short", "HEAD")
+        changed = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("+changes" if changed else "")) if sha else None
