@@ -441,17 +441,15 @@ def _llama7b(layers: int) -> dict:
 
 def _offline(engine, batch: int, in_len: int, out_len: int, repeat: int) -> dict:
     from sqdeploy.runtime.bench.offline import _measure, prompts_for
-
-    prompts = prompts_for(batch, in_len, engine.info.vocab_size, 0)
     from sqdeploy.runtime.bench.online import activity_share
 
+    prompts = prompts_for(batch, in_len, engine.info.vocab_size, 0)
     _measure(engine, prompts, min(out_len, 4))  # warm-up: kernel tuning, graph capture
     before = engine.activity()
     runs = [_measure(engine, prompts, out_len) for _ in range(repeat)]
     after = engine.activity()
     runs.sort(key=lambda r: r["tokens_per_s"])
-    delta = {k: after[k] - before[k] for k in after}
-    return dict(runs[len(runs) // 2], engine=activity_share(delta, sum(r["e2e_s"] for r in runs)))
+    return dict(runs[len(runs) // 2], engine=activity_share(before, after))
 
 
 def _sequences_that_fit(weights: dict, layers_built: int, budget_gib: float) -> dict:

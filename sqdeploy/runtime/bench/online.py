@@ -169,8 +169,8 @@ async def run_point(
             results = list(await asyncio.gather(*(later(s) for s in specs)))
         out = summarize(point, results, start)
         after = await engine_activity(client, url)
-    if before and after:
-        out["engine"] = activity_share({k: after[k] - before.get(k, 0.0) for k in after}, out["duration_s"])
+    if before and after and "clock_s" in after:  # a server that gives its engine's clock
+        out["engine"] = activity_share(before, after)
     return out
 
 
@@ -188,12 +188,13 @@ async def engine_activity(client, url: str) -> dict[str, float] | None:
             if fam.name.startswith(prefix) for s in fam.samples if s.name.endswith("_total")} or None
 
 
-def activity_share(delta: dict[str, float], wall_s: float) -> dict[str, float]:
-    """Where the engine worker's time went between two readings (fractions of the time between them by
-    the engine's clock, else of ``wall_s``), its mean step, and the mean
-    rows per decode step: a served run that is idle waits for its clients, one that is busy but
-    slower than offline pays per step (names as :meth:`BatchingEngine.activity`, or sq-serve's metrics)."""
-    wall_s = delta.get("clock_s") or wall_s  # the server's own clock between the readings, where it gives it
+def activity_share(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Where the engine worker's time went between two readings (:meth:`BatchingEngine.activity`, or
+    sq-serve's metrics): fractions of the window between them by the engine's own clock, its mean
+    step, and the mean rows per decode step. A served run that is idle waits for its clients, one
+    that is busy but slower than offline pays per step."""
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    wall_s = delta["clock_s"]
     out = {f"{k[:-2]}_fraction": delta[k] / wall_s for k in ("step_s", "deliver_s", "idle_s") if k in delta}
     if delta.get("steps"):
         out["ms_per_step"] = 1e3 * delta.get("step_s", 0.0) / delta["steps"]
